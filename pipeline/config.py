@@ -1,0 +1,275 @@
+"""The one structured config: dataclass defaults <- YAML files (in order) <- dotlist overrides.
+
+This is the only module that imports omegaconf. Every component receives its own slice
+(`cfg.model`, `cfg.data`, ...), never the root. Unknown keys, wrong types and bad enum values raise
+`ConfigError` naming the key (and the nearest valid keys for a typo).
+
+    cfg = load_config(["configs/dsprites_beta.yaml"], ["objective.beta=4", "trainer.max_steps=100"])
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key and what would be valid."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    dir: Optional[str] = None  # default: runs/<run.name>
+
+
+@dataclass
+class DataConfig:
+    # Recipe used when no shard source is given: shards are prepared under `root` on first use.
+    dataset: str = "digits"
+    root: str = "data/digits"
+    # Shard sources per split: a manifest.json, a directory, a brace pattern, or any webdataset URL.
+    # None means `<root>/manifest.json`.
+    train: Optional[str] = None
+    val: Optional[str] = None
+    test: Optional[str] = None
+    batch_size: int = 128  # per device
+    num_workers: int = 2
+    shuffle_buffer: int = 1000  # samples held by the in-worker shuffle buffer
+    steps_per_epoch: Optional[int] = None  # default: floor(total / (world_size * batch_size))
+    on_error: str = "raise"  # raise | warn (skip, count and log data/skipped_samples)
+    seed: Optional[int] = None  # default: the root `seed`
+    binarize: str = "none"  # none | dynamic (Bernoulli resample each time, MNIST-style) | threshold
+    pin_memory: bool = True
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "mlp"  # mlp | conv
+    latent_dim: int = 10
+    hidden_dims: List[int] = field(default_factory=lambda: [256, 128])  # mlp layer widths
+    conv_channels: List[int] = field(default_factory=lambda: [32, 64, 128])  # conv stages, stride 2 each
+    likelihood: str = "bernoulli"  # bernoulli | gaussian | gaussian_learned
+    gaussian_sigma: float = 0.1  # fixed decoder std for `gaussian` (data scaled to [0, 1])
+    learned_variance: str = "pixel"  # pixel | channel, for `gaussian_learned`
+    logvar_min: float = -10.0  # clamp for every log-variance (encoder and decoder): no inf/NaN
+    logvar_max: float = 10.0
+
+
+@dataclass
+class ObjectiveConfig:
+    beta: float = 1.0
+    # constant | linear | sigmoid | cosine | cyclical | capacity
+    kl_schedule: str = "constant"
+    warmup_steps: int = 1000  # linear / sigmoid / cosine ramp length
+    cycles: int = 4  # cyclical: number of cycles over trainer.max_steps
+    cycle_ratio: float = 0.5  # cyclical: fraction of each cycle spent ramping
+    cycle_ramp: str = "linear"  # cyclical ramp shape: linear | sigmoid | cosine
+    capacity_max_nats: float = 25.0  # capacity: C rises linearly to this ...
+    capacity_steps: int = 10000  # ... over this many steps
+    gamma: float = 1000.0  # capacity: weight of |KL - C|
+    free_bits: float = 0.0  # nats per latent dimension floor on the batch-mean KL; 0 disables
+    val_iwae_samples: int = 0  # if > 0, also log val/iwae with this many importance samples
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr_schedule: str = "constant"  # constant | cosine (decays to min_lr_ratio * lr at max_steps)
+    lr_warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 3000
+    accelerator: str = "auto"  # auto | cpu | gpu | ...
+    devices: Any = "auto"  # int, list or "auto"; under SLURM taken from the allocation
+    num_nodes: int = 1  # under SLURM taken from the allocation
+    strategy: str = "auto"  # auto | ddp | ...; "auto" picks ddp for >1 device
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    val_check_interval: int = 500  # optimizer-independent: every N training batches
+    log_every_n_steps: int = 25
+    gradient_clip_val: float = 0.0  # 0 disables
+    accumulate_grad_batches: int = 1
+    limit_val_batches: Optional[int] = None  # None: the whole validation split
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+    compile: bool = False  # torch.compile the model
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 500
+    save_best: bool = True  # also keep the best checkpoint by val/elbo
+
+
+@dataclass
+class WandbConfig:
+    mode: Optional[str] = None  # online | offline | disabled; None: online if logged in, else offline
+    project: str = "vae-pipeline"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    images_every_n_steps: int = 500  # 0 disables image logging
+    num_images: int = 16  # inputs shown in the reconstruction grid
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    resume: str = "auto"  # auto | never | path/to/checkpoint.ckpt
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+# Allowed values of the string enums: one table, checked after every merge.
+CHOICES = {
+    "data.on_error": ("raise", "warn"),
+    "data.binarize": ("none", "dynamic", "threshold"),
+    "model.arch": ("mlp", "conv"),
+    "model.likelihood": ("bernoulli", "gaussian", "gaussian_learned"),
+    "model.learned_variance": ("pixel", "channel"),
+    "objective.kl_schedule": ("constant", "linear", "sigmoid", "cosine", "cyclical", "capacity"),
+    "objective.cycle_ramp": ("linear", "sigmoid", "cosine"),
+    "optim.lr_schedule": ("constant", "cosine"),
+    "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
+    "logger.wandb.mode": (None, "online", "offline", "disabled"),
+}
+
+# Numeric keys that must be positive / non-negative.
+POSITIVE = (
+    "data.batch_size", "model.latent_dim", "trainer.max_steps", "trainer.val_check_interval",
+    "trainer.log_every_n_steps", "trainer.accumulate_grad_batches", "checkpoint.every_n_steps",
+    "objective.cycles", "optim.lr", "model.gaussian_sigma", "trainer.num_nodes",
+)
+NON_NEGATIVE = (
+    "data.num_workers", "data.shuffle_buffer", "objective.beta", "objective.warmup_steps",
+    "objective.capacity_max_nats", "objective.capacity_steps", "objective.gamma",
+    "objective.free_bits", "objective.val_iwae_samples", "optim.weight_decay",
+    "optim.lr_warmup_steps", "trainer.gradient_clip_val", "logger.images_every_n_steps",
+)
+
+
+def _all_keys(node: Any, prefix: str = "") -> List[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            keys.extend(_all_keys(node._get_node(k), full + "."))
+    return keys
+
+
+def _nearest(bad: str, valid: Sequence[str]) -> str:
+    depth = bad.count(".")
+    valid = [k for k in valid if k.count(".") == depth] or list(valid)  # suggest siblings, not parents
+    close = difflib.get_close_matches(bad, valid, n=3, cutoff=0.5)
+    if not close:  # try the last component, so `objective.betta` still finds `objective.beta`
+        leaf = bad.rsplit(".", 1)[-1]
+        close = [k for k in valid if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], cutoff=0.7)][:3]
+    return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except (ConfigKeyError, ValidationError, OmegaConfBaseException) as e:
+        key = getattr(e, "full_key", None) or ""
+        msg = getattr(e, "msg", str(e)).splitlines()[0].split(" Did you mean")[0].rstrip(".")
+        hint = _nearest(key, _all_keys(base)) if isinstance(e, ConfigKeyError) or "not in" in msg else ""
+        raise ConfigError(f"{source}: bad config key '{key}': {msg}.{hint}") from None
+
+
+def _get(cfg: DictConfig, dotted: str) -> Any:
+    return OmegaConf.select(cfg, dotted, throw_on_missing=False)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Enum, range and cross-field checks that the dataclass types cannot express."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            shown = ", ".join(str(a) for a in allowed if a is not None)
+            raise ConfigError(f"bad value for '{key}': {value!r}; expected one of: {shown}")
+    for key in POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"bad value for '{key}': {_get(cfg, key)!r}; must be > 0")
+    for key in NON_NEGATIVE:
+        if not _get(cfg, key) >= 0:
+            raise ConfigError(f"bad value for '{key}': {_get(cfg, key)!r}; must be >= 0")
+    if not 0.0 < cfg.objective.cycle_ratio <= 1.0:
+        raise ConfigError(f"bad value for 'objective.cycle_ratio': {cfg.objective.cycle_ratio}; must be in (0, 1]")
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"bad value for 'optim.min_lr_ratio': {cfg.optim.min_lr_ratio}; must be in [0, 1]")
+    if cfg.model.logvar_min >= cfg.model.logvar_max:
+        raise ConfigError("'model.logvar_min' must be below 'model.logvar_max'")
+    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_file():
+        raise ConfigError(f"bad value for 'resume': {cfg.resume!r} is neither auto, never nor an existing checkpoint")
+
+
+def load_config(files: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    """Defaults <- each YAML file in order <- `key=value` overrides; validated; `run.dir` resolved."""
+    cfg = OmegaConf.structured(Config)
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:  # YAML syntax errors come in several types
+            raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+        cfg = _merge(cfg, loaded, str(path))
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r} is not of the form key=value")
+    if overrides:
+        try:
+            dot = OmegaConf.from_dotlist(list(overrides))
+        except Exception as e:
+            raise ConfigError(f"cannot parse overrides {list(overrides)}: {e}") from None
+        cfg = _merge(cfg, dot, "command line")
+    validate(cfg)
+    if cfg.run.dir is None:
+        cfg.run.dir = str(Path("runs") / cfg.run.name)
+    if cfg.data.seed is None:
+        cfg.data.seed = cfg.seed
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    """Plain containers (for W&B, checkpoints' hyperparameters)."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def from_dict(d: dict) -> DictConfig:
+    """Rebuild a validated config from `to_dict` output (e.g. a checkpoint's hyperparameters)."""
+    cfg = _merge(OmegaConf.structured(Config), OmegaConf.create(d), "saved config")
+    return cfg
+
+
+def section(d: dict, cls: type) -> DictConfig:
+    """A typed slice (e.g. ModelConfig) from a plain dict."""
+    return _merge(OmegaConf.structured(cls), OmegaConf.create(d), cls.__name__)
