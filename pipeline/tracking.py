@@ -1,0 +1,80 @@
+"""Experiment tracking: W&B mode and run-id persistence, and the always-on CSV metrics file.
+
+The W&B key is never read from or written to the repo or the run directory: wandb reads
+`WANDB_API_KEY` or ~/.netrc itself; here we only ask whether one exists to pick a default mode.
+"""
+from __future__ import annotations
+
+import csv
+import netrc
+import os
+import uuid
+from pathlib import Path
+from typing import Mapping, Optional
+
+WANDB_ID_FILE = "wandb_run_id.txt"
+_MODE_ALIASES = {"dryrun": "offline", "run": "online", "online": "online", "offline": "offline",
+                 "disabled": "disabled", "disable": "disabled"}
+
+
+def _has_wandb_credentials(env: Mapping[str, str]) -> bool:
+    if env.get("WANDB_API_KEY"):
+        return True
+    host = env.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0].split(":")[0]
+    try:
+        return netrc.netrc(env.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_wandb_mode(mode: Optional[str], env: Mapping[str, str] = os.environ) -> str:
+    """`logger.wandb.mode` if set; else WANDB_MODE / WANDB_DISABLED; else online when credentials
+    exist, offline otherwise (compute nodes without internet sync later with `wandb sync`)."""
+    if mode:
+        return mode
+    if env.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
+        return "disabled"
+    if env.get("WANDB_MODE"):
+        return _MODE_ALIASES.get(env["WANDB_MODE"].lower(), "offline")
+    return "online" if _has_wandb_credentials(env) else "offline"
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of this run directory, created once and reused by every restart, so a resumed
+    or requeued job continues the same W&B run instead of starting a new one."""
+    path = Path(run_dir) / WANDB_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(run_id + "\n")
+    try:
+        os.link(tmp, path)  # atomic create-if-absent: a concurrent writer's id wins, never two ids
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return path.read_text().strip()
+
+
+def truncate_metrics_csv(path: Path, last_step: int) -> int:
+    """Drop rows logged after `last_step` (work lost since the checkpoint we resume from), so the
+    resumed run's rows follow on without duplicates. Returns the number of rows dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        rows = list(reader)
+    keep = [r for r in rows if not r.get("step") or int(float(r["step"])) <= last_step]
+    if len(keep) == len(rows):
+        return 0
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(keep)
+    os.replace(tmp, path)
+    return len(rows) - len(keep)
