@@ -1,0 +1,46 @@
+"""Shared fixtures: the real config, shrunk to CPU-sized runs; digits shards prepared once per session."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Fast, CPU-only overrides applied on top of the real defaults (pattern: the real config, shrunk).
+TINY = [
+    "trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_steps=30", "trainer.val_check_interval=10",
+    "trainer.log_every_n_steps=5", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=10",
+    "data.batch_size=64", "data.num_workers=0", "model.hidden_dims=[64,32]", "model.latent_dim=4",
+    "logger.wandb.mode=disabled", "logger.images_every_n_steps=10",
+]
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    """Digits shards, prepared once for the whole session (the recipe is the built-in default)."""
+    from pipeline.config import load_config
+    from pipeline.prepare import ensure_prepared
+
+    root = tmp_path_factory.mktemp("data") / "digits"
+    ensure_prepared(load_config([], [f"data.root={root}"]).data)
+    return root
+
+
+@pytest.fixture
+def tiny_overrides(digits_root, tmp_path) -> list:
+    return TINY + [f"data.root={digits_root}", f"run.dir={tmp_path / 'run'}"]
+
+
+def run_train(args, env_extra=None, timeout=300, check=True) -> subprocess.CompletedProcess:
+    """`python -m pipeline.train ARGS` in a real subprocess (as a user or SLURM would run it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # no user W&B leaks in
+    env.update({"PYTHONUNBUFFERED": "1", **(env_extra or {})})
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc

@@ -1,0 +1,61 @@
+"""Config: YAML + overrides merge in order; bad keys, types and values name the key."""
+import pytest
+
+from pipeline.config import ConfigError, load_config, to_dict, from_dict
+from pipeline.train import main, split_argv
+from tests.conftest import REPO
+
+
+def test_defaults_then_files_then_overrides(tmp_path):
+    a = tmp_path / "a.yaml"
+    a.write_text("objective:\n  beta: 2.0\nmodel:\n  latent_dim: 3\n")
+    b = tmp_path / "b.yaml"
+    b.write_text("objective:\n  beta: 3.0\n")
+    cfg = load_config([a, b], ["model.latent_dim=7"])
+    assert cfg.objective.beta == 3.0  # later file wins
+    assert cfg.model.latent_dim == 7  # command line wins
+    assert cfg.run.dir == "runs/default"
+    assert cfg.data.seed == cfg.seed
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("objective.betta=3", ["'objective.betta'", "objective.beta"]),   # typo: names nearest valid key
+    ("model.latnt_dim=3", ["'model.latnt_dim'", "model.latent_dim"]),
+    ("objective.beta=abc", ["'objective.beta'"]),                      # wrong type
+    ("trainer.max_steps=1.5", ["'trainer.max_steps'"]),
+    ("model.arch=transformer", ["'model.arch'", "mlp, conv"]),          # bad enum value
+    ("objective.kl_schedule=warmup", ["'objective.kl_schedule'", "cyclical"]),
+    ("data.batch_size=0", ["'data.batch_size'", "> 0"]),
+    ("objective.cycle_ratio=1.5", ["'objective.cycle_ratio'"]),
+    ("resume=/no/such.ckpt", ["'resume'"]),
+])
+def test_bad_config_names_the_key(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config([], [override])
+    for text in expected:
+        assert text in str(e.value)
+
+
+def test_bad_yaml_file_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  archh: conv\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*'model\.archh'.*model\.arch"):
+        load_config([bad])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config([tmp_path / "missing.yaml"])
+
+
+def test_every_shipped_config_loads():
+    files = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.name != "sweep.yaml")
+    assert len(files) >= 5
+    for f in files:
+        load_config([f])
+        assert f.read_text().startswith("#"), f"{f.name} must open with its purpose"
+
+
+def test_cli_reports_config_errors(capsys):
+    assert main(["objective.betta=2"]) == 2
+    assert "objective.beta" in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        split_argv(["notakeyvalue"])
