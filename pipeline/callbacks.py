@@ -1,0 +1,174 @@
+"""Callbacks the Trainer needs beyond Lightning's own: per-batch seeding (exact resume), image grids,
+step-consistent SLURM preemption, and data-error counters."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+log = logging.getLogger(__name__)
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from integers; stable across processes and Python versions (unlike hash())."""
+    digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class StepSeed(Callback):
+    """Reseed torch before every batch from (seed, epoch, batch index, rank).
+
+    The reparameterisation noise and dynamic binarisation then depend only on the position in training,
+    like the KL schedules: a run resumed at any batch draws exactly the noise an uninterrupted run
+    would, with no RNG state to save, and ranks draw independent noise.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        torch.manual_seed(derived_seed(self.seed, 0, trainer.current_epoch, batch_idx, trainer.global_rank))
+
+    def _eval_seed(self, trainer: Trainer, stage: int) -> None:
+        torch.manual_seed(derived_seed(self.seed, stage, trainer.global_step, trainer.global_rank))
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._eval_seed(trainer, 1)
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._eval_seed(trainer, 2)
+
+
+def image_grid(images: torch.Tensor, nrow: int, pad: int = 1) -> np.ndarray:
+    """[N, C, H, W] floats in [0, 1] -> one [rows*(H+pad)+pad, nrow*(W+pad)+pad, 3] uint8 image."""
+    x = images.detach().float().clamp(0, 1).cpu()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    n, c, h, w = x.shape
+    rows = (n + nrow - 1) // nrow
+    grid = torch.ones(3, rows * (h + pad) + pad, nrow * (w + pad) + pad)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
+    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+class ImageLogger(Callback):
+    """Reconstructions, prior samples and latent traversals, every `every_n_steps` (rank zero only).
+
+    Uses the first validation batch (captured during validation, no extra loader pass) and a fixed
+    prior draw, so grids are comparable across steps. PNGs go to RUN_DIR/images/ (useful offline), and
+    to W&B when a WandbLogger is attached.
+    """
+
+    def __init__(self, out_dir: Path, every_n_steps: int, num_images: int = 16, traversal_range: float = 3.0,
+                 traversal_steps: int = 9, max_traversal_dims: int = 10):
+        self.out_dir = Path(out_dir)
+        self.every_n_steps = every_n_steps
+        self.num_images = num_images
+        self.traversal_range = traversal_range
+        self.traversal_steps = traversal_steps
+        self.max_traversal_dims = max_traversal_dims
+        self._batch: Optional[torch.Tensor] = None
+        self._last_logged = -1
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if trainer.is_global_zero and batch_idx == 0 and dataloader_idx == 0 and not trainer.sanity_checking:
+            self._batch = batch["image"][: self.num_images].detach()
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking or self._batch is None or trainer.state.fn != "fit":
+            return
+        bucket = trainer.global_step // self.every_n_steps
+        if bucket > self._last_logged:
+            self._last_logged = bucket
+            self.log_images(trainer, pl_module)
+
+    @torch.no_grad()
+    def make_grids(self, pl_module: LightningModule) -> dict:
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            x = self._batch.to(pl_module.device).float() / 255.0
+            recon = pl_module.reconstruct(x)
+            pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # input, reconstruction, input, ...
+            n = x.shape[0]
+            gen = torch.Generator().manual_seed(0)  # fixed draw; leaves the global RNG alone
+            z = torch.randn(64, pl_module.latent_dim, generator=gen).to(pl_module.device)
+            samples = pl_module.decode_mean(z)
+            dims = list(range(min(pl_module.latent_dim, self.max_traversal_dims)))
+            values = torch.linspace(-self.traversal_range, self.traversal_range, self.traversal_steps)
+            trav = pl_module.traverse(x[:1], dims, values)  # [len(dims) * steps, C, H, W]
+        finally:
+            pl_module.train(was_training)
+        return {
+            "reconstructions": image_grid(pairs, nrow=min(2 * n, 16)),
+            "samples": image_grid(samples, nrow=8),
+            "traversals": image_grid(trav, nrow=self.traversal_steps),
+        }
+
+    def log_images(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from PIL import Image
+
+        grids = self.make_grids(pl_module)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        step = trainer.global_step
+        for name, grid in grids.items():
+            Image.fromarray(grid).save(self.out_dir / f"{name}_step{step:07d}.png")
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # WandbLogger
+                for name, grid in grids.items():
+                    logger.log_image(key=f"images/{name}", images=[grid], step=step)
+
+
+class DeferredRequeue(Callback):
+    """Make Lightning's SLURM auto-requeue step-consistent.
+
+    Lightning's USR1 handler saves the checkpoint inside the signal handler, i.e. at whatever bytecode
+    the main thread was on: possibly after `optimizer.step()` but before the step counter moves, which
+    would train that step twice on resume. Here the handler only records the signal; at the next batch
+    end all ranks agree (one boolean all-reduce) and then call Lightning's own handler, which saves
+    `hpc_ckpt_N.ckpt`, requeues the job (rank zero) and finalizes loggers; training then stops.
+    """
+
+    def __init__(self, sig: int = signal.SIGUSR1):
+        self.sig = sig
+        self._received = False
+        self._lightning_handler = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning registered its handler when fit began; keep it and put ours in front.
+        current = signal.getsignal(self.sig)
+        if callable(current):
+            self._lightning_handler = current
+        signal.signal(self.sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        log.warning("received signal %s: will checkpoint and requeue at the end of this batch", signum)
+        self._received = True
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self._received, all=False):
+            return
+        if self._lightning_handler is not None:
+            self._lightning_handler(self.sig, None)
+        else:  # not under Lightning's SLURM handling: still leave a resumable checkpoint
+            trainer.save_checkpoint(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
+        trainer.should_stop = True
+        self._received = False
+
+
+class DataErrorCounter(Callback):
+    """Logs `data/skipped_samples` (corrupt samples skipped under data.on_error=warn) at each log step."""
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        skipped = batch.get("skipped") if isinstance(batch, dict) else None
+        if skipped is not None:
+            pl_module.log("data/skipped_samples", float(torch.as_tensor(skipped).sum()), on_step=True,
+                          on_epoch=False, reduce_fx="sum")

@@ -1,0 +1,203 @@
+"""Train a VAE: config -> data -> model -> Lightning Trainer, resumable and tracked.
+
+    python -m pipeline.train                                       # digits default (CPU or one GPU)
+    python -m pipeline.train configs/dsprites_beta.yaml objective.beta=4
+    python -m pipeline.train trainer.devices=4                     # one node, 4 GPUs (DDP)
+    sbatch slurm/train.sh configs/dsprites_beta.yaml               # many nodes, requeue on preemption
+
+Positional arguments ending in .yaml/.yml are config files, merged in order over the dataclass
+defaults (pipeline/config.py); `key=value` arguments override them. Outputs in RUN_DIR (`run.dir`,
+default runs/<run.name>): config.yaml, metrics.csv, checkpoints/{last,best-*}.ckpt, images/, wandb/.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from pipeline import config as C
+
+log = logging.getLogger("pipeline.train")
+
+
+def split_argv(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
+    files, overrides = [], []
+    for a in argv:
+        if a.endswith((".yaml", ".yml")) and "=" not in a:
+            files.append(a)
+        elif "=" in a:
+            overrides.append(a)
+        else:
+            raise C.ConfigError(f"argument {a!r} is neither a .yaml config file nor a key=value override")
+    return files, overrides
+
+
+def find_resume_checkpoint(resume: str, run_dir: Path) -> Optional[str]:
+    """`never` -> None; a path -> that path; `auto` -> the newest of checkpoints/last.ckpt and
+    Lightning's SLURM `hpc_ckpt_N.ckpt` in RUN_DIR (None on a fresh run)."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        return resume
+    candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    if not candidates:
+        return None
+    return str(max(candidates, key=lambda p: (p.stat().st_mtime, p.name.startswith("hpc"))))
+
+
+def checkpoint_step(path: str) -> int:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return int(ckpt.get("global_step", 0))
+
+
+def build_loggers(cfg, run_dir: Path, rank_zero: bool):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from pipeline.tracking import resolve_wandb_mode, wandb_run_id
+
+    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    mode = resolve_wandb_mode(cfg.logger.wandb.mode)
+    if mode != "disabled":
+        from lightning.pytorch.loggers import WandbLogger
+
+        w = cfg.logger.wandb
+        loggers.append(WandbLogger(
+            project=w.project, entity=w.entity, group=w.group, tags=list(w.tags), name=cfg.run.name,
+            save_dir=str(run_dir), id=wandb_run_id(run_dir) if rank_zero else None, resume="allow",
+            offline=(mode == "offline"), config=C.to_dict(cfg),
+        ))
+    return loggers, mode
+
+
+def build_callbacks(cfg, run_dir: Path):
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+
+    from pipeline.callbacks import DataErrorCounter, DeferredRequeue, ImageLogger, StepSeed
+
+    ckpt_dir = run_dir / "checkpoints"
+    callbacks = [
+        StepSeed(cfg.seed),
+        # `last.ckpt` every N steps; Lightning writes through an fsspec transaction (temp file, then
+        # move), so a kill mid-write leaves the previous last.ckpt intact.
+        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
+                        every_n_train_steps=cfg.checkpoint.every_n_steps, save_top_k=0, save_last=True),
+        LearningRateMonitor(logging_interval="step"),
+        DataErrorCounter(),
+        DeferredRequeue(),
+    ]
+    if cfg.checkpoint.save_best:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best-step{step:07d}", monitor="val/elbo",
+                                         mode="max", save_top_k=1, auto_insert_metric_name=False))
+    if cfg.logger.images_every_n_steps > 0:
+        callbacks.append(ImageLogger(run_dir / "images", cfg.logger.images_every_n_steps, cfg.logger.num_images))
+    if cfg.trainer.enable_progress_bar and not sys.stdout.isatty():
+        callbacks.append(TQDMProgressBar(refresh_rate=50))  # batch logs (SLURM): fewer lines
+    return callbacks
+
+
+def build_trainer(cfg, run_dir: Path, loggers, callbacks):
+    import lightning.pytorch as pl
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    t = cfg.trainer
+    plugins = []
+    if SLURMEnvironment.detect():
+        # Lightning saves hpc_ckpt_N.ckpt and requeues on USR1 (sbatch --signal=USR1@90);
+        # DeferredRequeue moves that to a batch boundary.
+        plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1))
+    return pl.Trainer(
+        default_root_dir=str(run_dir),
+        max_steps=t.max_steps, max_epochs=-1,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        precision=t.precision,
+        val_check_interval=t.val_check_interval, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        limit_val_batches=t.limit_val_batches if t.limit_val_batches is not None else 1.0,
+        log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=t.gradient_clip_val or None, accumulate_grad_batches=t.accumulate_grad_batches,
+        enable_progress_bar=t.enable_progress_bar, deterministic=t.deterministic,
+        logger=loggers, callbacks=callbacks, plugins=plugins or None,
+    )
+
+
+def train(cfg) -> dict:
+    """Run (or resume) training for a loaded config; returns the final logged metrics (floats)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from pipeline.datamodule import ShardDataModule
+    from pipeline.module import VAEModule
+    from pipeline.prepare import ensure_prepared
+    from pipeline.tracking import truncate_metrics_csv
+
+    rank_zero = rank_zero_only.rank == 0
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if rank_zero:
+        print(f"# resolved config (saved to {run_dir / 'config.yaml'})\n{C.to_yaml(cfg)}", flush=True)
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(C.to_yaml(cfg))
+        os.replace(tmp, run_dir / "config.yaml")
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # model init; per-batch noise: StepSeed
+    ensure_prepared(cfg.data)
+    dm = ShardDataModule(cfg.data)
+    module = VAEModule(model=C.to_dict(cfg.model), objective=C.to_dict(cfg.objective), optim=C.to_dict(cfg.optim),
+                       input_shape=tuple(dm.input_shape), max_steps=cfg.trainer.max_steps,
+                       binarize=cfg.data.binarize)
+    if cfg.trainer.compile:
+        module.model.compile()  # in place: checkpoint keys stay unprefixed
+
+    ckpt_path = find_resume_checkpoint(cfg.resume, run_dir)
+    if ckpt_path and rank_zero:
+        step = checkpoint_step(ckpt_path)
+        dropped = truncate_metrics_csv(run_dir / "metrics.csv", step)
+        print(f"# resuming from {ckpt_path} (step {step}); dropped {dropped} metric rows logged after it", flush=True)
+
+    loggers, wandb_mode = build_loggers(cfg, run_dir, rank_zero)
+    trainer = build_trainer(cfg, run_dir, loggers, build_callbacks(cfg, run_dir))
+    started = time.time()
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    except FloatingPointError as e:
+        raise SystemExit(f"error: {e}. The last good checkpoint is kept in {run_dir / 'checkpoints'}.") from None
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+    if trainer.global_step >= cfg.trainer.max_steps and not trainer.interrupted:
+        # `last.ckpt` at the very end too (every_n_steps need not divide max_steps). Every rank calls
+        # it (it holds a barrier); rank zero writes.
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    if rank_zero:
+        elbo = metrics.get("val/elbo")
+        print(f"# done: step {trainer.global_step} in {time.time() - started:.1f}s; "
+              f"val/elbo {elbo if elbo is None else round(elbo, 3)} nats; run dir {run_dir}; wandb {wandb_mode}",
+              flush=True)
+        if wandb_mode == "offline":
+            print(f"# upload later with: wandb sync {run_dir / 'wandb'}/offline-run-*", flush=True)
+    return metrics
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    try:
+        files, overrides = split_argv(argv)
+        cfg = C.load_config(files, overrides)
+        from pipeline.launch import apply_cluster_env
+
+        cfg = apply_cluster_env(cfg)
+    except (C.ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
