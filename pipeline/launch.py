@@ -1,0 +1,170 @@
+"""Launch environment: take devices, nodes and a stable run name from SLURM (or a W&B agent).
+
+`pipeline.train` calls `apply_cluster_env(cfg)` right after loading the config, so that:
+
+- under an sbatch/srun allocation `trainer.devices` = tasks per node and `trainer.num_nodes` =
+  nodes: Lightning trusts both and a mismatch with the allocation hangs or silently under-uses
+  it. An explicit contradicting value (anything but the defaults "auto"/-1 and 1) stops with a
+  ValueError that names the key;
+- a run left at the default name gets one that survives a requeue: `<job name>-<job id>`, or
+  `<job name>-<array job id>_<task id>` for an array task, or `sweep-<sweep id>-<run id>` under a
+  W&B sweep agent. The same run directory means a requeued job finds its checkpoint and W&B run.
+
+Preview what a job would run with (slurm/train.sh prints it in the batch step before `srun`):
+
+    python -m pipeline.launch [CONFIG.yaml ...] [key=value ...]
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Tuple
+
+# Job names Lightning treats as "not a SLURM launch" (SLURMEnvironment.detect()): an interactive
+# `srun --pty bash` or `salloc` shell where processes are started by hand.
+INTERACTIVE_JOB_NAMES = ("bash", "interactive")
+DEFAULT_RUN_NAME = "default"  # RunConfig.name: a run left at it gets a launch-derived name
+DEFAULT_DEVICES = ("auto", -1, "-1")  # "as many as there are": filled in from the allocation
+DEFAULT_NUM_NODES = 1
+
+
+def in_slurm_allocation(env: Mapping[str, str] = os.environ) -> bool:
+    """True inside an sbatch/srun allocation, mirroring Lightning's `SLURMEnvironment.detect()`."""
+    return "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in INTERACTIVE_JOB_NAMES
+
+
+def _leading_int(value: str, var: str) -> int:
+    m = re.match(r"\s*(\d+)", value)
+    if not m:
+        raise ValueError(f"cannot read {var}={value!r} as a number")
+    return int(m.group(1))
+
+
+def slurm_layout(env: Mapping[str, str] = os.environ) -> Tuple[int, int]:
+    """(tasks per node, nodes) of the allocation; one task per device.
+
+    Lightning reads the task count per node from SLURM_NTASKS_PER_NODE, which only
+    `--ntasks-per-node` sets: a bare `--ntasks=N` (N > 1) may spread tasks unevenly, so refuse it.
+    """
+    ntasks = _leading_int(env["SLURM_NTASKS"], "SLURM_NTASKS")
+    nnodes = _leading_int(env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or "1", "SLURM_NNODES")
+    if "SLURM_NTASKS_PER_NODE" in env:
+        per_node = _leading_int(env["SLURM_NTASKS_PER_NODE"], "SLURM_NTASKS_PER_NODE")
+    elif ntasks == 1:
+        per_node = 1
+    else:
+        raise ValueError(
+            f"SLURM allocation has --ntasks={ntasks} but no --ntasks-per-node: Lightning needs the same number "
+            f"of tasks (one per device) on every node. Submit with --ntasks-per-node=<devices per node>."
+        )
+    if per_node * nnodes != ntasks:
+        raise ValueError(
+            f"SLURM allocation has {ntasks} tasks on {nnodes} nodes, not {per_node} per node: "
+            f"submit with --nodes=N --ntasks-per-node=<devices per node> (uniform layout)."
+        )
+    return per_node, nnodes
+
+
+def _clean(name: str) -> str:
+    # Job names become directory names: drop the script suffix, keep a portable character set.
+    name = re.sub(r"\.(sh|bash|slurm|sbatch)$", "", name)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "job"
+
+
+def default_run_name(env: Mapping[str, str] = os.environ) -> Optional[str]:
+    """A run name that is the same for every rank and every requeue of one job; None if none applies.
+
+    W&B agent run: `sweep-<sweep id>-<run id>` (a different sweep point never shares a directory,
+    while a preempted run resumed by the sweep keeps its id). SLURM array task:
+    `<job name>-<array job id>_<task id>`; other SLURM job: `<job name>-<job id>`.
+    """
+    if env.get("WANDB_SWEEP_ID") and env.get("WANDB_RUN_ID"):
+        return f"sweep-{_clean(env['WANDB_SWEEP_ID'])}-{_clean(env['WANDB_RUN_ID'])}"
+    if not in_slurm_allocation(env) or not env.get("SLURM_JOB_ID"):
+        return None
+    name = _clean(env.get("SLURM_JOB_NAME") or "job")
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{name}-{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return f"{name}-{env['SLURM_JOB_ID']}"
+
+
+def _device_count(devices) -> Optional[int]:
+    """How many devices (= processes per node) a `trainer.devices` value asks for; None for "all"."""
+    if devices in DEFAULT_DEVICES:
+        return None
+    if isinstance(devices, str):
+        if re.fullmatch(r"\d+", devices.strip()):
+            return int(devices)
+        return len([d for d in devices.split(",") if d.strip()])  # "0,1" is Lightning's GPU-id list
+    if isinstance(devices, int):
+        return devices
+    return len(list(devices))  # a list of device ids
+
+
+def apply_cluster_env(cfg, env: Mapping[str, str] = os.environ, require_srun: bool = True):
+    """Fill in `trainer.devices`, `trainer.num_nodes` and the run name from the launch; returns cfg.
+
+    Modifies `cfg` in place (and returns it). Outside SLURM only the run name may change (W&B agent).
+    `require_srun=False` is for previewing from the batch step, before `srun` starts the tasks.
+    """
+    name = default_run_name(env)
+    if name and cfg.run.name == DEFAULT_RUN_NAME:
+        if cfg.run.dir == str(Path("runs") / DEFAULT_RUN_NAME):  # load_config's default, not a user's dir
+            cfg.run.dir = str(Path("runs") / name)
+        cfg.run.name = name
+    if not in_slurm_allocation(env):
+        return cfg
+
+    per_node, nnodes = slurm_layout(env)
+    asked = _device_count(cfg.trainer.devices)
+    if asked is not None and asked != per_node:
+        raise ValueError(
+            f"trainer.devices={cfg.trainer.devices} contradicts the SLURM allocation of {per_node} task(s) per "
+            f"node (one process per device): drop trainer.devices (it is taken from the allocation) or submit "
+            f"with --ntasks-per-node={asked}."
+        )
+    if cfg.trainer.num_nodes not in (DEFAULT_NUM_NODES, nnodes):
+        raise ValueError(
+            f"trainer.num_nodes={cfg.trainer.num_nodes} contradicts the SLURM allocation of {nnodes} node(s): "
+            f"drop trainer.num_nodes (it is taken from the allocation) or submit with --nodes={cfg.trainer.num_nodes}."
+        )
+    if require_srun and per_node * nnodes > 1 and "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env:
+        # In the batch step itself one process would wait forever for its peers.
+        raise ValueError(
+            f"this SLURM job has {per_node * nnodes} tasks but the process was not started by srun: launch it "
+            f"as `srun python -m pipeline.train ...` (slurm/train.sh does), one process per task."
+        )
+    if asked is None:  # keep an explicit, consistent list of device ids as given
+        cfg.trainer.devices = per_node
+    cfg.trainer.num_nodes = nnodes
+    return cfg
+
+
+def describe(cfg, env: Mapping[str, str] = os.environ) -> str:
+    where = "SLURM allocation" if in_slurm_allocation(env) else "local"
+    return (f"run.name={cfg.run.name} run.dir={cfg.run.dir} trainer.devices={cfg.trainer.devices} "
+            f"trainer.num_nodes={cfg.trainer.num_nodes} ({where})")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from pipeline import config as C
+    from pipeline.train import split_argv
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    try:
+        files, overrides = split_argv(argv)
+        cfg = apply_cluster_env(C.load_config(files, overrides), require_srun=False)
+    except ValueError as e:  # ConfigError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(describe(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
