@@ -1,0 +1,62 @@
+"""pipeline.report from local files: two fake run dirs (one with eval.json, one with metrics.csv only)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline.config import load_config, to_yaml
+from pipeline.report import main, report
+
+
+def fake_run(root: Path, name: str, beta: float, metrics: list[dict], eval_json: dict | None = None) -> Path:
+    run = root / name
+    (run / "checkpoints").mkdir(parents=True)
+    cfg = load_config([], [f"objective.beta={beta}", "logger.wandb.mode=disabled", f"run.dir={run}"])
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    cols = sorted({k for m in metrics for k in m})
+    lines = [",".join(cols)] + [",".join(str(m.get(c, "")) for c in cols) for m in metrics]
+    (run / "metrics.csv").write_text("\n".join(lines) + "\n")
+    if eval_json is not None:
+        (run / "checkpoints" / "eval.json").write_text(json.dumps(eval_json))
+    return run
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    a = fake_run(tmp_path, "beta4", 4.0, [
+        {"step": 9, "train/loss": 80.0},
+        {"step": 10, "val/elbo": -70.0, "val/kl": 5.0, "val/recon": 65.0},
+        {"step": 19, "train/loss": 75.0},  # a later train-only row must not hide the last val values
+    ], eval_json={"elbo": -69.0, "iwae": -66.5, "recon": 64.0, "kl": 5.0, "mig": 0.31, "split": "test",
+                  "num_examples": 180})
+    b = fake_run(tmp_path, "beta1", 1.0, [
+        {"step": 10, "val/elbo": -60.0, "val/kl": 12.0, "val/recon": 48.0},
+        {"step": 20, "val/elbo": -55.0, "val/kl": 14.0, "val/recon": 41.0},
+        {"step": 29, "train/loss": 50.0},
+    ])
+    return a, b
+
+
+def test_report_writes_figures_and_table(two_runs, tmp_path):
+    out = tmp_path / "report"
+    result = report([str(d) for d in two_runs], out=out)
+    for name in ("rate_distortion", "vs_beta"):
+        img = Image.open(result["files"][name])
+        assert img.size[0] > 300 and img.size[1] > 200
+    md = (out / "report.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| beta")]
+    assert len(table) == 2 and table[0].startswith("| beta1 | 1.00 ")  # sorted by beta
+    assert "| beta1 | 1.00 | 14.000 | 41.000 | -55.000 | - | - | metrics.csv (val, step 20) |" in md
+    assert "| beta4 | 4.00 | 5.000 | 64.000 | -69.000 | -66.500 | 0.310 | eval.json (test, n=180) |" in md
+    assert "No traversal grids" in md  # fake runs have no checkpoint: said, not crashed
+    assert result["wandb"] == "disabled"
+
+
+def test_cli_errors_name_the_directory(tmp_path, capsys):
+    assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no config.yaml" in err and str(tmp_path / "nope") in err
+    assert len(err.strip().splitlines()) == 1
