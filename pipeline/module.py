@@ -1,0 +1,287 @@
+"""The LightningModule: one shared step keyed by stage, exact validation averages, optimizers.
+
+    module = VAEModule(cfg.model, cfg.objective, cfg.optim, input_shape=(1, 28, 28),
+                       max_steps=cfg.trainer.max_steps, binarize=cfg.data.binarize)
+    module = VAEModule.load_from_checkpoint("runs/x/last.ckpt")   # hparams are plain dicts
+
+Batches are dicts: `image` uint8 [B, C, H, W] (always), maybe `label` [B], `factors` [B, F], `key`.
+Images become float in [0, 1] here, on the device, not in the loader.
+
+Logged (all in nats per example unless named otherwise):
+  train/{loss, elbo, recon, kl, kl_weight, bits_per_dim[, capacity_nats]}   every step, no syncs
+  {val,test}/{loss, elbo, recon, kl, bits_per_dim, active_units, kl_dim_<d>[, iwae]}
+      at epoch end, exact averages over all examples of all ranks (summed states, one sync)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any, Dict, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+import torchmetrics
+from torch import nn
+
+from pipeline import objectives, schedules
+from pipeline.config import CHOICES, ConfigError, ModelConfig, ObjectiveConfig, OptimConfig, section, to_dict
+from pipeline.model import VAE
+
+BINARIZE = ("none", "dynamic", "threshold")
+STAGES = ("val", "test")
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: Var_x(E_q[z_d]) above this counts as active
+IWAE_CHUNK_ELEMENTS = 2**24  # decoded values per IWAE chunk (chunk * B * C*H*W): ~64 MB of float32 output
+
+
+def _plain_section(value: Any, cls: type, prefix: str) -> dict:
+    """A config section (plain dict, DictConfig or dataclass instance) -> a complete plain dict with
+    the dataclass defaults filled in; unknown keys, wrong types and bad enum values raise ConfigError."""
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    elif not isinstance(value, dict):  # a DictConfig: to plain containers via the config module
+        value = to_dict(value)
+    plain = to_dict(section(value, cls))
+    for key, allowed in CHOICES.items():  # the config's one enum table, so a typo fails at build time
+        if key.startswith(prefix + ".") and plain[key[len(prefix) + 1:]] not in allowed:
+            raise ConfigError(f"bad value for '{key}': {plain[key[len(prefix) + 1:]]!r}; expected one of: "
+                              f"{', '.join(str(a) for a in allowed)}")
+    return plain
+
+
+class ExactSums(torchmetrics.Metric):
+    """Per-example sums over a whole evaluation epoch, summed across ranks at compute().
+
+    States are float64 sums and a count, reduced with `sum`, so the epoch means are exact over all
+    examples on all ranks however batches are split (no mean of per-rank or per-batch means).
+    update() never communicates; compute() does one gather.
+    """
+
+    full_state_update = False
+
+    def __init__(self, latent_dim: int):
+        super().__init__()
+        f64 = torch.float64
+        for name in ("count", "recon", "kl", "elbo", "iwae"):
+            self.add_state(name, default=torch.zeros((), dtype=f64), dist_reduce_fx="sum")
+        for name in ("kl_dim", "mu", "mu_sq"):  # per latent dim: KL, and sums of mu and mu^2
+            self.add_state(name, default=torch.zeros(latent_dim, dtype=f64), dist_reduce_fx="sum")
+
+    def update(self, terms: Dict[str, torch.Tensor], iwae: Optional[torch.Tensor] = None) -> None:
+        mu = terms["mu"].double()
+        batch = {
+            "count": mu.new_tensor(float(mu.shape[0])),
+            "recon": terms["recon"].double().sum(),
+            "kl": terms["kl"].double().sum(),
+            "elbo": terms["elbo"].double().sum(),
+            "kl_dim": terms["kl_per_dim"].double().sum(0),
+            "mu": mu.sum(0),
+            "mu_sq": mu.pow(2).sum(0),
+        }
+        if iwae is not None:
+            batch["iwae"] = iwae.double().sum()
+        for name, value in batch.items():
+            # Out of place on purpose: the default states can live in memory shared between
+            # processes (CPU ddp_spawn pickles them into shared memory), where += would add up
+            # every rank's batches before the sync adds them again.
+            setattr(self, name, getattr(self, name) + value)
+
+    def compute(self) -> Dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self._defaults}
+
+
+class VAEModule(pl.LightningModule):
+    """VAE training / evaluation. model, objective, optim: the config sections (dict, DictConfig or
+    dataclass); input_shape: (C, H, W); max_steps: the run's optimizer steps (cyclical KL period,
+    cosine LR end); binarize: none | dynamic (Bernoulli resample every time) | threshold (x > 0.5)."""
+
+    def __init__(
+        self,
+        model: dict | ModelConfig,
+        objective: dict | ObjectiveConfig,
+        optim: dict | OptimConfig,
+        input_shape: Sequence[int],
+        max_steps: int,
+        binarize: str = "none",
+    ):
+        super().__init__()
+        if binarize not in BINARIZE:
+            raise ValueError(f"unknown binarize {binarize!r}; expected one of {BINARIZE}")
+        # Rebind the arguments to plain containers before save_hyperparameters() reads them, so
+        # checkpoints hold no omegaconf objects and load with weights_only unpickling.
+        model = _plain_section(model, ModelConfig, "model")
+        objective = _plain_section(objective, ObjectiveConfig, "objective")
+        optim = _plain_section(optim, OptimConfig, "optim")
+        input_shape = [int(s) for s in input_shape]
+        max_steps = int(max_steps)
+        self.save_hyperparameters()
+        self.model_cfg = ModelConfig(**model)
+        self.objective_cfg = ObjectiveConfig(**objective)
+        self.optim_cfg = OptimConfig(**optim)
+        self.input_shape = tuple(input_shape)
+        self.num_dims = math.prod(self.input_shape)  # data dims per example, for bits/dim
+        self.max_steps = max_steps
+        self.binarize = binarize
+        if self.objective_cfg.kl_schedule == "cyclical" and max_steps <= 0:
+            raise ValueError("objective.kl_schedule=cyclical needs max_steps > 0")
+        self.vae = VAE(self.model_cfg, self.input_shape)
+        self.sums = nn.ModuleDict({stage: ExactSums(self.model_cfg.latent_dim) for stage in STAGES})
+
+    # ---- data -------------------------------------------------------------------------------
+    def to_float(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, C, H, W] -> float in [0, 1] (binarized per `binarize`), on the image's device."""
+        x = image.float() / 255.0
+        if self.binarize == "dynamic":
+            x = torch.bernoulli(x)
+        elif self.binarize == "threshold":
+            x = (x > 0.5).float()
+        return x
+
+    # ---- the objective ----------------------------------------------------------------------
+    def _terms(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """One z ~ q(z|x) per example: recon, kl, elbo [B], kl_per_dim and mu [B, D] (nats)."""
+        params, mu, logvar, _ = self.vae(x)
+        terms = objectives.elbo_terms(x, params, mu, logvar, self.model_cfg.likelihood,
+                                      self.model_cfg.gaussian_sigma)
+        terms["mu"] = mu
+        return terms
+
+    def _kl_penalty(self, kl_per_dim: torch.Tensor):
+        """(penalty, weight, capacity) at self.global_step; kl_per_dim [B, D] or the [1, D] epoch mean."""
+        cfg = self.objective_cfg
+        weight = schedules.kl_weight(self.global_step, cfg, self.max_steps)
+        capacity = schedules.capacity_nats(self.global_step, cfg)
+        penalty = objectives.kl_penalty(kl_per_dim, weight, capacity, gamma=cfg.gamma, free_bits=cfg.free_bits)
+        return penalty, weight, capacity
+
+    def _shared_step(self, batch: Dict[str, Any], stage: str) -> Optional[torch.Tensor]:
+        x = self.to_float(batch["image"])
+        terms = self._terms(x)
+        if stage == "train":
+            penalty, weight, capacity = self._kl_penalty(terms["kl_per_dim"])
+            loss = terms["recon"].mean() + penalty
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite training loss ({loss.item()}) at global_step {self.global_step}"
+                )
+            logged = {
+                "loss": loss,
+                "elbo": terms["elbo"].mean(),
+                "recon": terms["recon"].mean(),
+                "kl": terms["kl"].mean(),
+                "bits_per_dim": objectives.bits_per_dim(-terms["elbo"], self.num_dims).mean(),
+                "kl_weight": weight,
+            }
+            if capacity is not None:
+                logged["capacity_nats"] = capacity
+            for name, value in logged.items():  # on_step only: no cross-rank reduction
+                value = value.detach() if torch.is_tensor(value) else float(value)
+                self.log(f"train/{name}", value, on_step=True, on_epoch=False, sync_dist=False,
+                         batch_size=x.shape[0])
+            return loss
+        k = self.objective_cfg.val_iwae_samples
+        iwae = self.iwae(x, k) if k > 0 else None
+        self.sums[stage].update(terms, iwae)
+        return None
+
+    def training_step(self, batch, batch_idx):
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._shared_step(batch, "test")
+
+    def on_validation_epoch_start(self):
+        self.sums["val"].reset()  # fresh, process-local states, whatever ran before
+
+    def on_test_epoch_start(self):
+        self.sums["test"].reset()
+
+    def on_validation_epoch_end(self):
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self):
+        self._log_epoch("test")
+
+    def _log_epoch(self, stage: str) -> None:
+        metric = self.sums[stage]
+        with warnings.catch_warnings():  # a rank with no batches still joins the sync
+            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+            sums = metric.compute()  # the one collective of the epoch: states summed over ranks
+        metric.reset()
+        n = sums["count"].item()
+        if n == 0:
+            return
+        mean = {name: value / n for name, value in sums.items() if name != "count"}
+        penalty, _, _ = self._kl_penalty(mean["kl_dim"][None].float())  # exact: depends on mean KL only
+        values = {
+            "loss": mean["recon"].item() + float(penalty),
+            "elbo": mean["elbo"].item(),
+            "recon": mean["recon"].item(),
+            "kl": mean["kl"].item(),
+            "bits_per_dim": float(objectives.bits_per_dim(-mean["elbo"], self.num_dims)),
+            # Population variance over examples of mu_d, from exact sums (float64).
+            "active_units": float(((mean["mu_sq"] - mean["mu"].pow(2)) > ACTIVE_UNIT_THRESHOLD).sum()),
+        }
+        values.update({f"kl_dim_{d}": v.item() for d, v in enumerate(mean["kl_dim"])})
+        if self.objective_cfg.val_iwae_samples > 0:
+            values["iwae"] = mean["iwae"].item()
+        for name, value in values.items():
+            # Already identical on every rank after the metric's sync: no further reduction.
+            self.log(f"{stage}/{name}", value, sync_dist=False)
+
+    # ---- optimizers -------------------------------------------------------------------------
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+        )
+        # A pure function of the scheduler's step count, which the checkpoint restores.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: schedules.lr_factor(step, cfg, self.max_steps)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # ---- helpers for callbacks and evaluation (no logging) ----------------------------------
+    def _iwae_chunk(self, batch_size: int) -> int:
+        return max(1, IWAE_CHUNK_ELEMENTS // (batch_size * self.num_dims))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """x float [B, C, H, W] -> decoder mean at z = E_q[z] (= mu), [B, C, H, W]."""
+        mu, _ = self.vae.encode(x)
+        return objectives.decoder_mean(self.vae.decode(mu), self.model_cfg.likelihood)
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        """n decoder means at z ~ N(0, I), [n, C, H, W] (global RNG)."""
+        z = torch.randn(n, self.model_cfg.latent_dim, device=self.device)
+        return objectives.decoder_mean(self.vae.decode(z), self.model_cfg.likelihood)
+
+    @torch.no_grad()
+    def traverse(self, x: torch.Tensor, dims: Sequence[int], values: Sequence[float]) -> torch.Tensor:
+        """Latent traversal around one input x [C, H, W] (or [1, C, H, W]): z = mu(x) with z_d set
+        to each value. Returns [len(dims) * len(values), C, H, W], one row of len(values) per dim."""
+        mu, _ = self.vae.encode(x.reshape(1, *self.input_shape))
+        vals = torch.as_tensor(list(values), dtype=mu.dtype, device=mu.device)
+        z = mu.repeat(len(dims) * len(vals), 1)  # [len(dims) * len(values), D]
+        for i, d in enumerate(dims):
+            z[i * len(vals):(i + 1) * len(vals), d] = vals
+        return objectives.decoder_mean(self.vae.decode(z), self.model_cfg.likelihood)
+
+    @torch.no_grad()
+    def iwae(self, x: torch.Tensor, k: int, chunk_size: Optional[int] = None) -> torch.Tensor:
+        """IWAE bound with k samples (objectives.iwae_bound), nats per example, [B]; x float
+        [B, C, H, W]. chunk_size None: as many samples per chunk as keep ~2^24 decoded values."""
+        chunk = chunk_size or self._iwae_chunk(x.shape[0])
+        return objectives.iwae_bound(x, self.vae.encode, self.vae.decode, self.model_cfg.likelihood,
+                                     self.model_cfg.gaussian_sigma, k=k, chunk_size=chunk)
+
+    @torch.no_grad()
+    def elbo_batch(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """A batch dict (uint8 `image`) -> recon, kl, elbo [B], kl_per_dim, mu [B, D], in nats, from
+        one z ~ q(z|x) per example (binarized as in training)."""
+        image = batch["image"].to(self.device)
+        return self._terms(self.to_float(image))
