@@ -554,9 +554,16 @@ class ShardDataModule(pl.LightningDataModule):
         if split not in self._sources:
             spec = getattr(self.cfg, split)
             if spec is None and self.cfg.train is None:
-                from pipeline.prepare import ensure_prepared
-                ensure_prepared(self.cfg)
+                from pipeline.prepare import PrepareError, ensure_prepared
+                try:
+                    ensure_prepared(self.cfg)
+                except PrepareError as e:
+                    raise DataSetupError(str(e)) from None
             if spec is None and not (Path(self.cfg.root) / shards.MANIFEST).is_file():
+                if split != "train":  # train given explicitly, nothing at root: no such split
+                    log.info("data.%s not set and no %s: no %s split", split, Path(self.cfg.root) / shards.MANIFEST, split)
+                    self._sources[split] = None
+                    return None
                 raise DataSetupError(f"data.{split} is not set and {Path(self.cfg.root) / shards.MANIFEST} "
                                      f"does not exist: set data.{split} or prepare data.root")
             try:

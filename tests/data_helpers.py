@@ -1,0 +1,82 @@
+"""Helpers for the data tests: uneven shard sets, a key-recording LightningModule, loader plumbing."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from pipeline import shards
+from pipeline.config import DataConfig
+
+UNEVEN = (13, 200, 57, 31, 120, 88, 44)  # 7 shards, 553 samples
+
+
+def write_split(out: Path, split: str, sizes: Sequence[int], *, shape=(1, 4, 4), factors: bool = False) -> dict:
+    """Shards `{split}-NNNNNN.tar` of the given sizes; keys `{split}x{shard}x{i}` (unique, no dots);
+    each image is filled with the sample's running index mod 256; label = index mod 10."""
+    out.mkdir(parents=True, exist_ok=True)
+    entry, n = [], 0
+    for s, size in enumerate(sizes):
+        samples = []
+        for i in range(size):
+            image = np.full(shape, n % 256, dtype=np.uint8)
+            f = np.array([n, s, i], dtype=np.float32) if factors else None
+            samples.append(shards.encode_sample(f"{split}x{s}x{i}", image, n % 10, f))
+            n += 1
+        name = f"{split}-{s:06d}.tar"
+        count, digest = shards.write_shard(out / name, samples)
+        entry.append({"name": name, "samples": count, "sha256": digest})
+    return {"total": n, "shape": list(shape), "dtype": "uint8", "source": "test", "shards": entry}
+
+
+def write_dataset(out: Path, splits: Dict[str, Sequence[int]], **kw) -> Path:
+    manifest = {"format": shards.FORMAT, "dataset": "test", "shape": list(kw.get("shape", (1, 4, 4))),
+                "dtype": "uint8", "source": "test",
+                "splits": {split: write_split(out, split, sizes, **kw) for split, sizes in splits.items()}}
+    (out / shards.MANIFEST).write_text(json.dumps(manifest))
+    return out / shards.MANIFEST
+
+
+def data_cfg(root: Path, **kw) -> DataConfig:
+    base = dict(root=str(root), batch_size=16, num_workers=2, shuffle_buffer=40, seed=0, pin_memory=False)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def module_for(cfg: DataConfig, world_size: int = 1, rank: int = 0, stage: str = "fit"):
+    from pipeline.datamodule import ShardDataModule
+
+    dm = ShardDataModule(cfg)
+    dm.world_size, dm.rank = world_size, rank
+    dm.setup(stage)
+    return dm
+
+
+def keys_of(loader) -> List[List[str]]:
+    return [list(batch["key"]) for batch in loader]
+
+
+class KeyRecorder(pl.LightningModule):
+    """A one-parameter model that records the keys of every training / validation batch it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.train_keys: List[List[str]] = []
+        self.val_keys: List[List[str]] = []
+
+    def training_step(self, batch, batch_idx):
+        assert batch["image"].dtype == torch.uint8
+        self.train_keys.append(list(batch["key"]))
+        return (self.w * batch["image"].float().mean()) ** 2
+
+    def validation_step(self, batch, batch_idx):
+        self.val_keys.append(list(batch["key"]))
+        self.log("val_metric", float(self.global_step))  # lets a ModelCheckpoint save on validation end
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)

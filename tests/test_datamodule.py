@@ -1,0 +1,227 @@
+"""ShardDataModule: equal batches per rank, exact validation, exact resume (loader and Trainer), errors."""
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections import Counter
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from data_helpers import UNEVEN, KeyRecorder, data_cfg, keys_of, module_for, write_dataset, write_split
+
+from pipeline import shards
+from pipeline.datamodule import DataSetupError, ShardDataModule, lane_batches_before, lane_sizes
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    root = tmp_path_factory.mktemp("uneven")
+    write_dataset(root, {"train": UNEVEN, "val": (7, 30, 11, 2), "test": (5,)}, factors=True)
+    return root
+
+
+def epochs(loader, n):
+    return [keys_of(loader) for _ in range(n)]
+
+
+def test_lane_arithmetic():
+    assert lane_sizes(7, 3) == [3, 2, 2] and lane_sizes(2, 4) == [1, 1, 0, 0]
+    for n, w in itertools.product(range(12), range(1, 5)):
+        for start in range(n + 1):
+            assert sum(lane_batches_before(start, lane, w) for lane in range(w)) == start
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 2), (3, 2)])
+def test_train_equal_batches_no_repeats(uneven, world, workers):
+    cfg = data_cfg(uneven, num_workers=workers)
+    total, B = sum(UNEVEN), cfg.batch_size
+    n = total // (world * B)
+    runs = [epochs(module_for(cfg, world, r).train_dataloader(), 2) for r in range(world)]
+    for epoch in range(2):
+        per_rank = [run[epoch] for run in runs]
+        assert [len(batches) for batches in per_rank] == [n] * world
+        assert all(len(b) == B for batches in per_rank for b in batches)
+        keys = [k for batches in per_rank for b in batches for k in b]
+        assert len(keys) == len(set(keys)) == world * n * B  # no sample twice in an epoch
+    assert runs[0][0] != runs[0][1]  # reshuffled per epoch
+    dm = module_for(cfg, world, 0)
+    assert dm.steps_per_epoch == n and len(dm.train_dataloader()) == n
+
+
+@pytest.mark.parametrize("world,workers", [(1, 2), (2, 2), (3, 0)])
+def test_val_and_test_exactly_once(uneven, world, workers):
+    cfg = data_cfg(uneven, num_workers=workers, batch_size=8)
+    for split, total in (("val", 50), ("test", 5)):
+        stage = "fit" if split == "val" else "test"
+        keys = []
+        for r in range(world):
+            dm = module_for(cfg, world, r, stage)
+            loader = dm.val_dataloader() if split == "val" else dm.test_dataloader()
+            batches = keys_of(loader)
+            assert len(batches) == len(loader)
+            keys += [k for b in batches for k in b]
+        assert Counter(keys) == Counter({k: 1 for k in keys}) and len(keys) == total
+
+
+def test_batch_format(uneven):
+    dm = ShardDataModule(data_cfg(uneven, num_workers=0))
+    assert dm.input_shape == (1, 4, 4)  # from the manifest, before setup
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (16, 1, 4, 4)
+    assert batch["label"].dtype == torch.int64 and batch["label"].shape == (16,)
+    assert batch["factors"].dtype == torch.float32 and batch["factors"].shape == (16, 3)
+    assert isinstance(batch["key"], list) and all(isinstance(k, str) for k in batch["key"])
+    assert batch["skipped"] == 0
+    # image content and label belong to the key (written as index mod 256 / mod 10)
+    idx = batch["factors"][:, 0].long()
+    assert torch.equal(batch["image"][:, 0, 0, 0].long(), idx % 256) and torch.equal(batch["label"], idx % 10)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_resume_matches_uninterrupted(uneven, workers):
+    cfg = data_cfg(uneven, num_workers=workers)
+    reference = epochs(module_for(cfg).train_dataloader(), 3)  # 3 epochs of N = 34 batches
+    n = len(reference[0])
+    for epoch, stop in [(0, 0), (0, 1), (0, 5), (0, n - 1), (1, 17), (1, n)]:
+        loader = module_for(cfg).train_dataloader()
+        seen = epochs(loader, epoch)
+        it = iter(loader)
+        seen_now = [list(next(it)["key"]) for _ in range(stop)]
+        state = loader.state_dict()
+        assert (state["epoch"], state["batches_done"]) == (epoch, stop)
+        del it
+        resumed = module_for(cfg).train_dataloader()
+        resumed.load_state_dict(state)
+        assert len(resumed) == n  # the full epoch: Lightning counts the batches already done itself
+        rest = epochs(resumed, 2)
+        if stop == n:  # a finished epoch: the next one starts normally
+            assert seen_now == reference[epoch] and rest[0] == reference[epoch + 1]
+        else:
+            assert seen_now + rest[0] == reference[epoch] and rest[1] == reference[epoch + 1]
+
+
+def test_changed_settings_restart_the_epoch_with_a_warning(uneven):
+    loader = module_for(data_cfg(uneven, num_workers=2)).train_dataloader()
+    it = iter(loader)
+    for _ in range(5):
+        next(it)
+    state = loader.state_dict()
+    cfg1 = data_cfg(uneven, num_workers=1)
+    fresh = keys_of(module_for(cfg1).train_dataloader())  # epoch 0 with the new settings
+    resumed = module_for(cfg1).train_dataloader()
+    with pytest.warns(UserWarning, match="num_workers 2 -> 1.*restarting epoch 0 from its first batch"):
+        resumed.load_state_dict(state)
+    assert keys_of(resumed) == fresh
+    # a world-size change at an epoch boundary is clean: no warning, next epoch
+    state.update(batches_done=state["num_batches"], world_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed.load_state_dict(state)
+    assert resumed.state_dict()["epoch"] == 1
+
+
+def _trainer(root, max_epochs, **kw):
+    return pl.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=10,
+                      default_root_dir=root, **kw)
+
+
+def test_resume_through_lightning_trainer(uneven, tmp_path):
+    """fit(ckpt_path=) from checkpoints saved mid-epoch (ModelCheckpoint every 7 steps, validation every
+    10 batches) continues with exactly the batches an uninterrupted run saw next; the epoch loop's
+    restored batch count and len(loader) (the full epoch) agree."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cfg = data_cfg(uneven, num_workers=2)
+    n = len(module_for(cfg).train_dataloader())  # 34 batches per epoch
+    every_7 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=7, save_top_k=-1)
+    on_val = ModelCheckpoint(dirpath=tmp_path / "val", monitor="val_metric", mode="max", save_top_k=-1)
+    full = KeyRecorder()
+    _trainer(tmp_path, 2, callbacks=[every_7, on_val]).fit(full, datamodule=ShardDataModule(cfg))
+    assert len(full.train_keys) == 2 * n
+    saved = {int(p.stem.split("step=")[1]): p for p in (tmp_path / "ckpt").glob("*.ckpt")}
+    saved["val20"] = next((tmp_path / "val").glob("*step=20*.ckpt"))  # written at validation end
+    for step in (7, 28, 35, 63, "val20"):  # mid-epoch 0, before val, first of epoch 1, mid-epoch 1
+        model = KeyRecorder()
+        trainer = _trainer(tmp_path, 2, enable_checkpointing=False)
+        trainer.fit(model, datamodule=ShardDataModule(cfg), ckpt_path=saved[step])
+        assert trainer.num_training_batches == n
+        done = 20 if step == "val20" else step
+        assert model.train_keys == full.train_keys[done:], f"resume from step {step}"
+        assert trainer.global_step == 2 * n
+
+
+def test_truncated_shard_raise_names_it(uneven, tmp_path):
+    write_dataset(tmp_path, {"train": (40, 40, 40)})
+    bad = tmp_path / "train-000001.tar"
+    bad.write_bytes(bad.read_bytes()[:9000])
+    for workers in (0, 2):
+        loader = module_for(data_cfg(tmp_path, num_workers=workers)).train_dataloader()
+        with pytest.raises(Exception, match="train-000001.tar"):
+            keys_of(loader)
+
+
+def test_corrupt_samples_warn_skips_counts_and_keeps_batches(tmp_path, caplog):
+    write_dataset(tmp_path, {"train": (40, 40, 40), "val": (30,)})
+    bad = tmp_path / "train-000001.tar"
+    bad.write_bytes(bad.read_bytes()[:9000])  # truncated: ~15 of its 40 samples survive
+    data = bytearray((tmp_path / "train-000002.tar").read_bytes())
+    at = data.index(b"\x93NUMPY")  # first sample's image: break its .npy magic
+    data[at:at + 6] = b"XXXXXX"
+    (tmp_path / "train-000002.tar").write_bytes(bytes(data))
+    cfg = data_cfg(tmp_path, num_workers=0, on_error="warn", batch_size=10)
+    world, per_rank, skipped = 2, [], 0
+    for r in range(world):
+        dm = module_for(cfg, world, r)
+        batches = list(dm.train_dataloader())
+        per_rank.append(batches)
+        assert sum(b["skipped"] for b in batches) == dm.skipped_samples
+        skipped += dm.skipped_samples
+        assert all(len(b["key"]) == 10 for b in batches)
+    assert [len(b) for b in per_rank] == [6, 6]  # floor(120 / 20): unchanged by the losses
+    readable = 0
+    with pytest.raises(shards.ShardFormatError):
+        for _ in shards.iter_tar_samples(open(bad, "rb"), str(bad)):
+            readable += 1
+    assert skipped == (40 - readable) + 1  # every position is read once across the two ranks
+    assert "train-000001.tar" in caplog.text
+
+
+def test_streaming_source_needs_steps_per_epoch(tmp_path):
+    write_split(tmp_path, "train", (20, 20, 20))  # no manifest
+    pattern = str(tmp_path / "train-{000000..000002}.tar")
+    dm = ShardDataModule(data_cfg(tmp_path, train=pattern, val=None))
+    with pytest.raises(DataSetupError, match="set data.steps_per_epoch"):
+        dm.setup("fit")
+    assert dm.input_shape == (1, 4, 4)  # read from the first sample
+
+
+@pytest.mark.parametrize("world,workers", [(2, 2), (1, 2)])
+def test_streaming_source_equal_batches(tmp_path, world, workers):
+    write_split(tmp_path, "train", (20, 20, 21))  # 3 shards: fewer than 2 x 2 slots -> sample-level split
+    cfg = data_cfg(tmp_path, train=str(tmp_path / "train-{000000..000002}.tar"), num_workers=workers,
+                   steps_per_epoch=3, batch_size=5, shuffle_buffer=0)
+    keys = []
+    for r in range(world):
+        dm = module_for(cfg, world, r)
+        batches = keys_of(dm.train_dataloader())
+        assert len(batches) == 3 and all(len(b) == 5 for b in batches)
+        keys += [k for b in batches for k in b]
+    assert len(keys) == len(set(keys))  # 15 * world <= 61: one pass, no repeats
+
+
+def test_sibling_manifest_and_directory_sources(uneven):
+    dm = module_for(data_cfg(uneven, train=str(uneven / "train-{000000..000006}.tar"), val=str(uneven)))
+    assert dm.source("train").total == sum(UNEVEN) and dm.steps_per_epoch == sum(UNEVEN) // 16
+    assert dm.source("val").total == 50
+
+
+def test_set_up_checks_say_what_to_change(uneven):
+    with pytest.raises(DataSetupError, match="lower data.batch_size to at most"):
+        module_for(data_cfg(uneven, batch_size=300), world_size=2)
+    with pytest.raises(DataSetupError, match="5 test samples for 6 ranks"):
+        module_for(data_cfg(uneven, batch_size=8), world_size=6, stage="test")
+    with pytest.raises(DataSetupError, match="dataset 'npz' needs a source"):
+        ShardDataModule(data_cfg(uneven / "nowhere", dataset="npz")).input_shape
