@@ -58,9 +58,12 @@ def wandb_run_id(run_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def truncate_metrics_csv(path: Path, last_step: int) -> int:
-    """Drop rows logged after `last_step` (work lost since the checkpoint we resume from), so the
-    resumed run's rows follow on without duplicates. Returns the number of rows dropped."""
+def truncate_metrics_csv(path: Path, global_step: int) -> int:
+    """Drop rows logged after a checkpoint taken at `global_step` (work lost in a crash), so the resumed
+    run's rows follow on without duplicates. Returns the number of rows dropped.
+
+    Lightning logs the k-th optimizer step under `step = k - 1`, and the validation that follows a
+    checkpoint at step s (which a resumed run does not repeat) under s - 1: rows with step < s stay."""
     path = Path(path)
     if not path.is_file():
         return 0
@@ -68,7 +71,7 @@ def truncate_metrics_csv(path: Path, last_step: int) -> int:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
         rows = list(reader)
-    keep = [r for r in rows if not r.get("step") or int(float(r["step"])) <= last_step]
+    keep = [r for r in rows if not r.get("step") or int(float(r["step"])) < global_step]
     if len(keep) == len(rows):
         return 0
     tmp = path.with_suffix(".csv.tmp")
@@ -78,3 +81,32 @@ def truncate_metrics_csv(path: Path, last_step: int) -> int:
         writer.writerows(keep)
     os.replace(tmp, path)
     return len(rows) - len(keep)
+
+
+def resumable_csv_logger(run_dir: Path):
+    """Lightning's CSVLogger writing RUN_DIR/metrics.csv, made safe for resume.
+
+    Stock CSVLogger deletes an existing metrics.csv when its directory is not empty, and rebuilds the
+    header from the current process's keys only: a resumed run would lose every earlier row. This one
+    appends, starting from the existing header (train.py first drops rows after the checkpoint).
+    """
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+    from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+    class AppendingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:  # keep earlier rows
+            if self._fs.isfile(self.metrics_file_path):
+                with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                    self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
+
+    class ResumableCSVLogger(CSVLogger):
+        @property
+        @rank_zero_experiment
+        def experiment(self) -> ExperimentWriter:
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = AppendingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return ResumableCSVLogger(save_dir=str(run_dir), name="", version="")

@@ -34,9 +34,10 @@ def test_truncate_metrics_drops_rows_after_checkpoint(tmp_path):
         w = csv.DictWriter(f, fieldnames=["epoch", "step", "train/loss"])
         w.writeheader()
         w.writerows(rows)
-    assert truncate_metrics_csv(path, 12) == 3
+    assert truncate_metrics_csv(path, 11) == 3  # checkpoint after 11 steps: rows logged at 0..10 stay
     with path.open() as f:
         steps = [int(r["step"]) for r in csv.DictReader(f)]
     assert steps == [0, 5, 10]
-    assert truncate_metrics_csv(path, 12) == 0
+    assert truncate_metrics_csv(path, 11) == 0
+    assert truncate_metrics_csv(path, 10) == 1
     assert truncate_metrics_csv(tmp_path / "missing.csv", 3) == 0
