@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from pipeline.objectives import decoder_mean
+
 log = logging.getLogger(__name__)
 
 
@@ -22,18 +24,22 @@ def derived_seed(*parts: int) -> int:
 
 
 class StepSeed(Callback):
-    """Reseed torch before every batch from (seed, epoch, batch index, rank).
+    """Reseed torch before every batch from (seed, batches trained so far, rank).
 
     The reparameterisation noise and dynamic binarisation then depend only on the position in training,
     like the KL schedules: a run resumed at any batch draws exactly the noise an uninterrupted run
-    would, with no RNG state to save, and ranks draw independent noise.
+    would, with no RNG state to save, and ranks draw independent noise. The position is Lightning's
+    restored total batch counter, not (current_epoch, batch_idx): a run stopped mid-epoch by max_steps
+    is saved with its epoch counted as completed, so current_epoch is one ahead after resume. Counting
+    batches, not optimizer steps, gives each accumulated micro-batch its own noise.
     """
 
     def __init__(self, seed: int):
         self.seed = seed
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        torch.manual_seed(derived_seed(self.seed, 0, trainer.current_epoch, batch_idx, trainer.global_rank))
+        position = trainer.fit_loop.epoch_loop.total_batch_idx
+        torch.manual_seed(derived_seed(self.seed, 0, position, trainer.global_rank))
 
     def _eval_seed(self, trainer: Trainer, stage: int) -> None:
         torch.manual_seed(derived_seed(self.seed, stage, trainer.global_step, trainer.global_rank))
@@ -99,10 +105,11 @@ class ImageLogger(Callback):
             recon = pl_module.reconstruct(x)
             pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # input, reconstruction, input, ...
             n = x.shape[0]
+            latent_dim, likelihood = pl_module.model_cfg.latent_dim, pl_module.model_cfg.likelihood
             gen = torch.Generator().manual_seed(0)  # fixed draw; leaves the global RNG alone
-            z = torch.randn(64, pl_module.latent_dim, generator=gen).to(pl_module.device)
-            samples = pl_module.decode_mean(z)
-            dims = list(range(min(pl_module.latent_dim, self.max_traversal_dims)))
+            z = torch.randn(64, latent_dim, generator=gen).to(pl_module.device)
+            samples = decoder_mean(pl_module.vae.decode(z), likelihood)
+            dims = list(range(min(latent_dim, self.max_traversal_dims)))
             values = torch.linspace(-self.traversal_range, self.traversal_range, self.traversal_steps)
             trav = pl_module.traverse(x[:1], dims, values)  # [len(dims) * steps, C, H, W]
         finally:
