@@ -57,11 +57,9 @@ def checkpoint_step(path: str) -> int:
 
 
 def build_loggers(cfg, run_dir: Path, rank_zero: bool):
-    from lightning.pytorch.loggers import CSVLogger
+    from pipeline.tracking import resolve_wandb_mode, resumable_csv_logger, wandb_run_id
 
-    from pipeline.tracking import resolve_wandb_mode, wandb_run_id
-
-    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    loggers = [resumable_csv_logger(run_dir)]
     mode = resolve_wandb_mode(cfg.logger.wandb.mode)
     if mode != "disabled":
         from lightning.pytorch.loggers import WandbLogger
@@ -151,7 +149,7 @@ def train(cfg) -> dict:
                        input_shape=tuple(dm.input_shape), max_steps=cfg.trainer.max_steps,
                        binarize=cfg.data.binarize)
     if cfg.trainer.compile:
-        module.model.compile()  # in place: checkpoint keys stay unprefixed
+        module.vae.compile()  # in place: checkpoint keys stay unprefixed
 
     ckpt_path = find_resume_checkpoint(cfg.resume, run_dir)
     if ckpt_path and rank_zero:

@@ -1,0 +1,128 @@
+"""The training entry point end to end: outputs, W&B offline runs, exact resume (1 process and 2 DDP ranks)."""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.train import train
+from tests.conftest import run_train
+
+pytestmark = pytest.mark.slow
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with (Path(run_dir) / "metrics.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def weights(ckpt: Path) -> dict:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_default_run_writes_config_metrics_checkpoints_images_and_offline_wandb(tiny_overrides, tmp_path):
+    run_dir = tmp_path / "run"
+    secret = "sk-test-0123456789abcdef-not-a-real-key"
+    proc = run_train(tiny_overrides + ["logger.wandb.mode=offline"], env_extra={"WANDB_API_KEY": secret})
+    assert "# resolved config" in proc.stdout and "# done: step 30" in proc.stdout
+
+    assert load_config([run_dir / "config.yaml"]).trainer.max_steps == 30
+    rows = read_metrics(run_dir)
+    train_rows = [r for r in rows if r.get("train/loss")]
+    val_rows = [r for r in rows if r.get("val/elbo")]
+    assert train_rows and val_rows
+    # val after steps 10, 20, 30 (Lightning logs the k-th step under step k - 1, as W&B shows it)
+    assert [int(r["step"]) for r in val_rows] == [9, 19, 29]
+    assert all(math.isfinite(float(r["val/elbo"])) and float(r["val/elbo"]) < 0 for r in val_rows)
+    assert {"val/kl", "val/recon", "val/active_units", "train/kl_weight", "val/kl_dim_0"} <= set(rows[0])
+
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 30
+    assert list((run_dir / "checkpoints").glob("best-step*.ckpt"))
+    for kind in ("reconstructions", "samples", "traversals"):
+        assert len(list((run_dir / "images").glob(f"{kind}_step*.png"))) >= 3
+
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
+    assert len(offline) == 1 and offline[0].name.endswith(run_id)
+    assert any(offline[0].rglob("*.wandb"))
+
+    # No secret in any log, config dump, checkpoint or W&B file.
+    for f in run_dir.rglob("*"):
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f"secret leaked into {f}"
+
+
+def test_resumed_run_keeps_its_wandb_run(tiny_overrides, tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(tiny_overrides + ["logger.wandb.mode=offline", "trainer.max_steps=20"])
+    first_id = (run_dir / "wandb_run_id.txt").read_text().strip()
+    proc = run_train(tiny_overrides + ["logger.wandb.mode=offline", "trainer.max_steps=30"])
+    assert "resuming from" in proc.stdout and "(step 20)" in proc.stdout
+    assert (run_dir / "wandb_run_id.txt").read_text().strip() == first_id
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(first_id) for r in runs)  # one W&B run, two parts
+    steps = [int(r["step"]) for r in read_metrics(run_dir) if r.get("train/loss")]
+    assert steps == list(range(4, 30, 5))  # every 5th step once: none lost, none twice
+
+
+# Exactness: schedules that depend on the step (linear KL warm-up, LR warm-up) across the cut, a cut
+# mid-epoch, 2 loader workers, val on both sides of it, every step logged.
+EXACT = [
+    "objective.kl_schedule=linear", "objective.warmup_steps=25", "optim.lr_warmup_steps=8",
+    "trainer.log_every_n_steps=1", "data.num_workers=2", "logger.images_every_n_steps=0",
+    "checkpoint.every_n_steps=5",
+]
+
+
+def assert_same_run(ref_dir: Path, run_dir: Path, first_step: int, last_step: int):
+    ref, got = weights(ref_dir / "checkpoints" / "last.ckpt"), weights(run_dir / "checkpoints" / "last.ckpt")
+    assert ref.keys() == got.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=0, msg=f"weights differ at {k}")
+
+    def by_step(rows):
+        return {(int(r["step"]), key): float(v) for r in rows for key, v in r.items()
+                if v not in ("", None) and key not in ("step", "epoch") and first_step <= int(r["step"]) < last_step}
+
+    ref_m, got_m = by_step(read_metrics(ref_dir)), by_step(read_metrics(run_dir))
+    assert ref_m.keys() == got_m.keys()
+    assert any(k == "val/elbo" for _, k in ref_m) and any(k == "train/kl_weight" for _, k in ref_m)
+    for key in ref_m:
+        assert got_m[key] == pytest.approx(ref_m[key], abs=1e-5, rel=1e-5), key
+
+
+def test_exact_resume_single_process(tiny_overrides, tmp_path):
+    base = tiny_overrides + EXACT
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    train(load_config([], base + [f"run.dir={ref_dir}"]))
+    train(load_config([], base + [f"run.dir={cut_dir}", "trainer.max_steps=17"]))  # mid-epoch
+    assert torch.load(cut_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 17
+    train(load_config([], base + [f"run.dir={cut_dir}"]))
+    assert_same_run(ref_dir, cut_dir, first_step=17, last_step=30)
+
+
+def test_exact_resume_two_ddp_ranks(tiny_overrides, tmp_path):
+    ddp = ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=32"]
+    base = tiny_overrides + EXACT + ddp
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    run_train(base + [f"run.dir={ref_dir}"])
+    run_train(base + [f"run.dir={cut_dir}", "trainer.max_steps=13"])
+    proc = run_train(base + [f"run.dir={cut_dir}"])
+    assert "(step 13)" in proc.stdout
+    assert_same_run(ref_dir, cut_dir, first_step=13, last_step=30)
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tiny_overrides, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train(tiny_overrides + ["optim.lr=1e30", "checkpoint.every_n_steps=1",
+                                       "model.likelihood=gaussian"], check=False)
+    assert proc.returncode != 0
+    assert "non-finite" in (proc.stdout + proc.stderr).lower() and "step" in proc.stderr
+    assert "last good checkpoint" in proc.stderr
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] >= 1  # the latest checkpoint is intact and loadable
