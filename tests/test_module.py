@@ -15,6 +15,16 @@ SHAPE = (1, 8, 8)
 MODEL = {"arch": "mlp", "latent_dim": 3, "hidden_dims": [32, 16]}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """Tiny tensors: on 2 cores shared with other jobs, intra-op threads spin-wait for each other and
+    cost 5-10x wall time (measured) while saving nothing. Restored after this file."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def examples(n, seed=0, shape=SHAPE):
     """n dict examples: uint8 images from 4 noisy templates, as a WebDataset loader would yield them."""
     g = torch.Generator().manual_seed(seed)
