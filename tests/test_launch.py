@@ -111,6 +111,13 @@ def test_default_run_name_applied_and_explicit_name_wins():
     assert (c.run.name, c.run.dir) == ("train-4242", "/scratch/here")
 
 
+def test_run_name_from_a_config_file_wins(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("run:\n  name: from-yaml\n")
+    c = apply_cluster_env(load_config([f], []), env=srun_env())
+    assert (c.run.name, c.run.dir) == ("from-yaml", "runs/from-yaml")
+
+
 def test_requeue_keeps_the_run_dir():
     # A requeued job keeps its id; only the restart count changes.
     first = apply_cluster_env(cfg(), env=srun_env()).run.dir

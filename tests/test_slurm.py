@@ -252,3 +252,16 @@ def test_train_sh_runs_locally_without_slurm(digits_root, python_bin, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert (tmp_path / "runs" / "local" / "checkpoints" / "last.ckpt").is_file(), r.stdout[-4000:] + r.stderr[-4000:]
+
+
+@pytest.mark.parametrize("script", ["train.sh", "grid.sh", "sweep.sh"])
+def test_sbatch_templates(script):
+    """Parse as bash; GPUs asked per node (so --gpus-per-node=0 fits CPU nodes), never by --gres."""
+    path = REPO / "slurm" / script
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    directives = [line.split()[1] for line in path.read_text().splitlines() if line.startswith("#SBATCH")]
+    names = {d.split("=")[0] for d in directives}
+    assert {"--nodes", "--ntasks-per-node", "--gpus-per-node", "--cpus-per-task", "--mem", "--time",
+            "--output"} <= names and "--gres" not in names
+    if script != "sweep.sh":  # a requeued agent would take a new point; see sweep.sh
+        assert {"--signal=USR1@90", "--requeue", "--open-mode=append"} <= set(directives)
