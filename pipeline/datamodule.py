@@ -45,6 +45,7 @@ import argparse
 import dataclasses
 import logging
 import math
+import multiprocessing
 import os
 import time
 import warnings
@@ -474,8 +475,12 @@ class ShardLoader(DataLoader):
         # conversion, which would walk every key string
         # persistent workers: forking them each epoch costs more than a digits epoch; their copies of
         # the stream advance one epoch per pass, in step with this loader's own count
+        # fork where there is one: inside spawned ranks (ddp_spawn, mp.spawn) the default is spawn, and a
+        # spawned worker re-imports torch and Lightning (seconds per worker, per loader)
+        context = "fork" if num_workers > 0 and "fork" in multiprocessing.get_all_start_methods() else None
         super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                         persistent_workers=num_workers > 0, collate_fn=_passthrough)
+                         persistent_workers=num_workers > 0, collate_fn=_passthrough,
+                         multiprocessing_context=context)
         self.epoch, self.batches_done = start_epoch, 0
         self.skipped_samples = 0
         self._started = False

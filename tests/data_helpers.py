@@ -80,3 +80,46 @@ class KeyRecorder(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def ddp_rank_main(rank: int, world: int, init_file: str, root: str, out: str, epochs: int = 2) -> None:
+    """One rank of a real gloo process group: reads `epochs` training epochs and one validation pass
+    with 2 loader workers, all-reducing once per training batch (as DDP's gradient sync would: unequal
+    batch counts would hang, and the 60 s timeout turns that into an error), then writes its keys."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from pipeline.datamodule import ShardDataModule
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        dm = ShardDataModule(data_cfg(Path(root), num_workers=2))
+        dm.setup("fit")  # no trainer: world size and rank come from torch.distributed
+        train = []
+        loader = dm.train_dataloader()
+        for _ in range(epochs):
+            keys = []
+            for batch in loader:
+                dist.all_reduce(torch.ones(1))
+                keys.append(list(batch["key"]))
+            train.append(keys)
+        val = [list(b["key"]) for b in dm.val_dataloader()]
+        dist.barrier()
+        Path(out, f"rank{rank}.json").write_text(json.dumps(
+            {"world": dm.world_size, "rank": dm.rank, "steps": dm.steps_per_epoch, "train": train, "val": val}))
+    finally:
+        dist.destroy_process_group()
+
+
+class KeyFileRecorder(KeyRecorder):
+    """KeyRecorder that also writes its keys to OUT/trainer_rank{r}.json (for spawned DDP ranks)."""
+
+    def __init__(self, out: str):
+        super().__init__()
+        self.out = out
+
+    def on_fit_end(self):
+        Path(self.out, f"trainer_rank{self.global_rank}.json").write_text(json.dumps(
+            {"train": self.train_keys, "val": self.val_keys, "world": self.trainer.world_size}))
