@@ -60,3 +60,29 @@ def test_cli_errors_name_the_directory(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no config.yaml" in err and str(tmp_path / "nope") in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_science_beta_sweep_trades_rate_for_distortion(tmp_path):
+    """The science check, shrunk (pipeline/science.py runs the full one): three betas on a small dSprites
+    subset; rate falls, distortion rises, IWAE >= ELBO; then the report of the real runs, with grids."""
+    import torch
+
+    from pipeline.science import check, sweep
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors on a shared 2-core box: spinning intra-op threads only cost
+    try:
+        rows = sweep(tmp_path / "sci", betas=[0.5, 4.0, 32.0], steps=100, limit=1500, iwae_samples=20,
+                     extra=["model.hidden_dims=[256,64]"], progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert check(rows) == [], rows
+    assert all(r["num_examples"] == 150 for r in rows)  # 10% test split of 1500, every example once
+    assert all(r["mig"] is not None and 0.0 <= r["mig"] <= 1.0 for r in rows)
+
+    result = report([r["dir"] for r in rows], out=tmp_path / "report", wandb_log=False)
+    assert {"rate_distortion", "vs_beta", "traversals", "reconstructions", "samples"} <= set(result["files"])
+    trav = Image.open(result["files"]["traversals"])
+    assert trav.size == (9 * 65 + 1, 6 * 65 + 1)  # 9 steps across, one row per latent dim; 64 px + 1 pad
+    assert "| beta32 | 32.00 |" in result["table"]
