@@ -1,0 +1,28 @@
+"""pipeline.bench smoke test with tiny sizes: the JSON and its ratio keys. Never asserts speed."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from pipeline.bench import main
+
+pytestmark = pytest.mark.slow  # Lightning fits plus two DDP process trees
+
+
+def test_bench_smoke_writes_ratios(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["--presets", "digits", "--steps", "3", "--warmup", "1", "--out", str(out),
+               "--data-dir", str(tmp_path / "data"), "--quiet"])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert set(r["ratios"]) == {"digits/pipeline_vs_bare", "digits/loader_vs_raw", "digits/ddp_2_vs_1"}
+    assert all(math.isfinite(v) and v > 0 for v in r["ratios"].values())
+    d = r["presets"]["digits"]
+    for key in ("pipeline", "bare"):
+        assert d[key]["images_per_s"] > 0
+    assert d["loader"]["samples_per_s"] > 0 and d["raw_read"]["samples_per_s"] > 0
+    # The DDP run counts the images of both ranks: twice the per-rank batch per timed step.
+    assert d["ddp_2"]["images"] == 2 * d["ddp_1"]["images"] == 2 * 3 * d["batch_size"]
+    assert r["device"] == "cpu" and "pipeline" in capsys.readouterr().out
