@@ -172,10 +172,11 @@ class DeferredRequeue(Callback):
 
 
 class DataErrorCounter(Callback):
-    """Logs `data/skipped_samples` (corrupt samples skipped under data.on_error=warn) at each log step."""
+    """Logs `data/skipped_samples`: this rank's running count of unreadable samples skipped under
+    data.on_error=warn (kept in the loader's checkpointed state, so it survives resume). Logged only
+    once something was skipped, so clean runs carry no empty column."""
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
-        skipped = batch.get("skipped") if isinstance(batch, dict) else None
-        if skipped is not None:
-            pl_module.log("data/skipped_samples", float(torch.as_tensor(skipped).sum()), on_step=True,
-                          on_epoch=False, reduce_fx="sum")
+        skipped = getattr(trainer.datamodule, "skipped_samples", 0)
+        if skipped:
+            pl_module.log("data/skipped_samples", float(skipped), on_step=True, on_epoch=False)

@@ -126,3 +126,19 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tiny_overrides, tm
     assert "last good checkpoint" in proc.stderr
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] >= 1  # the latest checkpoint is intact and loadable
+
+
+def test_corrupt_shard_is_skipped_and_counted_under_warn(digits_root, tiny_overrides, tmp_path):
+    import shutil
+
+    data = tmp_path / "digits"
+    shutil.copytree(digits_root, data)
+    shard = sorted(data.glob("train-*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated mid-file
+    base = tiny_overrides + [f"data.root={data}", "trainer.max_steps=25", "trainer.log_every_n_steps=1"]
+    with pytest.raises(Exception, match=shard.name):  # default on_error=raise names the shard
+        train(load_config([], base + [f"run.dir={tmp_path / 'raise'}"]))
+    run_dir = tmp_path / "warn"
+    train(load_config([], base + [f"run.dir={run_dir}", "data.on_error=warn"]))
+    skipped = [float(r["data/skipped_samples"]) for r in read_metrics(run_dir) if r.get("data/skipped_samples")]
+    assert skipped and skipped[-1] > 0 and skipped == sorted(skipped)  # a running count
