@@ -225,3 +225,21 @@ def test_set_up_checks_say_what_to_change(uneven):
         module_for(data_cfg(uneven, batch_size=8), world_size=6, stage="test")
     with pytest.raises(DataSetupError, match="dataset 'npz' needs a source"):
         ShardDataModule(data_cfg(uneven / "nowhere", dataset="npz")).input_shape
+
+
+def test_pipe_urls_stream(tmp_path):
+    """Any URL webdataset opens (here `pipe:`): counts unknown, so steps_per_epoch sets the epoch."""
+    write_split(tmp_path, "train", (30, 30))
+    pattern = f"pipe:cat {tmp_path}/train-{{000000..000001}}.tar"
+    dm = module_for(data_cfg(tmp_path, train=pattern, steps_per_epoch=4, batch_size=8, num_workers=0))
+    assert dm.input_shape == (1, 4, 4) and dm.source("train").counts is None
+    batches = keys_of(dm.train_dataloader())
+    keys = [k for b in batches for k in b]
+    assert len(batches) == 4 and len(keys) == len(set(keys)) == 32
+
+
+def test_longer_explicit_epoch_wraps_around(uneven):
+    cfg = data_cfg(uneven, num_workers=0, steps_per_epoch=40)  # 40 * 16 = 640 > 553 samples
+    batches = keys_of(module_for(cfg).train_dataloader())
+    keys = [k for b in batches for k in b]
+    assert len(batches) == 40 and len(set(keys)) == sum(UNEVEN)  # every sample, some twice
