@@ -33,7 +33,10 @@ Design, per split and epoch e (B = data.batch_size, W = max(1, data.num_workers)
   shard and keeps every (R*W)-th sample. Val reads the same split once, without cycling.
 - Errors: data.on_error=raise stops with the shard's name. warn logs, counts (batch["skipped"], and the
   running total `ShardDataModule.skipped_samples`) and, in training, fills each lost sample with a repeat of
-  a good sample from the same shuffle block, so every rank still yields N full batches. Val/test drop them.
+  a readable sample of the same shuffle block (a block with none borrows from the positions after it), so
+  every rank still yields N full batches and resume stays exact. Val/test drop lost samples instead.
+- Loader workers are persistent (a digits epoch is shorter than forking them) and forked where possible
+  (inside spawned ranks the default would be spawn, which re-imports torch and Lightning per worker).
 - Resume: `ShardLoader.state_dict()` = {epoch, batches_done, world_size, num_workers, seed, batch_size,
   num_batches}; Lightning saves it in checkpoints and loads it before iterating. A different world size,
   worker count, seed, batch size or epoch length restarts the interrupted epoch from its first batch, with

@@ -68,10 +68,12 @@ class KeyRecorder(pl.LightningModule):
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.train_keys: List[List[str]] = []
         self.val_keys: List[List[str]] = []
+        self.epochs: List[tuple] = []  # (trainer epoch, loader epoch) per training batch
 
     def training_step(self, batch, batch_idx):
         assert batch["image"].dtype == torch.uint8
         self.train_keys.append(list(batch["key"]))
+        self.epochs.append((self.trainer.current_epoch, self.trainer.train_dataloader.epoch))
         return (self.w * batch["image"].float().mean()) ** 2
 
     def validation_step(self, batch, batch_idx):

@@ -124,7 +124,7 @@ def test_changed_settings_restart_the_epoch_with_a_warning(uneven):
 
 def _trainer(root, max_epochs, **kw):
     return pl.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=10,
+                      enable_model_summary=False, num_sanity_val_steps=2, val_check_interval=10,
                       default_root_dir=root, **kw)
 
 
@@ -141,6 +141,7 @@ def test_resume_through_lightning_trainer(uneven, tmp_path):
     full = KeyRecorder()
     _trainer(tmp_path, 2, callbacks=[every_7, on_val]).fit(full, datamodule=ShardDataModule(cfg))
     assert len(full.train_keys) == 2 * n
+    assert all(trainer_epoch == loader_epoch for trainer_epoch, loader_epoch in full.epochs)
     saved = {int(p.stem.split("step=")[1]): p for p in (tmp_path / "ckpt").glob("*.ckpt")}
     saved["val20"] = next((tmp_path / "val").glob("*step=20*.ckpt"))  # written at validation end
     for step in (7, 28, 35, 63, "val20"):  # mid-epoch 0, before val, first of epoch 1, mid-epoch 1
@@ -151,6 +152,7 @@ def test_resume_through_lightning_trainer(uneven, tmp_path):
         done = 20 if step == "val20" else step
         assert model.train_keys == full.train_keys[done:], f"resume from step {step}"
         assert trainer.global_step == 2 * n
+        assert all(trainer_epoch == loader_epoch for trainer_epoch, loader_epoch in model.epochs)
 
 
 def test_truncated_shard_raise_names_it(uneven, tmp_path):
