@@ -245,3 +245,17 @@ def test_longer_explicit_epoch_wraps_around(uneven):
     batches = keys_of(module_for(cfg).train_dataloader())
     keys = [k for b in batches for k in b]
     assert len(batches) == 40 and len(set(keys)) == sum(UNEVEN)  # every sample, some twice
+
+
+def test_one_shard_for_two_ranks_and_two_workers(tmp_path):
+    """Fewer shards than ranks x workers: the sample-level layout still splits exactly, no hang."""
+    write_dataset(tmp_path, {"train": (100,), "val": (9,)})
+    cfg = data_cfg(tmp_path, batch_size=8)
+    train, val = [], []
+    for r in range(2):
+        dm = module_for(cfg, 2, r)
+        batches = keys_of(dm.train_dataloader())
+        assert len(batches) == 6 and all(len(b) == 8 for b in batches)
+        train += [k for b in batches for k in b]
+        val += [k for b in keys_of(dm.val_dataloader()) for k in b]
+    assert len(set(train)) == len(train) == 96 and sorted(val) == sorted(f"valx0x{i}" for i in range(9))
