@@ -2,7 +2,7 @@
 
     python -m pipeline.bench                                  # CPU: digits MLP and dSprites conv, ~3 min on 2 cores
     python -m pipeline.bench --device cuda --out bench.json   # adds bf16-mixed (and --compile) on a GPU
-    python -m pipeline.bench --presets digits --steps 50 --warmup 5 --no-ddp   # a quick look
+    python -m pipeline.bench --presets digits --steps 50 --no-ddp   # a quick look
     python -m pipeline.bench --ablations                      # where the pipeline's time goes (see below)
 
 Per preset (the repo's configs/digits.yaml and configs/dsprites_beta.yaml as they are: model, batch
@@ -24,8 +24,7 @@ pushed outside the window; everything else runs as configured. Pipeline and bare
 `--repeats` times and the median is kept, since other processes on the machine shift both alike.
 
 --ablations re-measures the pipeline with one setting changed at a time (num_workers 0/1, logging every
-1000 steps, no progress bar, persistent loader workers) and reports each against the default, which is
-how the "where the time goes" figures in the report were made.
+1000 steps, no progress bar, one intra-op thread in the training process) against the default.
 
 Writes JSON (--out, default bench.json): settings, every measurement (images/s, samples/s, seconds)
 and the ratios, flat under "ratios" ("digits/pipeline_vs_bare", ...).
@@ -48,9 +47,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 PRESETS: Dict[str, Dict[str, Any]] = {
-    # name: the config file used as is, the recipe, and the subset prepared for benchmarking
-    "digits": {"config": "configs/digits.yaml", "dataset": "digits", "limit": None},
-    "dsprites": {"config": "configs/dsprites_beta.yaml", "dataset": "dsprites", "limit": 6000},
+    # name: the config file used as is, the recipe, the subset prepared for benchmarking, and default
+    # timed / warm-up steps sized for ~3 minutes in all on 2 CPU cores (digits: ~3 ms per step;
+    # dSprites conv: ~330 ms per step)
+    "digits": {"config": "configs/digits.yaml", "dataset": "digits", "limit": None, "steps": 300, "warmup": 10},
+    "dsprites": {"config": "configs/dsprites_beta.yaml", "dataset": "dsprites", "limit": 6000, "steps": 40,
+                 "warmup": 5},
 }
 REPO = Path(__file__).resolve().parents[1]
 FAR = 10**9  # a step interval that never fires inside the timed window
@@ -121,9 +123,11 @@ def make_timer(warmup: int, device: str):
 
 
 def measure_pipeline(cfg, warmup: int, device: str, compile_model: bool = False,
-                     persistent_workers: bool = False) -> Dict[str, float]:
-    """Images/s of pipeline.train's Trainer (its callbacks and CSV logger) over the ShardDataModule."""
+                     torch_threads: Optional[int] = None) -> Dict[str, float]:
+    """Images/s of pipeline.train's Trainer (its callbacks and CSV logger) over the ShardDataModule.
+    torch_threads: intra-op threads of this process for the run (an ablation); None leaves them."""
     import lightning.pytorch as pl
+    import torch
 
     from pipeline import config as C
     from pipeline.datamodule import ShardDataModule
@@ -134,16 +138,6 @@ def measure_pipeline(cfg, warmup: int, device: str, compile_model: bool = False,
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = ShardDataModule(cfg.data)
-    if persistent_workers:
-        # Ablation only, a timing estimate: workers kept across epochs keep their first epoch's position,
-        # so later epochs repeat its order (fine for speed, wrong for training).
-        import pipeline.datamodule as D
-        orig = D.ShardLoader.__init__
-
-        def init(self, stream, **kw):
-            orig(self, stream, **kw)
-            object.__setattr__(self, "persistent_workers", kw.get("num_workers", 0) > 0)  # past DataLoader's guard
-        D.ShardLoader.__init__ = init
     module = VAEModule(model=C.to_dict(cfg.model), objective=C.to_dict(cfg.objective), optim=C.to_dict(cfg.optim),
                        input_shape=tuple(dm.input_shape), max_steps=cfg.trainer.max_steps, binarize=cfg.data.binarize)
     if compile_model:
@@ -151,11 +145,13 @@ def measure_pipeline(cfg, warmup: int, device: str, compile_model: bool = False,
     timer = make_timer(warmup, device)
     loggers, _ = build_loggers(cfg, run_dir, rank_zero=True)
     trainer = build_trainer(cfg, run_dir, loggers, build_callbacks(cfg, run_dir) + [timer])
+    threads = torch.get_num_threads()
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
     try:
         trainer.fit(module, datamodule=dm)
     finally:
-        if persistent_workers:
-            D.ShardLoader.__init__ = orig
+        torch.set_num_threads(threads)
     return timer.result()
 
 
@@ -289,12 +285,14 @@ def bench_preset(preset: str, args, work: Path, log) -> Dict[str, Any]:
     import torch
 
     root = prepare_data(preset, Path(args.data_dir))
-    cfg = bench_config(preset, root, work / f"run-{preset}", args.device, args.steps, args.warmup)
+    steps = args.steps or PRESETS[preset]["steps"]
+    warmup = args.warmup or PRESETS[preset]["warmup"]
+    cfg = bench_config(preset, root, work / f"run-{preset}", args.device, steps, warmup)
     images = load_train_images(root)
     res: Dict[str, Any] = {"config": PRESETS[preset]["config"], "batch_size": cfg.data.batch_size,
                            "arch": cfg.model.arch, "input_shape": list(images.shape[1:]),
                            "train_images": len(images), "num_workers": cfg.data.num_workers,
-                           "steps": args.steps, "warmup": args.warmup}
+                           "steps": steps, "warmup": warmup}
     ratios: Dict[str, float] = {}
 
     variants = [("", "32-true", False)]
@@ -305,19 +303,19 @@ def bench_preset(preset: str, args, work: Path, log) -> Dict[str, Any]:
     for prefix, precision, comp in variants:
         pipe, bare = [], []
         for r in range(args.repeats):
-            c = bench_config(preset, root, work / f"run-{preset}-{prefix}{r}", args.device, args.steps, args.warmup,
+            c = bench_config(preset, root, work / f"run-{preset}-{prefix}{r}", args.device, steps, warmup,
                              [f"trainer.precision={precision}"])
             log(f"[{preset}] {prefix or 'fp32_'}pipeline run {r + 1}/{args.repeats} ...")
-            pipe.append(measure_pipeline(c, args.warmup, args.device, compile_model=comp))
+            pipe.append(measure_pipeline(c, warmup, args.device, compile_model=comp))
             log(f"[{preset}] {prefix or 'fp32_'}pipeline {pipe[-1]['images_per_s']:.0f} img/s; bare loop ...")
-            bare.append(measure_bare(c, images, args.warmup, args.steps, args.device, precision, comp))
+            bare.append(measure_bare(c, images, warmup, steps, args.device, precision, comp))
             log(f"[{preset}] {prefix or 'fp32_'}bare {bare[-1]['images_per_s']:.0f} img/s")
         p, b = _median(pipe, "images_per_s"), _median(bare, "images_per_s")
         res[f"{prefix}pipeline"], res[f"{prefix}bare"] = p, b
         ratios[f"{prefix}pipeline_vs_bare"] = _ratio(p["images_per_s"], b["images_per_s"])
 
     log(f"[{preset}] loader alone vs raw shard bytes ...")
-    loader = measure_loader(cfg, batches=max(args.steps, 20), warmup=min(args.warmup, 5))
+    loader = measure_loader(cfg, batches=max(steps, 50), warmup=warmup)
     raw = measure_raw_read(root, samples=int(loader["samples"]))
     res["loader"], res["raw_read"] = loader, raw
     ratios["loader_vs_raw"] = _ratio(loader["samples_per_s"], raw["samples_per_s"])
@@ -325,8 +323,8 @@ def bench_preset(preset: str, args, work: Path, log) -> Dict[str, Any]:
 
     if args.ddp:
         log(f"[{preset}] DDP (CPU, gloo) 1 rank, then 2 ranks ...")
-        one = measure_ddp(preset, root, 1, args.ddp_steps or args.steps, args.warmup, work)
-        two = measure_ddp(preset, root, 2, args.ddp_steps or args.steps, args.warmup, work)
+        one = measure_ddp(preset, root, 1, steps, warmup, work)
+        two = measure_ddp(preset, root, 2, steps, warmup, work)
         res["ddp_1"], res["ddp_2"] = one, two
         ratios["ddp_2_vs_1"] = _ratio(two["images_per_s"], one["images_per_s"])
         log(f"[{preset}] DDP 1 rank {one['images_per_s']:.0f} img/s, 2 ranks {two['images_per_s']:.0f} img/s")
@@ -334,14 +332,13 @@ def bench_preset(preset: str, args, work: Path, log) -> Dict[str, Any]:
     if args.ablations:
         base = res["pipeline"]["images_per_s"]
         abl = {}
-        for name, extra, persist in (("num_workers=0", ["data.num_workers=0"], False),
-                                     ("num_workers=1", ["data.num_workers=1"], False),
-                                     ("log_every_n_steps=1000", ["trainer.log_every_n_steps=1000"], False),
-                                     ("no_progress_bar", ["trainer.enable_progress_bar=false"], False),
-                                     ("persistent_workers", [], True)):
-            c = bench_config(preset, root, work / f"run-{preset}-abl-{len(abl)}", args.device, args.steps,
-                             args.warmup, extra)
-            r = measure_pipeline(c, args.warmup, args.device, persistent_workers=persist)
+        for name, extra, threads in (("num_workers=0", ["data.num_workers=0"], None),
+                                     ("num_workers=1", ["data.num_workers=1"], None),
+                                     ("log_every_n_steps=1000", ["trainer.log_every_n_steps=1000"], None),
+                                     ("no_progress_bar", ["trainer.enable_progress_bar=false"], None),
+                                     ("torch_threads=1", [], 1)):
+            c = bench_config(preset, root, work / f"run-{preset}-abl-{len(abl)}", args.device, steps, warmup, extra)
+            r = measure_pipeline(c, warmup, args.device, torch_threads=threads)
             abl[name] = {"images_per_s": r["images_per_s"], "vs_default": _ratio(r["images_per_s"], base)}
             log(f"[{preset}] ablation {name}: {r['images_per_s']:.0f} img/s ({abl[name]['vs_default']:.2f}x default)")
         res["ablations"] = abl
@@ -402,11 +399,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--out", type=Path, default=Path("bench.json"), help="result JSON (default bench.json)")
     p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default: 300 digits-only, else 60)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default per preset: digits 300, dsprites 40)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: digits 10, dsprites 5)")
     p.add_argument("--repeats", type=int, default=1, help="alternate pipeline / bare runs; median kept")
     p.add_argument("--no-ddp", dest="ddp", action="store_false", help="skip the 2-vs-1 rank DDP runs")
-    p.add_argument("--ddp-steps", type=int, default=None, help="timed steps of the DDP runs (default --steps)")
     p.add_argument("--compile", action="store_true", help="on cuda, also bf16 + torch.compile")
     p.add_argument("--ablations", action="store_true", help="re-measure with one setting changed at a time")
     p.add_argument("--data-dir", default="data/bench", help="prepared bench datasets (reused)")
@@ -415,9 +411,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--_devices", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--_run-dir", dest="_run_dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.steps is None:
-        args.steps = 300 if args.presets == ["digits"] else 60
-    if args.steps < 2 or args.warmup < 1 or args.repeats < 1:
+    if (args.steps is not None and args.steps < 2) or (args.warmup is not None and args.warmup < 1) or args.repeats < 1:
         p.error("--steps must be >= 2, --warmup and --repeats >= 1")
     if args._worker:
         return _worker(args)
