@@ -78,7 +78,7 @@ def test_science_beta_sweep_trades_rate_for_distortion(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert check(rows) == [], rows
-    assert all(r["num_examples"] == 150 for r in rows)  # 10% test split of 1500, every example once
+    assert all(r["num_examples"] == 75 for r in rows)  # the 5% test split of 1500, every example once
     assert all(r["mig"] is not None and 0.0 <= r["mig"] <= 1.0 for r in rows)
 
     result = report([r["dir"] for r in rows], out=tmp_path / "report", wandb_log=False)
