@@ -147,14 +147,17 @@ def plot_vs_beta(rows: Sequence[Dict[str, object]], path: Path) -> Path:
     xy = [(r["beta"], r["mig"]) for r in pts if r.get("mig") is not None]
     if xy:
         ax2.plot(*zip(*xy), "-o", color="tab:green")
+        ax2.set_ylim(0.0, max(0.1, 1.15 * max(m for _, m in xy)))  # from 0: small MIGs stay small
     else:
         ax2.text(0.5, 0.5, "no MIG (no ground-truth factors / eval.json)", ha="center", va="center",
                  transform=ax2.transAxes)
     ax2.set_xlabel("β")
     ax2.set_ylabel("MIG")
-    if betas and min(betas) > 0:
-        ax1.set_xscale("log")
-        ax2.set_xscale("log")
+    for ax in (ax1, ax2):
+        if betas and min(betas) > 0:
+            ax.set_xscale("log")
+        ax.set_xticks(betas, [f"{b:g}" for b in betas])  # label the betas run, not powers of ten
+        ax.minorticks_off()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
