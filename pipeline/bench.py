@@ -16,8 +16,9 @@ size, optimizer, loader settings), every figure is a ratio of two measurements t
                      in one process.
   ddp_2_vs_1         pipeline images/s (all ranks) with 2 DDP ranks against 1, CPU + gloo, each rank
                      with data.batch_size; run as subprocesses (Lightning relaunches this module).
-  bf16_*             on a GPU: the same with trainer.precision=bf16-mixed (bare loop under autocast),
-  compile_*          and with torch.compile of the VAE (--compile).
+  bf16_*             on a GPU (or with --bf16): the same with trainer.precision=bf16-mixed, the bare
+                     loop under torch.autocast(bfloat16);
+  compile_*          with --compile: also torch.compile of the VAE in both (bf16 where bf16 runs).
 Timing excludes start-up: the clock starts after `--warmup` optimizer steps and stops after `--steps` more,
 so it covers exactly `--steps` batches (loading included). Validation, checkpoints and image grids are
 pushed outside the window; everything else runs as configured. Pipeline and bare runs alternate
@@ -284,6 +285,7 @@ def _ratio(a: float, b: float) -> float:
 def bench_preset(preset: str, args, work: Path, log) -> Dict[str, Any]:
     import torch
 
+    load_before = os.getloadavg()[0]  # other work on the machine skews both sides; recorded, not hidden
     root = prepare_data(preset, Path(args.data_dir))
     steps = args.steps or PRESETS[preset]["steps"]
     warmup = args.warmup or PRESETS[preset]["warmup"]
@@ -296,10 +298,11 @@ def bench_preset(preset: str, args, work: Path, log) -> Dict[str, Any]:
     ratios: Dict[str, float] = {}
 
     variants = [("", "32-true", False)]
-    if args.device.startswith("cuda"):
+    bf16 = args.bf16 or args.device.startswith("cuda")
+    if bf16:
         variants.append(("bf16_", "bf16-mixed", False))
-        if args.compile:
-            variants.append(("compile_", "bf16-mixed", True))
+    if args.compile:
+        variants.append(("compile_", "bf16-mixed" if bf16 else "32-true", True))
     for prefix, precision, comp in variants:
         pipe, bare = [], []
         for r in range(args.repeats):
@@ -344,6 +347,7 @@ def bench_preset(preset: str, args, work: Path, log) -> Dict[str, Any]:
         res["ablations"] = abl
     res["ratios"] = ratios
     res["torch_threads"] = torch.get_num_threads()
+    res["load_average_before"], res["load_average_after"] = load_before, os.getloadavg()[0]
     return res
 
 
@@ -377,7 +381,11 @@ def format_summary(result: Dict[str, Any]) -> str:
     lines = [f"# bench on {result['device']} ({result['cpu_count']} cpus, torch {result['torch']}), "
              f"{result['seconds']} s, load avg {result['load_average_1min']:.1f}"]
     for name, r in result["presets"].items():
-        lines.append(f"{name} ({r['arch']}, batch {r['batch_size']}, {r['num_workers']} workers):")
+        lines.append(f"{name} ({r['arch']}, batch {r['batch_size']}, {r['num_workers']} workers, "
+                     f"{r['torch_threads']} intra-op threads; load avg {r['load_average_before']:.1f} before):")
+        if r["load_average_before"] > (result["cpu_count"] or 1):  # 1-min average: lags our own last run
+            lines.append("  WARNING: the machine was busy when this preset started: other processes skew both "
+                         "sides (intra-op threads spin-wait), so these ratios are unreliable")
         for prefix in ("", "bf16_", "compile_"):
             if f"{prefix}pipeline" in r:
                 p, b = r[f"{prefix}pipeline"]["images_per_s"], r[f"{prefix}bare"]["images_per_s"]
@@ -403,7 +411,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: digits 10, dsprites 5)")
     p.add_argument("--repeats", type=int, default=1, help="alternate pipeline / bare runs; median kept")
     p.add_argument("--no-ddp", dest="ddp", action="store_false", help="skip the 2-vs-1 rank DDP runs")
-    p.add_argument("--compile", action="store_true", help="on cuda, also bf16 + torch.compile")
+    p.add_argument("--bf16", action="store_true", help="also bf16-mixed (the default on cuda)")
+    p.add_argument("--compile", action="store_true", help="also torch.compile of the VAE (with bf16 when that runs)")
     p.add_argument("--ablations", action="store_true", help="re-measure with one setting changed at a time")
     p.add_argument("--data-dir", default="data/bench", help="prepared bench datasets (reused)")
     p.add_argument("--quiet", action="store_true")
