@@ -309,7 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "lower it if memory runs out: conv decoders hold far more in activations than in outputs")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may come after the options too
     try:
         from pipeline.config import ConfigError
         from pipeline.train import split_argv

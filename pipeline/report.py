@@ -266,7 +266,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="output directory (default: report/ beside the first run)")
     p.add_argument("--traverse", default=None, metavar="RUN_DIR", help="run for the traversal grids")
     p.add_argument("--no-traversals", action="store_true", help="skip the grids (no checkpoint or data needed)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     try:
         result = report(args.run_dirs, args.out, args.traverse, traversals=not args.no_traversals)
     except (FileNotFoundError, ValueError) as e:

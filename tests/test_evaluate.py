@@ -77,7 +77,7 @@ def test_missing_and_incompatible_checkpoints_exit_with_one_line(tmp_path, train
     state["hyper_parameters"]["model"]["latent_dim"] = 3  # weights no longer fit the config
     wrong = tmp_path / "wrong.ckpt"
     torch.save(state, wrong)
-    assert main([str(wrong), "data.root=unused"]) == 2
+    assert main([str(wrong), "--no-progress", "data.root=unused"]) == 2  # overrides after options too
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "do not fit" in err and str(wrong) in err
 
