@@ -280,7 +280,12 @@ def evaluate(target: str | os.PathLike, split: str = "test", iwae_samples: int =
     torch.manual_seed(cfg.seed)  # the sampled z's: rerunning gives the same numbers
     batches, expected, meta = split_batches(cfg.data, split, batch_size or cfg.data.batch_size)
     started = time.time()
-    sums = evaluate_batches(module, batches, iwae_samples, chunk_size, total=expected, progress=progress)
+    from pipeline.shards import ShardFormatError
+
+    try:
+        sums = evaluate_batches(module, batches, iwae_samples, chunk_size, total=expected, progress=progress)
+    except ShardFormatError as e:  # a corrupt shard met mid-way (data.on_error=raise)
+        raise EvalError(f"cannot read the {split} data: {e}") from None
     if expected is not None and sums.count != expected:
         raise EvalError(f"read {sums.count} examples of split {split!r} but the manifest says {expected}")
     factor_names = (meta.get("factors") or {}).get("names") if isinstance(meta.get("factors"), dict) else None

@@ -24,7 +24,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 METRIC_COLUMNS = {"elbo": "val/elbo", "iwae": "val/iwae", "recon": "val/recon", "kl": "val/kl"}
 TABLE_COLUMNS = ("run", "beta", "rate", "distortion", "elbo", "iwae", "mig", "source")
