@@ -27,6 +27,7 @@ def split_total(digits_root: Path, split: str) -> int:
     return load_manifest(digits_root / "manifest.json")["splits"][split]["total"]
 
 
+@pytest.mark.slow  # trains a tiny run (once per module)
 def test_eval_json_counts_every_example_once(trained_run, digits_root, capsys):
     # Batch 64 does not divide the split: the short last batch must be counted, nothing padded.
     total = split_total(digits_root, "test")
@@ -49,6 +50,7 @@ def test_eval_json_counts_every_example_once(trained_run, digits_root, capsys):
     assert r["mig"] is None  # digits have no ground-truth factors
 
 
+@pytest.mark.slow  # trains a tiny run (once per module)
 def test_other_split_and_checkpoint_file(trained_run, digits_root):
     best = sorted((trained_run / "checkpoints").glob("best-step*.ckpt"))[0]
     r = evaluate(best, split="val", iwae_samples=3, batch_size=50, progress=False)
@@ -61,6 +63,7 @@ def test_other_split_and_checkpoint_file(trained_run, digits_root):
     assert chunked["iwae"] == pytest.approx(r["iwae"], abs=1e-4)
 
 
+@pytest.mark.slow  # trains a tiny run (once per module)
 def test_missing_and_incompatible_checkpoints_exit_with_one_line(tmp_path, trained_run, capsys):
     missing = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert main([str(tmp_path / "run")]) == 2
@@ -82,6 +85,7 @@ def test_missing_and_incompatible_checkpoints_exit_with_one_line(tmp_path, train
     assert len(err.splitlines()) == 1 and "do not fit" in err and str(wrong) in err
 
 
+@pytest.mark.slow  # trains a tiny run (once per module)
 def test_results_go_to_the_runs_wandb_summary(trained_run, monkeypatch):
     for k in [k for k in list(__import__("os").environ) if k.startswith("WANDB_")]:
         monkeypatch.delenv(k)
