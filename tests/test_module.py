@@ -42,7 +42,8 @@ def loader(n, batch_size, seed=0, shuffle=False):
 
 def trainer(**kw):
     defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                    log_every_n_steps=1)  # Record reads callback_metrics after every batch
     return pl.Trainer(**{**defaults, **kw})
 
 
