@@ -645,7 +645,9 @@ class ShardDataModule(pl.LightningDataModule):
     def _lanes(self) -> int:
         return max(1, self.cfg.num_workers)
 
-    def _loader(self, split: str, train: bool) -> ShardLoader:
+    def loader(self, split: str, train: bool) -> ShardLoader:
+        """This rank's loader for any split: `train=True` is the shuffled, equal-batch training stream;
+        `train=False` the exact, unshuffled reader that validation, test and evaluation use."""
         src = self.source(split)
         stream = ShardStream(src, train=train, batch_size=self.cfg.batch_size, world_size=self.world_size,
                              rank=self.rank, lanes=self._lanes(), seed=self.seed,
@@ -661,13 +663,13 @@ class ShardDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> ShardLoader:
         if self.steps_per_epoch is None:
             self.setup("fit")
-        return self._loader("train", train=True)
+        return self.loader("train", train=True)
 
     def val_dataloader(self):
-        return self._loader("val", train=False) if self.source("val") is not None else []
+        return self.loader("val", train=False) if self.source("val") is not None else []
 
     def test_dataloader(self):
-        return self._loader("test", train=False) if self.source("test") is not None else []
+        return self.loader("test", train=False) if self.source("test") is not None else []
 
     @property
     def skipped_samples(self) -> int:
@@ -681,7 +683,7 @@ def loader_throughput(cfg, split: str = "train", batches: int = 200, warmup: int
     (worker start-up excluded), re-iterating epochs as needed. Single process, world size 1."""
     dm = ShardDataModule(cfg)
     dm.setup("fit")
-    loader = dm.train_dataloader() if split == "train" else dm._loader(split, train=False)
+    loader = dm.train_dataloader() if split == "train" else dm.loader(split, train=False)
     seen = samples = 0
     start = None
     while seen < warmup + batches:

@@ -206,7 +206,7 @@ def split_batches(data_cfg, split: str, batch_size: int) -> Tuple[Iterable[Dict[
         src = dm.source(split)
         if src is None:
             raise EvalError(f"no {split!r} split in {getattr(cfg, split) or Path(cfg.root) / MANIFEST}")
-        loader = dm._loader(split, train=False)  # the val/test reader (no shuffle, exact), for any split
+        loader = dm.loader(split, train=False)  # the val/test reader (no shuffle, exact), for any split
     except (DataSetupError, ShardFormatError, ValueError, OSError) as e:
         raise EvalError(f"cannot read the {split} data: {e}") from None
     meta: dict = {}

@@ -184,7 +184,7 @@ def traversal_grids(run_dir: Path, out_dir: Path, num_images: int = 8, traversal
     data_cfg.num_workers = 0
     dm = ShardDataModule(data_cfg)
     split = "val" if dm.source("val") is not None else "train"
-    batch = next(iter(dm._loader(split, train=False)))
+    batch = next(iter(dm.loader(split, train=False)))
     x = batch["image"][:num_images].float() / 255.0
     gen = torch.Generator().manual_seed(0)  # the same prior draw for every run compared
     with torch.no_grad():
