@@ -19,6 +19,18 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """Tiny tensors: on 2 cores shared with other jobs, intra-op threads spin-wait for each other and
+    cost 5-10x wall time (measured) while saving nothing. Restored after the module."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
     """Digits shards, prepared once for the whole session (the recipe is the built-in default)."""

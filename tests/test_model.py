@@ -14,14 +14,7 @@ LIKELIHOODS = [("bernoulli", "pixel"), ("gaussian", "pixel"), ("gaussian_learned
                ("gaussian_learned", "channel")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny tensors: on 2 cores shared with other jobs, intra-op threads spin-wait for each other and
-    cost 5-10x wall time (measured) while saving nothing. Restored after this file."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _loss(vae, x, likelihood):
