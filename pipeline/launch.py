@@ -149,16 +149,14 @@ def describe(cfg, env: Mapping[str, str] = os.environ) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from pipeline import config as C
-    from pipeline.train import split_argv
+    from pipeline.train import config_from_argv
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
     try:
-        files, overrides = split_argv(argv)
-        cfg = apply_cluster_env(C.load_config(files, overrides), require_srun=False)
+        cfg = config_from_argv(argv, require_srun=False)
     except ValueError as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -179,18 +179,23 @@ def train(cfg) -> dict:
     return metrics
 
 
+def config_from_argv(argv: Sequence[str], require_srun: bool = True):
+    """CONFIG.yaml files and key=value overrides -> the validated config, with devices, nodes and run
+    name taken from the launch (SLURM, W&B agent). Raises ValueError (ConfigError is one) on bad input."""
+    from pipeline.launch import apply_cluster_env
+
+    files, overrides = split_argv(argv)
+    return apply_cluster_env(C.load_config(files, overrides), require_srun=require_srun)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
     try:
-        files, overrides = split_argv(argv)
-        cfg = C.load_config(files, overrides)
-        from pipeline.launch import apply_cluster_env
-
-        cfg = apply_cluster_env(cfg)
-    except (C.ConfigError, ValueError) as e:
+        cfg = config_from_argv(argv)
+    except ValueError as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     train(cfg)
