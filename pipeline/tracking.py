@@ -47,7 +47,7 @@ def wandb_run_id(run_dir: Path) -> str:
         return path.read_text().strip()
     run_id = uuid.uuid4().hex[:12]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp = path.with_suffix(f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")  # unique per writer, threads too
     tmp.write_text(run_id + "\n")
     try:
         os.link(tmp, path)  # atomic create-if-absent: a concurrent writer's id wins, never two ids
