@@ -86,7 +86,7 @@ def test_loader_resume_matches_uninterrupted(uneven, workers):
     n = len(reference[0])
     for epoch, stop in [(0, 0), (0, 1), (0, 5), (0, n - 1), (1, 17), (1, n)]:
         loader = module_for(cfg).train_dataloader()
-        seen = epochs(loader, epoch)
+        assert epochs(loader, epoch) == reference[:epoch]  # the epochs before the stop, unchanged
         it = iter(loader)
         seen_now = [list(next(it)["key"]) for _ in range(stop)]
         state = loader.state_dict()
