@@ -249,7 +249,7 @@ def report(run_dirs: Sequence[str | Path], out: Optional[Path] = None, traverse:
             notes.append(f"No traversal grids: no checkpoint at `{tdir / 'checkpoints' / 'last.ckpt'}`.")
     md = ["# Run comparison", "", "Nats per example (summed over pixels and latent dims); rate = KL, "
           "distortion = reconstruction NLL; MIG from ground-truth factors (pipeline/disentangle.py).", "", table]
-    md += [f"![rate-distortion](rate_distortion.png)", "", "![vs beta](vs_beta.png)", ""]
+    md += ["![rate-distortion](rate_distortion.png)", "", "![vs beta](vs_beta.png)", ""]
     if "traversals" in files:
         md += ["![traversals](traversals.png)", ""]
     md += notes

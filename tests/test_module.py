@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline import objectives as O
 from pipeline import schedules as S
 from pipeline.config import ConfigError, load_config
 from pipeline.module import ACTIVE_UNIT_THRESHOLD, VAEModule
