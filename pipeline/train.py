@@ -52,7 +52,8 @@ def find_resume_checkpoint(resume: str, run_dir: Path) -> Optional[str]:
 
 
 def checkpoint_step(path: str) -> int:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    # mmap: read the step without loading every tensor (Lightning loads the file for real next)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     return int(ckpt.get("global_step", 0))
 
 
