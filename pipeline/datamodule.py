@@ -50,6 +50,7 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -462,6 +463,27 @@ def _passthrough(batch: dict) -> dict:
     return batch
 
 
+# SLURM signals every process of a job step, loader workers included (`--signal=USR1@90`, `scancel -s`),
+# and a terminal's Ctrl-C reaches the whole process group. These belong to the training process: a worker
+# ignores them, or it would die of USR1 (crashing the run) or run the trainer's handler it inherited at
+# fork (a checkpoint from inside the worker that blocks in a collective: a hung job). SIGTERM goes back to
+# its default, so a worker never runs the trainer's SIGTERM handler (a broadcast) and still ends when
+# PyTorch terminates it on shutdown.
+WORKER_IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGINT)
+WORKER_DEFAULT_SIGNALS = (signal.SIGTERM,)
+_WORKER_SIGNALS = set(WORKER_IGNORED_SIGNALS + WORKER_DEFAULT_SIGNALS)
+
+
+def worker_init(worker_id: int) -> None:
+    """Runs first in each loader worker. The workers were forked with these signals blocked (see
+    ShardLoader.__iter__), so one that arrived in between is still pending and is now discarded."""
+    for sig in WORKER_IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    for sig in WORKER_DEFAULT_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
+
+
 STATE_CHECKED = ("world_size", "num_workers", "seed", "batch_size", "num_batches")
 
 
@@ -483,7 +505,7 @@ class ShardLoader(DataLoader):
         context = "fork" if num_workers > 0 and "fork" in multiprocessing.get_all_start_methods() else None
         super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                          persistent_workers=num_workers > 0, collate_fn=_passthrough,
-                         multiprocessing_context=context)
+                         multiprocessing_context=context, worker_init_fn=worker_init)
         self.epoch, self.batches_done = start_epoch, 0
         self.skipped_samples = 0
         self._started = False
@@ -502,7 +524,15 @@ class ShardLoader(DataLoader):
         self._started = True
         self.epoch, self.batches_done = epoch, start
         self.dataset.set_position(epoch, start)
-        return self._count(super().__iter__())
+        # Workers are forked here (first epoch, or after a restart) with the training process's signal
+        # handlers; block the signals across the fork so none runs in a worker before worker_init. The
+        # training process still gets them: pending until the unblock, or taken by another thread.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+        try:
+            batches = super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        return self._count(batches)
 
     def _count(self, batches: Iterator[dict]) -> Iterator[dict]:
         for batch in batches:

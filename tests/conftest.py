@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_steps=30", "trainer.val_check_interval=10",
     "trainer.log_every_n_steps=5", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=10",
-    "data.batch_size=64", "data.num_workers=0", "model.hidden_dims=[64,32]", "model.latent_dim=4",
+    "data.batch_size=64", "model.hidden_dims=[64,32]", "model.latent_dim=4",
     "logger.wandb.mode=disabled", "logger.images_every_n_steps=10",
 ]
 

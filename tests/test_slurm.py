@@ -32,7 +32,7 @@ SWEEP_FILE = REPO / "configs" / "sweep.yaml"
 
 # A shrunk real config: tiny MLP, few steps, validation and checkpoints rare, no progress bar.
 TINY = [
-    "trainer.accelerator=cpu", "data.num_workers=0", "data.batch_size=32",
+    "trainer.accelerator=cpu", "data.batch_size=32",
     "model.hidden_dims=[32]", "model.latent_dim=4", "trainer.enable_progress_bar=false",
     "trainer.log_every_n_steps=1", "logger.images_every_n_steps=0", "trainer.limit_val_batches=2",
 ]
@@ -60,9 +60,15 @@ def slurm_cluster():
 
 @pytest.fixture(scope="session")
 def python_bin(tmp_path_factory) -> Path:
-    """A directory whose `python` is this interpreter: the scripts (and W&B's agent) run `python`."""
+    """A directory whose `python` is this interpreter: the scripts (and W&B's agent) run `python`.
+
+    A wrapper, not a symlink: a virtual environment is found next to the path an interpreter was
+    started by, so a symlink to a venv's python elsewhere starts the base interpreter without the
+    venv's packages (ModuleNotFoundError in every job)."""
     bin_dir = tmp_path_factory.mktemp("bin")
-    (bin_dir / "python").symlink_to(sys.executable)
+    wrapper = bin_dir / "python"
+    wrapper.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    wrapper.chmod(0o755)
     return bin_dir
 
 
