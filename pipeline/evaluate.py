@@ -317,7 +317,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_intermixed_args(argv)  # overrides may come after the options too
     try:
         from pipeline.config import ConfigError
-        from pipeline.train import split_argv
+        from pipeline.cli import split_argv
 
         try:
             files, overrides = split_argv(args.config)

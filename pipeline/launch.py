@@ -12,13 +12,12 @@
 
 Preview what a job would run with (slurm/train.sh prints it in the batch step before `srun`):
 
-    python -m pipeline.launch [CONFIG.yaml ...] [key=value ...]
+    python -m pipeline.train --dry-run [CONFIG.yaml ...] [key=value ...]
 """
 from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Tuple
 
@@ -146,23 +145,3 @@ def describe(cfg, env: Mapping[str, str] = os.environ) -> str:
     where = "SLURM allocation" if in_slurm_allocation(env) else "local"
     return (f"run.name={cfg.run.name} run.dir={cfg.run.dir} trainer.devices={cfg.trainer.devices} "
             f"trainer.num_nodes={cfg.trainer.num_nodes} ({where})")
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from pipeline.train import config_from_argv
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    try:
-        cfg = config_from_argv(argv, require_srun=False)
-    except ValueError as e:  # ConfigError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(describe(cfg))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

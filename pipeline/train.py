@@ -4,6 +4,7 @@
     python -m pipeline.train configs/dsprites_beta.yaml objective.beta=4
     python -m pipeline.train trainer.devices=4                     # one node, 4 GPUs (DDP)
     sbatch slurm/train.sh configs/dsprites_beta.yaml               # many nodes, requeue on preemption
+    python -m pipeline.train --dry-run [ARGS ...]                  # resolve the config and the launch, then exit
 
 Positional arguments ending in .yaml/.yml are config files, merged in order over the dataclass
 defaults (pipeline/config.py); `key=value` arguments override them. Outputs in RUN_DIR (`run.dir`,
@@ -17,25 +18,15 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 
 from pipeline import config as C
+from pipeline.cli import config_from_argv
+from pipeline.launch import describe
 
 log = logging.getLogger("pipeline.train")
-
-
-def split_argv(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
-    files, overrides = [], []
-    for a in argv:
-        if a.endswith((".yaml", ".yml")) and "=" not in a:
-            files.append(a)
-        elif "=" in a:
-            overrides.append(a)
-        else:
-            raise C.ConfigError(f"argument {a!r} is neither a .yaml config file nor a key=value override")
-    return files, overrides
 
 
 def find_resume_checkpoint(resume: str, run_dir: Path) -> Optional[str]:
@@ -180,25 +171,21 @@ def train(cfg) -> dict:
     return metrics
 
 
-def config_from_argv(argv: Sequence[str], require_srun: bool = True):
-    """CONFIG.yaml files and key=value overrides -> the validated config, with devices, nodes and run
-    name taken from the launch (SLURM, W&B agent). Raises ValueError (ConfigError is one) on bad input."""
-    from pipeline.launch import apply_cluster_env
-
-    files, overrides = split_argv(argv)
-    return apply_cluster_env(C.load_config(files, overrides), require_srun=require_srun)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    dry_run = bool(argv) and argv[0] == "--dry-run"
     try:
-        cfg = config_from_argv(argv)
+        # --dry-run runs in SLURM's batch step, before srun starts the ranks
+        cfg = config_from_argv(argv[dry_run:], require_srun=not dry_run)
     except ValueError as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if dry_run:
+        print(describe(cfg))
+        return 0
     train(cfg)
     return 0
 

@@ -44,7 +44,7 @@ if [[ -n "${SLURM_JOB_ID:-}" ]]; then
     echo "# $(date -Is) job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}"
     # Resolve the config once, here in the batch step: a bad key fails now, not in every rank, and
     # the log names the run directory that a requeue resumes from.
-    python -m pipeline.launch "$@"
+    python -m pipeline.train --dry-run "$@"
     # srun: one process per task (rank); a rank that dies ends the step instead of hanging the others.
     exec srun --kill-on-bad-exit=1 python -m pipeline.train "$@"
 else

@@ -2,7 +2,8 @@
 import pytest
 
 from pipeline.config import ConfigError, load_config, to_dict, from_dict
-from pipeline.train import main, split_argv
+from pipeline.cli import split_argv
+from pipeline.train import main
 from tests.conftest import REPO
 
 

@@ -4,7 +4,8 @@ import os
 import pytest
 
 from pipeline.config import load_config
-from pipeline.launch import apply_cluster_env, default_run_name, in_slurm_allocation, main, slurm_layout
+from pipeline.launch import apply_cluster_env, default_run_name, in_slurm_allocation, slurm_layout
+from pipeline.train import main
 
 
 def srun_env(ntasks_per_node=2, nnodes=1, **extra):
@@ -118,18 +119,11 @@ def test_run_name_from_a_config_file_wins(tmp_path):
     assert (c.run.name, c.run.dir) == ("from-yaml", "runs/from-yaml")
 
 
-def test_requeue_keeps_the_run_dir():
-    # A requeued job keeps its id; only the restart count changes.
-    first = apply_cluster_env(cfg(), env=srun_env()).run.dir
-    again = apply_cluster_env(cfg(), env=srun_env(SLURM_RESTART_COUNT="1")).run.dir
-    assert first == again
-
-
 def test_cli_previews_and_reports_errors(monkeypatch, capsys):
     for k in list(os.environ):
         if k.startswith(("SLURM_", "WANDB_SWEEP_ID", "WANDB_RUN_ID")):
             monkeypatch.delenv(k)
-    assert main(["trainer.max_steps=5"]) == 0
+    assert main(["--dry-run", "trainer.max_steps=5"]) == 0
     assert "run.dir=runs/default" in capsys.readouterr().out
-    assert main(["trainer.bogus=1"]) == 2
+    assert main(["--dry-run", "trainer.bogus=1"]) == 2
     assert "trainer.bogus" in capsys.readouterr().err

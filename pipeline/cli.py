@@ -1,0 +1,31 @@
+"""Command-line helpers shared by the entry points (train, evaluate, report, sweep).
+
+Imports go one way: `train` / `evaluate` -> `cli` -> `launch` -> `config`; nothing here imports an
+entry point, so none of them needs another's internals.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+from pipeline import config as C
+from pipeline.launch import apply_cluster_env
+
+
+def split_argv(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """Positional arguments -> (CONFIG.yaml files, key=value overrides); anything else is a ConfigError."""
+    files, overrides = [], []
+    for a in argv:
+        if a.endswith((".yaml", ".yml")) and "=" not in a:
+            files.append(a)
+        elif "=" in a:
+            overrides.append(a)
+        else:
+            raise C.ConfigError(f"argument {a!r} is neither a .yaml config file nor a key=value override")
+    return files, overrides
+
+
+def config_from_argv(argv: Sequence[str], require_srun: bool = True):
+    """CONFIG.yaml files and key=value overrides -> the validated config, with devices, nodes and run
+    name taken from the launch (SLURM, W&B agent). Raises ValueError (ConfigError is one) on bad input."""
+    files, overrides = split_argv(argv)
+    return apply_cluster_env(C.load_config(files, overrides), require_srun=require_srun)

@@ -1,0 +1,100 @@
+"""The package's shape: imports between `pipeline` modules go one way (no cycle, not even one hidden in a
+function body), and every third-party package imported is declared in pyproject.toml."""
+from __future__ import annotations
+
+import ast
+import sys
+import tomllib
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imported_names(path: Path) -> list[str]:
+    """Absolute names of every import in the file, module level or inside functions."""
+    tree, here = ast.parse(path.read_text()), module_name(path)
+    package = here if path.name == "__init__.py" else here.rpartition(".")[0]
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            names.append(base)
+            names += [f"{base}.{a.name}" for a in node.names]  # `from pipeline import train`
+    return names
+
+
+def import_graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: {n for n in imported_names(path) if n in known and n != name} for name, path in known.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str]:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph.get(n, ())):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state and (cycle := visit(m)):
+                return cycle
+        stack.pop()
+        state[n] = 2
+        return []
+
+    for n in sorted(graph):
+        if n not in state and (cycle := visit(n)):
+            return cycle
+    return []
+
+
+def test_no_import_cycle_among_pipeline_modules():
+    cycle = find_cycle(import_graph())
+    assert not cycle, "import cycle: " + " -> ".join(cycle)
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    graph = import_graph()
+    graph["pipeline.config"] = graph["pipeline.config"] | {"pipeline.train"}  # train imports config
+    assert find_cycle(graph)
+
+
+def declared_distributions() -> set[str]:
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] + [r for extra in project.get("optional-dependencies", {}).values() for r in extra]
+    return {r.split(";")[0].split("[")[0].split("<")[0].split(">")[0].split("=")[0].split("~")[0].strip().lower()
+            for r in reqs}
+
+
+# import name -> distribution name, where they differ
+DISTRIBUTION = {"PIL": "pillow", "sklearn": "scikit-learn", "yaml": "pyyaml", "lightning_utilities": "lightning"}
+
+
+def test_every_third_party_import_is_declared():
+    declared = declared_distributions()
+    stdlib = set(sys.stdlib_module_names)
+    missing = {}
+    for name, path in modules().items():
+        for imported in imported_names(path):
+            top = imported.split(".")[0]
+            if top and top != "pipeline" and top not in stdlib and top != "__future__":
+                dist = DISTRIBUTION.get(top, top).lower()
+                if dist not in declared:
+                    missing.setdefault(dist, name)
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
