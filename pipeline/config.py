@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Literal, Optional, Sequence, get_args
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -20,6 +21,26 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 class ConfigError(ValueError):
     """A bad config key or value; the message names the key and what would be valid."""
+
+
+# Each choice typed once. OmegaConf validates Literal fields on every merge (the message names the key
+# and the allowed values), and the modules that dispatch on a value read its list from here through
+# choices(): adding a KL schedule is one edit here plus its function in schedules.py.
+OnError = Literal["raise", "warn"]  # data errors: stop naming the shard, or skip + count
+Binarize = Literal["none", "dynamic", "threshold"]
+Arch = Literal["mlp", "conv"]
+Likelihood = Literal["bernoulli", "gaussian", "gaussian_learned"]
+LearnedVariance = Literal["pixel", "channel"]
+KLSchedule = Literal["constant", "linear", "sigmoid", "cosine", "cyclical", "capacity"]
+Ramp = Literal["linear", "sigmoid", "cosine"]
+LRSchedule = Literal["constant", "cosine"]
+Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true"]
+WandbMode = Literal["online", "offline", "disabled"]
+
+
+def choices(alias) -> tuple:
+    """The allowed values of one of the Literal types above, in order."""
+    return get_args(alias)
 
 
 @dataclass
@@ -42,21 +63,21 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 1000  # samples held by the in-worker shuffle buffer
     steps_per_epoch: Optional[int] = None  # default: floor(total / (world_size * batch_size))
-    on_error: str = "raise"  # raise | warn (skip, count and log data/skipped_samples)
+    on_error: OnError = "raise"  # warn: skip, count and log data/skipped_samples
     seed: Optional[int] = None  # default: the root `seed`
-    binarize: str = "none"  # none | dynamic (Bernoulli resample each time, MNIST-style) | threshold
+    binarize: Binarize = "none"  # dynamic: Bernoulli resample each time (MNIST-style); threshold: > 0.5
     pin_memory: bool = True
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "mlp"  # mlp | conv
+    arch: Arch = "mlp"
     latent_dim: int = 10
     hidden_dims: List[int] = field(default_factory=lambda: [256, 128])  # mlp layer widths
     conv_channels: List[int] = field(default_factory=lambda: [32, 64, 128])  # conv stages, stride 2 each
-    likelihood: str = "bernoulli"  # bernoulli | gaussian | gaussian_learned
+    likelihood: Likelihood = "bernoulli"
     gaussian_sigma: float = 0.1  # fixed decoder std for `gaussian` (data scaled to [0, 1])
-    learned_variance: str = "pixel"  # pixel | channel, for `gaussian_learned`
+    learned_variance: LearnedVariance = "pixel"  # for `gaussian_learned`
     logvar_min: float = -10.0  # clamp for every log-variance (encoder and decoder): no inf/NaN
     logvar_max: float = 10.0
 
@@ -64,12 +85,11 @@ class ModelConfig:
 @dataclass
 class ObjectiveConfig:
     beta: float = 1.0
-    # constant | linear | sigmoid | cosine | cyclical | capacity
-    kl_schedule: str = "constant"
+    kl_schedule: KLSchedule = "constant"
     warmup_steps: int = 1000  # linear / sigmoid / cosine ramp length
     cycles: int = 4  # cyclical: number of cycles over trainer.max_steps
     cycle_ratio: float = 0.5  # cyclical: fraction of each cycle spent ramping
-    cycle_ramp: str = "linear"  # cyclical ramp shape: linear | sigmoid | cosine
+    cycle_ramp: Ramp = "linear"  # cyclical ramp shape
     capacity_max_nats: float = 25.0  # capacity: C rises linearly to this ...
     capacity_steps: int = 10000  # ... over this many steps
     gamma: float = 1000.0  # capacity: weight of |KL - C|
@@ -82,7 +102,7 @@ class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    lr_schedule: str = "constant"  # constant | cosine (decays to min_lr_ratio * lr at max_steps)
+    lr_schedule: LRSchedule = "constant"  # cosine decays to min_lr_ratio * lr at max_steps
     lr_warmup_steps: int = 0
     min_lr_ratio: float = 0.1
 
@@ -94,7 +114,7 @@ class TrainerConfig:
     devices: Any = "auto"  # int, list or "auto"; under SLURM taken from the allocation
     num_nodes: int = 1  # under SLURM taken from the allocation
     strategy: str = "auto"  # auto | ddp | ...; "auto" picks ddp for >1 device
-    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    precision: Precision = "32-true"
     val_check_interval: int = 500  # optimizer-independent: every N training batches
     log_every_n_steps: int = 25
     gradient_clip_val: float = 0.0  # 0 disables
@@ -113,7 +133,7 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
-    mode: Optional[str] = None  # online | offline | disabled; None: online if logged in, else offline
+    mode: Optional[WandbMode] = None  # None: online if logged in, else offline
     project: str = "vae-pipeline"
     entity: Optional[str] = None
     group: Optional[str] = None
@@ -140,20 +160,6 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
-
-# Allowed values of the string enums: one table, checked after every merge.
-CHOICES = {
-    "data.on_error": ("raise", "warn"),
-    "data.binarize": ("none", "dynamic", "threshold"),
-    "model.arch": ("mlp", "conv"),
-    "model.likelihood": ("bernoulli", "gaussian", "gaussian_learned"),
-    "model.learned_variance": ("pixel", "channel"),
-    "objective.kl_schedule": ("constant", "linear", "sigmoid", "cosine", "cyclical", "capacity"),
-    "objective.cycle_ramp": ("linear", "sigmoid", "cosine"),
-    "optim.lr_schedule": ("constant", "cosine"),
-    "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
-    "logger.wandb.mode": (None, "online", "offline", "disabled"),
-}
 
 # Numeric keys that must be positive / non-negative.
 POSITIVE = (
@@ -195,6 +201,10 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     except (ConfigKeyError, ValidationError, OmegaConfBaseException) as e:
         key = getattr(e, "full_key", None) or ""
         msg = getattr(e, "msg", str(e)).splitlines()[0].split(" Did you mean")[0].rstrip(".")
+        literal = re.fullmatch(r"Invalid value '(.*)', expected one of \[(.*)\]", msg)
+        if literal:  # a Literal field: the same words as every other bad value
+            allowed = ", ".join(a.strip().strip("'") for a in literal.group(2).split(","))
+            raise ConfigError(f"{source}: bad value for '{key}': {literal.group(1)!r}; expected one of: {allowed}") from None
         hint = _nearest(key, _all_keys(base)) if isinstance(e, ConfigKeyError) or "not in" in msg else ""
         raise ConfigError(f"{source}: bad config key '{key}': {msg}.{hint}") from None
 
@@ -204,12 +214,8 @@ def _get(cfg: DictConfig, dotted: str) -> Any:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Enum, range and cross-field checks that the dataclass types cannot express."""
-    for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            shown = ", ".join(str(a) for a in allowed if a is not None)
-            raise ConfigError(f"bad value for '{key}': {value!r}; expected one of: {shown}")
+    """Range and cross-field checks that the dataclass types cannot express (Literal types are
+    checked by OmegaConf on every merge)."""
     for key in POSITIVE:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"bad value for '{key}': {_get(cfg, key)!r}; must be > 0")
@@ -271,5 +277,6 @@ def from_dict(d: dict) -> DictConfig:
 
 
 def section(d: dict, cls: type) -> DictConfig:
-    """A typed slice (e.g. ModelConfig) from a plain dict."""
-    return _merge(OmegaConf.structured(cls), OmegaConf.create(d), cls.__name__)
+    """A typed slice (e.g. ModelConfig) from a plain dict; errors name the full key (`model.arch`)."""
+    prefix = next(f.name for f in fields(Config) if f.default_factory is cls)
+    return _merge(OmegaConf.structured(Config), OmegaConf.create({prefix: d}), cls.__name__)[prefix]

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from pipeline import objectives
+from pipeline.config import Arch, Likelihood, choices
 
-ARCHS = ("mlp", "conv")
+ARCHS = choices(Arch)
 
 
 def _mlp(widths: Sequence[int]) -> nn.Sequential:
@@ -49,8 +50,8 @@ class VAE(nn.Module):
         super().__init__()
         if cfg.arch not in ARCHS:
             raise ValueError(f"unknown model.arch {cfg.arch!r}; expected one of {ARCHS}")
-        if cfg.likelihood not in objectives.LIKELIHOODS:
-            raise ValueError(f"unknown model.likelihood {cfg.likelihood!r}; expected one of {objectives.LIKELIHOODS}")
+        if cfg.likelihood not in choices(Likelihood):
+            raise ValueError(f"unknown model.likelihood {cfg.likelihood!r}; expected one of {choices(Likelihood)}")
         self.input_shape = tuple(int(s) for s in input_shape)
         if len(self.input_shape) != 3:
             raise ValueError(f"input_shape must be (C, H, W), got {input_shape}")

@@ -25,28 +25,22 @@ import torchmetrics
 from torch import nn
 
 from pipeline import objectives, schedules
-from pipeline.config import CHOICES, ConfigError, ModelConfig, ObjectiveConfig, OptimConfig, section, to_dict
+from pipeline.config import Binarize, ModelConfig, ObjectiveConfig, OptimConfig, choices, section, to_dict
 from pipeline.model import VAE
 
-BINARIZE = ("none", "dynamic", "threshold")
 STAGES = ("val", "test")
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: Var_x(E_q[z_d]) above this counts as active
 IWAE_CHUNK_ELEMENTS = 2**24  # decoded values per IWAE chunk (chunk * B * C*H*W): ~64 MB of float32 output
 
 
-def _plain_section(value: Any, cls: type, prefix: str) -> dict:
+def _plain_section(value: Any, cls: type) -> dict:
     """A config section (plain dict, DictConfig or dataclass instance) -> a complete plain dict with
     the dataclass defaults filled in; unknown keys, wrong types and bad enum values raise ConfigError."""
     if dataclasses.is_dataclass(value):
         value = dataclasses.asdict(value)
     elif not isinstance(value, dict):  # a DictConfig: to plain containers via the config module
         value = to_dict(value)
-    plain = to_dict(section(value, cls))
-    for key, allowed in CHOICES.items():  # the config's one enum table, so a typo fails at build time
-        if key.startswith(prefix + ".") and plain[key[len(prefix) + 1:]] not in allowed:
-            raise ConfigError(f"bad value for '{key}': {plain[key[len(prefix) + 1:]]!r}; expected one of: "
-                              f"{', '.join(str(a) for a in allowed)}")
-    return plain
+    return to_dict(section(value, cls))  # the schema's Literal types reject a bad value here
 
 
 class ExactSums(torchmetrics.Metric):
@@ -105,13 +99,13 @@ class VAEModule(pl.LightningModule):
         binarize: str = "none",
     ):
         super().__init__()
-        if binarize not in BINARIZE:
-            raise ValueError(f"unknown binarize {binarize!r}; expected one of {BINARIZE}")
+        if binarize not in choices(Binarize):
+            raise ValueError(f"unknown binarize {binarize!r}; expected one of {choices(Binarize)}")
         # Rebind the arguments to plain containers before save_hyperparameters() reads them, so
         # checkpoints hold no omegaconf objects and load with weights_only unpickling.
-        model = _plain_section(model, ModelConfig, "model")
-        objective = _plain_section(objective, ObjectiveConfig, "objective")
-        optim = _plain_section(optim, OptimConfig, "optim")
+        model = _plain_section(model, ModelConfig)
+        objective = _plain_section(objective, ObjectiveConfig)
+        optim = _plain_section(optim, OptimConfig)
         input_shape = [int(s) for s in input_shape]
         max_steps = int(max_steps)
         self.save_hyperparameters()

@@ -19,10 +19,12 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import Likelihood, choices
+
 Tensor = torch.Tensor
 Params = Union[Tensor, Tuple[Tensor, Tensor]]  # logits | mean | (mean, logvar)
 
-LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
+LIKELIHOODS = choices(Likelihood)
 _LOG_2PI = math.log(2.0 * math.pi)
 # Last-resort guard on every log-variance so exp() can neither overflow nor underflow to 0 in
 # float32. The model applies the configured (much tighter) clamp; this one only bites on absurd

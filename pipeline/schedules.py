@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-KL_SCHEDULES = ("constant", "linear", "sigmoid", "cosine", "cyclical", "capacity")
-RAMPS = ("linear", "sigmoid", "cosine")
+from pipeline.config import KLSchedule, Ramp, choices
+
+KL_SCHEDULES = choices(KLSchedule)
+RAMPS = choices(Ramp)
 SIGMOID_STEEPNESS = 10.0  # logistic slope in units of the ramp length; see `ramp`
 
 
@@ -53,7 +55,7 @@ def anneal_factor(step: int, cfg, total_steps: Optional[int] = None) -> float:
     step = max(int(step), 0)
     if kind in ("constant", "capacity"):
         return 1.0
-    if kind in ("linear", "sigmoid", "cosine"):
+    if kind in RAMPS:  # a warm-up with that ramp's shape
         if cfg.warmup_steps <= 0:
             return 1.0
         return ramp(step / cfg.warmup_steps, kind)
