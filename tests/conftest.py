@@ -10,9 +10,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Fast, CPU-only overrides applied on top of the real defaults (pattern: the real config, shrunk).
+# The one shrunk run configuration of the suite (the real config, shrunk): CPU, a small model, few
+# steps, frequent validation/checkpoints/images so each of them happens. Only sizes and step counts
+# change; the machinery stays the users' default (2 loader workers, pinned-memory setting, image
+# logging, checkpoints). Tests append what they check, e.g. `trainer.log_every_n_steps=1`.
 TINY = [
-    "trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_steps=30", "trainer.val_check_interval=10",
+    "trainer.accelerator=cpu", "trainer.max_steps=30", "trainer.val_check_interval=10",
     "trainer.log_every_n_steps=5", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=10",
     "data.batch_size=64", "model.hidden_dims=[64,32]", "model.latent_dim=4",
     "logger.wandb.mode=disabled", "logger.images_every_n_steps=10",

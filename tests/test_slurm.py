@@ -24,18 +24,18 @@ import pytest
 import torch
 
 from slurm_cluster import ClusterError, SlurmCluster, free_port, install_packages, missing_binaries
+from tests.conftest import TINY as CONFTEST_TINY
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SH = REPO / "slurm" / "train.sh"
 GRID_SH = REPO / "slurm" / "grid.sh"
 SWEEP_FILE = REPO / "configs" / "sweep.yaml"
 
-# A shrunk real config: tiny MLP, few steps, validation and checkpoints rare, no progress bar.
-TINY = [
-    "trainer.accelerator=cpu", "data.batch_size=32",
-    "model.hidden_dims=[32]", "model.latent_dim=4", "trainer.enable_progress_bar=false",
-    "trainer.log_every_n_steps=1", "logger.images_every_n_steps=0", "trainer.limit_val_batches=2",
-]
+# The suite's shrunk config (tests/conftest.py), every step logged, validation short: jobs run as
+# 2 gloo ranks with the default loader workers on the 2-core node.
+# The W&B mode is left to each job: grid.sh sets offline itself and the tests check it.
+TINY = [*(a for a in CONFTEST_TINY if not a.startswith("logger.wandb.mode=")),
+        "trainer.log_every_n_steps=1", "trainer.limit_val_batches=2"]
 # The templates ask for a GPU node's resources; override them to fit the 2-core test node.
 CPU_DDP = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--mem=1G", "--time=10"]
 
