@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from pipeline.lightning_compat import batches_trained, hpc_save_path
 from pipeline.objectives import decoder_mean
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class StepSeed(Callback):
         self.seed = seed
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        position = trainer.fit_loop.epoch_loop.total_batch_idx
+        position = batches_trained(trainer)
         _seed_torch(derived_seed(self.seed, 0, position, trainer.global_rank))
 
     def _eval_seed(self, trainer: Trainer, stage: int) -> None:
@@ -174,7 +175,7 @@ class DeferredRequeue(Callback):
         if self._lightning_handler is not None:
             self._lightning_handler(self.sig, None)
         else:  # not under Lightning's SLURM handling: still leave a resumable checkpoint
-            trainer.save_checkpoint(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
+            trainer.save_checkpoint(hpc_save_path(trainer))
         trainer.should_stop = True
         self._received = False
 

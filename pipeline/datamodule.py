@@ -63,6 +63,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import shards
+from pipeline.lightning_compat import shutdown_loader_workers
 
 log = logging.getLogger(__name__)
 
@@ -565,9 +566,7 @@ class ShardLoader(DataLoader):
             self._resume = (epoch, done)
         self._started = True
         self.epoch, self.batches_done = self._resume[0], self._resume[1]
-        if self._iterator is not None:  # live persistent workers hold the old position: restart them
-            self._iterator._shutdown_workers()
-            self._iterator = None
+        shutdown_loader_workers(self)  # live persistent workers hold the old position: restart them
 
 
 # --------------------------------------------------------------------------------------- datamodule

@@ -26,6 +26,7 @@ from torch import nn
 
 from pipeline import objectives, schedules
 from pipeline.config import Binarize, ModelConfig, ObjectiveConfig, OptimConfig, choices, section, to_dict
+from pipeline.lightning_compat import logs_written_this_step
 from pipeline.model import VAE
 
 STAGES = ("val", "test")
@@ -241,10 +242,8 @@ class VAEModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     def _writes_logs_this_step(self) -> bool:
-        """Whether Lightning writes step metrics after this batch (every trainer.log_every_n_steps).
-        Private Lightning state, so anything unexpected falls back to logging every step."""
-        connector = getattr(self._trainer, "_logger_connector", None) if self._trainer is not None else None
-        return bool(getattr(connector, "should_update_logs", True))
+        """Whether Lightning writes step metrics after this batch (every trainer.log_every_n_steps)."""
+        return self._trainer is None or logs_written_this_step(self._trainer)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         """Move only the tensors of a dict batch; Lightning's default also walks the list of keys."""

@@ -81,32 +81,3 @@ def truncate_metrics_csv(path: Path, global_step: int) -> int:
         writer.writerows(keep)
     os.replace(tmp, path)
     return len(rows) - len(keep)
-
-
-def resumable_csv_logger(run_dir: Path):
-    """Lightning's CSVLogger writing RUN_DIR/metrics.csv, made safe for resume.
-
-    Stock CSVLogger deletes an existing metrics.csv when its directory is not empty, and rebuilds the
-    header from the current process's keys only: a resumed run would lose every earlier row. This one
-    appends, starting from the existing header (train.py first drops rows after the checkpoint).
-    """
-    from lightning.pytorch.loggers import CSVLogger
-    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-    from lightning.pytorch.loggers.logger import rank_zero_experiment
-
-    class AppendingWriter(ExperimentWriter):
-        def _check_log_dir_exists(self) -> None:  # keep earlier rows
-            if self._fs.isfile(self.metrics_file_path):
-                with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-                    self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
-
-    class ResumableCSVLogger(CSVLogger):
-        @property
-        @rank_zero_experiment
-        def experiment(self) -> ExperimentWriter:
-            if self._experiment is None:
-                self._fs.makedirs(self.root_dir, exist_ok=True)
-                self._experiment = AppendingWriter(log_dir=self.log_dir)
-            return self._experiment
-
-    return ResumableCSVLogger(save_dir=str(run_dir), name="", version="")

@@ -49,7 +49,8 @@ def checkpoint_step(path: str) -> int:
 
 
 def build_loggers(cfg, run_dir: Path, rank_zero: bool):
-    from pipeline.tracking import resolve_wandb_mode, resumable_csv_logger, wandb_run_id
+    from pipeline.lightning_compat import resumable_csv_logger
+    from pipeline.tracking import resolve_wandb_mode, wandb_run_id
 
     loggers = [resumable_csv_logger(run_dir)]
     mode = resolve_wandb_mode(cfg.logger.wandb.mode)

@@ -98,3 +98,21 @@ def test_every_third_party_import_is_declared():
                 if dist not in declared:
                     missing.setdefault(dist, name)
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+# Private Lightning / DataLoader names seen in this code base; lightning_compat.py is their only home.
+PRIVATE = ("_checkpoint_connector", "_logger_connector", "_iterator", "_check_log_dir_exists", "fit_loop",
+           "_shutdown_workers", "_active_loop", "_experiment", "_fs")
+
+
+def test_private_lightning_names_only_in_lightning_compat():
+    offenders = []
+    for name, path in modules().items():
+        if name == "pipeline.lightning_compat":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in PRIVATE:
+                offenders.append(f"{name}:{node.lineno} .{node.attr}")
+            elif isinstance(node, ast.Constant) and node.value in PRIVATE:  # getattr(x, "_name")
+                offenders.append(f"{name}:{node.lineno} {node.value!r}")
+    assert not offenders, f"private Lightning names outside pipeline/lightning_compat.py: {offenders}"

@@ -1,0 +1,97 @@
+"""Each private Lightning / PyTorch behaviour that pipeline/lightning_compat.py relies on, checked against
+the installed versions: these fail first when an upgrade changes what we depend on."""
+from __future__ import annotations
+
+import csv
+import os
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from pipeline import lightning_compat as compat
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+        self.seen, self.log_steps = [], []
+
+    def training_step(self, batch, batch_idx):
+        self.log_steps.append((self.global_step, compat.logs_written_this_step(self.trainer)))
+        loss = self.layer(batch).pow(2).mean()
+        self.log("loss", loss)
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.seen.append(compat.batches_trained(self.trainer))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        return DataLoader(torch.randn(40, 2), batch_size=4)  # 10 batches an epoch
+
+
+def trainer(tmp_path, **kw):
+    kw = {"max_epochs": -1, "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+          "accelerator": "cpu", "default_root_dir": str(tmp_path), **kw}
+    return pl.Trainer(**kw)
+
+
+def test_batches_trained_counts_batches_across_epochs_and_resume(tmp_path):
+    first = Tiny()
+    t = trainer(tmp_path, max_steps=7, accumulate_grad_batches=2, enable_checkpointing=False)
+    t.fit(first)
+    assert first.seen == list(range(14))  # batches, not optimizer steps; across the epoch boundary
+    t.save_checkpoint(tmp_path / "a.ckpt")
+    resumed = Tiny()
+    trainer(tmp_path, max_steps=9, accumulate_grad_batches=2, enable_checkpointing=False).fit(
+        resumed, ckpt_path=tmp_path / "a.ckpt")
+    assert resumed.seen == list(range(14, 18))  # restored from the checkpoint
+
+
+def test_logs_written_this_step_follows_log_every_n_steps(tmp_path):
+    m = Tiny()
+    trainer(tmp_path, max_steps=9, log_every_n_steps=3, enable_checkpointing=False).fit(m)
+    assert m.log_steps == [(s, (s + 1) % 3 == 0) for s in range(9)]
+
+
+def test_hpc_save_path_numbers_lightnings_requeue_checkpoints(tmp_path):
+    t = trainer(tmp_path, max_steps=1)
+    first = compat.hpc_save_path(t)
+    assert first == str(tmp_path / "hpc_ckpt_1.ckpt")
+    open(first, "wb").close()
+    assert compat.hpc_save_path(t) == str(tmp_path / "hpc_ckpt_2.ckpt")
+
+
+class Pids(IterableDataset):
+    def __iter__(self):
+        yield os.getpid()
+
+
+def test_shutdown_loader_workers_forks_new_ones(tmp_path):
+    loader = DataLoader(Pids(), batch_size=None, num_workers=1, persistent_workers=True)
+    first = next(iter(loader))
+    assert next(iter(loader)) == first  # persistent: the same worker serves the next pass
+    compat.shutdown_loader_workers(loader)
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(first), 0)  # the old worker is gone
+    assert next(iter(loader)) != first
+    compat.shutdown_loader_workers(loader)
+
+
+def test_resumable_csv_logger_keeps_earlier_rows_and_columns(tmp_path):
+    first = compat.resumable_csv_logger(tmp_path)
+    first.log_metrics({"a": 1.0}, step=0)
+    first.finalize("success")
+    again = compat.resumable_csv_logger(tmp_path)
+    again.log_metrics({"a": 2.0, "b": 3.0}, step=1)
+    again.finalize("success")
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["a"], r["b"]) for r in rows] == [("0", "1.0", ""), ("1", "2.0", "3.0")]
