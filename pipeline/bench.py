@@ -62,8 +62,8 @@ FAR = 10**9  # a step interval that never fires inside the timed window
 # ------------------------------------------------------------------------------------------ set-up
 def prepare_data(preset: str, data_dir: Path) -> Path:
     """The preset's shards under data_dir/<preset> (prepared once, reused)."""
-    from pipeline.prepare import prepare
-    from pipeline.shards import MANIFEST
+    from pipeline.data.prepare import prepare
+    from pipeline.data.shards import MANIFEST
 
     p = PRESETS[preset]
     root = data_dir / preset
@@ -131,7 +131,7 @@ def measure_pipeline(cfg, warmup: int, device: str, compile_model: bool = False,
     import torch
 
     from pipeline import config as C
-    from pipeline.datamodule import ShardDataModule
+    from pipeline.data.datamodule import ShardDataModule
     from pipeline.module import VAEModule
     from pipeline.train import build_callbacks, build_loggers, build_trainer
 
@@ -161,7 +161,7 @@ def load_train_images(root: Path):
     import numpy as np
     import torch
 
-    from pipeline import shards
+    from pipeline.data import shards
 
     manifest = shards.load_manifest(root / shards.MANIFEST)
     images = []
@@ -214,8 +214,8 @@ def measure_bare(cfg, images, warmup: int, steps: int, device: str, precision: s
 
 
 def measure_loader(cfg, batches: int, warmup: int) -> Dict[str, float]:
-    """Samples/s of the training loader alone (pipeline.datamodule.loader_throughput)."""
-    from pipeline.datamodule import loader_throughput
+    """Samples/s of the training loader alone (pipeline.data.datamodule.loader_throughput)."""
+    from pipeline.data.datamodule import loader_throughput
 
     r = loader_throughput(cfg.data, split="train", batches=batches, warmup=warmup)
     return {"samples": r["samples"], "seconds": r["seconds"], "samples_per_s": r["samples_per_s"]}
@@ -224,7 +224,7 @@ def measure_loader(cfg, batches: int, warmup: int) -> Dict[str, float]:
 def measure_raw_read(root: Path, samples: int) -> Dict[str, float]:
     """Samples/s of reading the training shards' samples as raw bytes (tar members grouped by key, no
     decoding), cycling over the shards until `samples` are read, one process."""
-    from pipeline import shards
+    from pipeline.data import shards
 
     manifest = shards.load_manifest(root / shards.MANIFEST)
     names = [s["name"] for s in manifest["splits"]["train"]["shards"]]

@@ -10,8 +10,8 @@ import pytest
 import torch
 from data_helpers import UNEVEN, KeyRecorder, data_cfg, keys_of, module_for, write_dataset, write_split
 
-from pipeline import shards
-from pipeline.datamodule import DataSetupError, ShardDataModule, lane_batches_before, lane_sizes
+from pipeline.data import shards
+from pipeline.data.datamodule import DataSetupError, ShardDataModule, lane_batches_before, lane_sizes
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from pipeline import recipes, shards
+from pipeline.data import recipes, shards
 
 DEFAULT_SHARD_SIZE = 10_000  # samples; dSprites shards are then ~60 MB
 AUTO_DSPRITES_LIMIT = 50_000  # subset `ensure_prepared` renders (~300 MB); prepare it yourself for more

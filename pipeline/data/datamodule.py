@@ -3,7 +3,7 @@
     dm = ShardDataModule(cfg.data)       # cfg.data: DataConfig; dm.input_shape -> (C, H, W) right away
     trainer.fit(model, datamodule=dm)    # setup() takes world size and rank from the trainer
 
-    python -m pipeline.datamodule --root data/dsprites --batches 300    # loader samples/s on this machine
+    python -m pipeline.data.datamodule --root data/dsprites --batches 300    # loader samples/s on this machine
 
 Batches are dicts: "image" uint8 [B, C, H, W] (the model converts to float on its device), "label" int64 [B]
 and "factors" float32 [B, F] when the shards have them, "key" list[str], "skipped" int (samples of this batch
@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline import shards
+from pipeline.data import shards
 
 log = logging.getLogger(__name__)
 
@@ -592,7 +592,7 @@ class ShardDataModule(pl.LightningDataModule):
         if split not in self._sources:
             spec = getattr(self.cfg, split)
             if spec is None and self.cfg.train is None:
-                from pipeline.prepare import PrepareError, ensure_prepared
+                from pipeline.data.prepare import PrepareError, ensure_prepared
                 try:
                     ensure_prepared(self.cfg)
                 except PrepareError as e:
@@ -621,7 +621,7 @@ class ShardDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.cfg.train is None:
-            from pipeline.prepare import ensure_prepared
+            from pipeline.data.prepare import ensure_prepared
             ensure_prepared(self.cfg)
 
     # ---- set-up
@@ -735,7 +735,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from pipeline.config import DataConfig
 
     d = DataConfig()
-    p = argparse.ArgumentParser(prog="python -m pipeline.datamodule", description="loader samples/s")
+    p = argparse.ArgumentParser(prog="python -m pipeline.data.datamodule", description="loader samples/s")
     p.add_argument("--root", default=d.root, help="prepared dataset directory (manifest.json)")
     p.add_argument("--dataset", default=d.dataset, help="recipe prepared into --root if it is missing")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
