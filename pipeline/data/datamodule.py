@@ -34,7 +34,7 @@ class ShardDataModule(pl.LightningDataModule):
     """Train/val/test loaders over WebDataset shards, configured by a DataConfig.
 
     With `cfg.train` None and no `<cfg.root>/manifest.json`, the first access to the manifest prepares
-    `cfg.dataset` (digits or dsprites only) under a file lock: see `pipeline.prepare.ensure_prepared`.
+    `cfg.dataset` (digits or dsprites only) under a file lock: see `pipeline.data.prepare.ensure_prepared`.
     """
 
     def __init__(self, cfg):
