@@ -4,6 +4,7 @@
     python -m pipeline.bench --device cuda --out bench.json   # adds bf16-mixed (and --compile) on a GPU
     python -m pipeline.bench --presets digits --steps 50 --no-ddp   # a quick look
     python -m pipeline.bench --ablations                      # where the pipeline's time goes (see below)
+    python -m pipeline.bench loader --root data/dsprites --batches 300   # the training loader alone, samples/s
 
 Per preset (the repo's configs/digits.yaml and configs/dsprites_beta.yaml as they are: model, batch
 size, optimizer, loader settings), every figure is a ratio of two measurements taken here, now:
@@ -62,8 +63,8 @@ FAR = 10**9  # a step interval that never fires inside the timed window
 # ------------------------------------------------------------------------------------------ set-up
 def prepare_data(preset: str, data_dir: Path) -> Path:
     """The preset's shards under data_dir/<preset> (prepared once, reused)."""
-    from pipeline.prepare import prepare
-    from pipeline.shards import MANIFEST
+    from pipeline.data.prepare import prepare
+    from pipeline.data.shards import MANIFEST
 
     p = PRESETS[preset]
     root = data_dir / preset
@@ -131,7 +132,7 @@ def measure_pipeline(cfg, warmup: int, device: str, compile_model: bool = False,
     import torch
 
     from pipeline import config as C
-    from pipeline.datamodule import ShardDataModule
+    from pipeline.data.datamodule import ShardDataModule
     from pipeline.module import VAEModule
     from pipeline.train import build_callbacks, build_loggers, build_trainer
 
@@ -161,7 +162,7 @@ def load_train_images(root: Path):
     import numpy as np
     import torch
 
-    from pipeline import shards
+    from pipeline.data import shards
 
     manifest = shards.load_manifest(root / shards.MANIFEST)
     images = []
@@ -213,10 +214,33 @@ def measure_bare(cfg, images, warmup: int, steps: int, device: str, precision: s
     return {"images": steps * B, "seconds": seconds, "images_per_s": steps * B / seconds}
 
 
-def measure_loader(cfg, batches: int, warmup: int) -> Dict[str, float]:
-    """Samples/s of the training loader alone (pipeline.datamodule.loader_throughput)."""
-    from pipeline.datamodule import loader_throughput
+def loader_throughput(cfg, split: str = "train", batches: int = 200, warmup: int = 5) -> dict:
+    """Samples/s of one rank's loader for `cfg` (a DataConfig): times `batches` batches after `warmup`
+    (worker start-up excluded), re-iterating epochs as needed. Single process, world size 1."""
+    from pipeline.data.datamodule import ShardDataModule
 
+    dm = ShardDataModule(cfg)
+    dm.setup("fit")
+    loader = dm.train_dataloader() if split == "train" else dm.loader(split, train=False)
+    seen = samples = 0
+    start = None
+    while seen < warmup + batches:
+        for batch in loader:
+            seen += 1
+            if seen == warmup:
+                start = time.perf_counter()
+            elif seen > warmup:
+                samples += len(batch["key"])
+            if seen >= warmup + batches:
+                break
+    elapsed = time.perf_counter() - start
+    return {"split": split, "batches": batches, "samples": samples, "seconds": elapsed,
+            "samples_per_s": samples / elapsed, "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
+            "shuffle_buffer": cfg.shuffle_buffer}
+
+
+def measure_loader(cfg, batches: int, warmup: int) -> Dict[str, float]:
+    """Samples/s of the training loader alone (loader_throughput)."""
     r = loader_throughput(cfg.data, split="train", batches=batches, warmup=warmup)
     return {"samples": r["samples"], "seconds": r["seconds"], "samples_per_s": r["samples_per_s"]}
 
@@ -224,7 +248,7 @@ def measure_loader(cfg, batches: int, warmup: int) -> Dict[str, float]:
 def measure_raw_read(root: Path, samples: int) -> Dict[str, float]:
     """Samples/s of reading the training shards' samples as raw bytes (tar members grouped by key, no
     decoding), cycling over the shards until `samples` are read, one process."""
-    from pipeline import shards
+    from pipeline.data import shards
 
     manifest = shards.load_manifest(root / shards.MANIFEST)
     names = [s["name"] for s in manifest["splits"]["train"]["shards"]]
@@ -401,7 +425,32 @@ def format_summary(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def loader_main(argv: Sequence[str]) -> int:
+    """`python -m pipeline.bench loader ...`: samples/s of the training loader of a prepared dataset."""
+    from pipeline.config import DataConfig
+
+    d = DataConfig()
+    p = argparse.ArgumentParser(prog="python -m pipeline.bench loader", description="loader samples/s")
+    p.add_argument("--root", default=d.root, help="prepared dataset directory (manifest.json)")
+    p.add_argument("--dataset", default=d.dataset, help="recipe prepared into --root if it is missing")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--workers", type=int, default=d.num_workers)
+    p.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer)
+    p.add_argument("--batches", type=int, default=200)
+    p.add_argument("--split", default="train")
+    args = p.parse_args(argv)
+    cfg = DataConfig(dataset=args.dataset, root=args.root, batch_size=args.batch_size,
+                     num_workers=args.workers, shuffle_buffer=args.shuffle_buffer, seed=0)
+    r = loader_throughput(cfg, split=args.split, batches=args.batches)
+    print(f"{args.root} {args.split}: {r['samples_per_s']:.0f} samples/s ({r['samples']} samples in "
+          f"{r['seconds']:.2f} s; batch {r['batch_size']}, {r['num_workers']} workers)")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["loader"]:
+        return loader_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--device", default="cpu", help="cpu | cuda")

@@ -196,8 +196,8 @@ def split_batches(data_cfg, split: str, batch_size: int) -> Tuple[Iterable[Dict[
     """(the split's batches, every example exactly once: ShardDataModule's unshuffled evaluation
     loader at world size 1; the split's example count from its manifest, or None; the manifest's
     metadata, e.g. factor names)."""
-    from pipeline.datamodule import DataSetupError, ShardDataModule
-    from pipeline.shards import MANIFEST, ShardFormatError, load_manifest
+    from pipeline.data.datamodule import DataSetupError, ShardDataModule
+    from pipeline.data.shards import MANIFEST, ShardFormatError, load_manifest
 
     cfg = data_cfg.copy()
     cfg.batch_size = batch_size
@@ -280,7 +280,7 @@ def evaluate(target: str | os.PathLike, split: str = "test", iwae_samples: int =
     torch.manual_seed(cfg.seed)  # the sampled z's: rerunning gives the same numbers
     batches, expected, meta = split_batches(cfg.data, split, batch_size or cfg.data.batch_size)
     started = time.time()
-    from pipeline.shards import ShardFormatError
+    from pipeline.data.shards import ShardFormatError
 
     try:
         sums = evaluate_batches(module, batches, iwae_samples, chunk_size, total=expected, progress=progress)

@@ -174,7 +174,7 @@ def traversal_grids(run_dir: Path, out_dir: Path, num_images: int = 8, traversal
 
     from pipeline.callbacks import image_grid
     from pipeline.config import load_config
-    from pipeline.datamodule import ShardDataModule
+    from pipeline.data.datamodule import ShardDataModule
     from pipeline.evaluate import load_module
     from pipeline.objectives import decoder_mean
 

@@ -66,8 +66,8 @@ def sweep(out: Path, betas: Sequence[float] = DEFAULT_BETAS, steps: int = 1500, 
 
     from pipeline.config import load_config
     from pipeline.evaluate import evaluate
-    from pipeline.prepare import prepare
-    from pipeline.shards import MANIFEST
+    from pipeline.data.prepare import prepare
+    from pipeline.data.shards import MANIFEST
     from pipeline.train import train
 
     out = Path(out)

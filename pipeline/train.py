@@ -121,9 +121,9 @@ def train(cfg) -> dict:
     import lightning.pytorch as pl
     from lightning.pytorch.utilities import rank_zero_only
 
-    from pipeline.datamodule import ShardDataModule
+    from pipeline.data.datamodule import ShardDataModule
     from pipeline.module import VAEModule
-    from pipeline.prepare import ensure_prepared
+    from pipeline.data.prepare import ensure_prepared
     from pipeline.tracking import truncate_metrics_csv
 
     rank_zero = rank_zero_only.rank == 0

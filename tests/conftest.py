@@ -38,7 +38,7 @@ def one_intra_op_thread():
 def digits_root(tmp_path_factory) -> Path:
     """Digits shards, prepared once for the whole session (the recipe is the built-in default)."""
     from pipeline.config import load_config
-    from pipeline.prepare import ensure_prepared
+    from pipeline.data.prepare import ensure_prepared
 
     root = tmp_path_factory.mktemp("data") / "digits"
     ensure_prepared(load_config([], [f"data.root={root}"]).data)

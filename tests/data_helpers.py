@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from pipeline import shards
+from pipeline.data import shards
 from pipeline.config import DataConfig
 
 UNEVEN = (13, 200, 57, 31, 120, 88, 44)  # 7 shards, 553 samples
@@ -48,7 +48,7 @@ def data_cfg(root: Path, **kw) -> DataConfig:
 
 
 def module_for(cfg: DataConfig, world_size: int = 1, rank: int = 0, stage: str = "fit"):
-    from pipeline.datamodule import ShardDataModule
+    from pipeline.data.datamodule import ShardDataModule
 
     dm = ShardDataModule(cfg)
     dm.world_size, dm.rank = world_size, rank
@@ -92,7 +92,7 @@ def ddp_rank_main(rank: int, world: int, init_file: str, root: str, out: str, ep
 
     import torch.distributed as dist
 
-    from pipeline.datamodule import ShardDataModule
+    from pipeline.data.datamodule import ShardDataModule
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))

@@ -46,7 +46,7 @@ def test_two_device_lightning_ddp_spawn(uneven, tmp_path):
     """The same through a 2-device Lightning Trainer: world size and rank come from the trainer."""
     import lightning.pytorch as pl
 
-    from pipeline.datamodule import ShardDataModule
+    from pipeline.data.datamodule import ShardDataModule
 
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -1,7 +1,6 @@
 """ShardDataModule: equal batches per rank, exact validation, exact resume (loader and Trainer), errors."""
 from __future__ import annotations
 
-import itertools
 import warnings
 from collections import Counter
 
@@ -10,8 +9,9 @@ import pytest
 import torch
 from data_helpers import UNEVEN, KeyRecorder, data_cfg, keys_of, module_for, write_dataset, write_split
 
-from pipeline import shards
-from pipeline.datamodule import DataSetupError, ShardDataModule, lane_batches_before, lane_sizes
+from pipeline.data import shards
+from pipeline.data.datamodule import ShardDataModule
+from pipeline.data.sources import DataSetupError
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +23,6 @@ def uneven(tmp_path_factory):
 
 def epochs(loader, n):
     return [keys_of(loader) for _ in range(n)]
-
-
-def test_lane_arithmetic():
-    assert lane_sizes(7, 3) == [3, 2, 2] and lane_sizes(2, 4) == [1, 1, 0, 0]
-    for n, w in itertools.product(range(12), range(1, 5)):
-        for start in range(n + 1):
-            assert sum(lane_batches_before(start, lane, w) for lane in range(w)) == start
 
 
 @pytest.mark.parametrize("world,workers", [(1, 0), (2, 2), (3, 2)])

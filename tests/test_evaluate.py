@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.evaluate import EvalError, evaluate, evaluate_batches, main, summarize
-from pipeline.shards import load_manifest
+from pipeline.data.shards import load_manifest
 from tests.conftest import run_train
 
 

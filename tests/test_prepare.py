@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import recipes, shards
-from pipeline.prepare import PrepareError, ensure_prepared, main, prepare
+from pipeline.data import recipes, shards
+from pipeline.data.prepare import PrepareError, ensure_prepared, main, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -240,7 +240,7 @@ def test_ensure_prepared_one_writer(tmp_path):
     root = tmp_path / "digits"
     log = tmp_path / "writers.log"
     code = (
-        "import sys, pipeline.prepare as P\n"
+        "import sys, pipeline.data.prepare as P\n"
         "from pipeline.config import DataConfig\n"
         "real = P.prepare\n"
         "def logged(*a, **k):\n"

@@ -7,7 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from pipeline import shards
+from pipeline.data import shards
 
 
 def samples(n, factors=True):

@@ -134,7 +134,7 @@ def dsprites(limit: Optional[int] = None, seed: int = 0) -> Recipe:
 
     meta = {"factors": {"names": list(DSPRITES_FACTORS), "sizes": list(DSPRITES_SIZES),
                         "values": [v.tolist() for v in DSPRITES_VALUES]}}
-    return Recipe("dsprites", "procedural dSprites renderer (pipeline.recipes.render_dsprites)",
+    return Recipe("dsprites", "procedural dSprites renderer (pipeline.data.recipes.render_dsprites)",
                   len(ids), (1, _RES, _RES), fetch, ids=ids, meta=meta)
 
 

@@ -1,0 +1,166 @@
+"""ShardDataModule: the Lightning DataModule of a DataConfig: sources, set-up checks, one loader per split.
+
+    dm = ShardDataModule(cfg.data)       # cfg.data: DataConfig; dm.input_shape -> (C, H, W) right away
+    trainer.fit(model, datamodule=dm)    # setup() takes world size and rank from the trainer
+
+Batches are built inside the loader workers (pipeline.data.stream); the running count of unreadable samples
+(data.on_error=warn) is `skipped_samples`, logged by callbacks.DataErrorCounter. Loader speed:
+`python -m pipeline.bench loader --root data/dsprites`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from pipeline.data import shards
+from pipeline.data.loader import ShardLoader
+from pipeline.data.sources import (
+    DataSetupError,
+    SplitSource,
+    peek_shape,
+    resolve_source,
+)
+from pipeline.data.stream import ShardStream
+
+log = logging.getLogger(__name__)
+
+
+class ShardDataModule(pl.LightningDataModule):
+    """Train/val/test loaders over WebDataset shards, configured by a DataConfig.
+
+    With `cfg.train` None and no `<cfg.root>/manifest.json`, the first access to the manifest prepares
+    `cfg.dataset` (digits or dsprites only) under a file lock: see `pipeline.data.prepare.ensure_prepared`.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self._sources: dict[str, SplitSource | None] = {}
+        self._loaders: list[ShardLoader] = []
+        self.world_size, self.rank = 1, 0
+        self.steps_per_epoch: int | None = None
+        self.seed = 0 if cfg.seed is None else int(cfg.seed)
+
+    # ---- sources
+    def source(self, split: str) -> SplitSource | None:
+        if split not in self._sources:
+            spec = getattr(self.cfg, split)
+            if spec is None and self.cfg.train is None:
+                from pipeline.data.prepare import PrepareError, ensure_prepared
+                try:
+                    ensure_prepared(self.cfg)
+                except PrepareError as e:
+                    raise DataSetupError(str(e)) from None
+            if spec is None and not (Path(self.cfg.root) / shards.MANIFEST).is_file():
+                if split != "train":  # train given explicitly, nothing at root: no such split
+                    log.info("data.%s not set and no %s: no %s split", split, Path(self.cfg.root) / shards.MANIFEST, split)
+                    self._sources[split] = None
+                    return None
+                raise DataSetupError(f"data.{split} is not set and {Path(self.cfg.root) / shards.MANIFEST} "
+                                     f"does not exist: set data.{split} or prepare data.root")
+            try:
+                self._sources[split] = resolve_source(spec, split, self.cfg.root)
+            except shards.ShardFormatError as e:
+                raise DataSetupError(str(e)) from None
+        return self._sources[split]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        src = self.source("train")
+        if src is None:
+            raise DataSetupError(f"no train split in {self.cfg.train or self.cfg.root}")
+        if src.shape is None:
+            self._sources["train"] = src = dataclasses.replace(src, shape=peek_shape(src))
+        return tuple(src.shape)
+
+    def prepare_data(self) -> None:
+        if self.cfg.train is None:
+            from pipeline.data.prepare import ensure_prepared
+            ensure_prepared(self.cfg)
+
+    # ---- set-up
+    def setup(self, stage: str | None = None) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            self.world_size, self.rank = trainer.world_size, trainer.global_rank
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.world_size, self.rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        # our __len__ is exact by construction; Lightning warns about any IterableDataset with one
+        warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+        if stage in (None, "fit"):
+            self.steps_per_epoch = self._check_train()
+        if stage in (None, "fit", "validate"):
+            self._check_eval("val")
+        if stage in (None, "test"):
+            self._check_eval("test")
+
+    def _check_train(self) -> int:
+        src, B, R = self.source("train"), self.cfg.batch_size, self.world_size
+        if src is None:
+            raise DataSetupError(f"no train split in {self.cfg.train or self.cfg.root}")
+        if src.counts is None:
+            if self.cfg.steps_per_epoch is None:
+                raise DataSetupError(
+                    f"{src.origin}: sample counts unknown (no manifest.json next to the shards), so the "
+                    "equal per-rank batch count cannot be computed: set data.steps_per_epoch (batches per "
+                    "rank per epoch) or put the manifest written by `python -m pipeline.prepare` next to them")
+            if len(src.urls) < R * self._lanes():
+                log.info("%s: %d shards for %d ranks x %d workers: reading with a sample-level split "
+                         "(every worker reads every shard); reshard into >= %d shards for less I/O",
+                         src.origin, len(src.urls), R, self._lanes(), R * self._lanes())
+            return int(self.cfg.steps_per_epoch)
+        total = src.total
+        if B * R > total:
+            raise DataSetupError(
+                f"data.batch_size {B} x world size {R} = {B * R} exceeds the {total} training samples in "
+                f"{src.origin}: lower data.batch_size to at most {max(1, total // R)} or use fewer devices")
+        full = total // (B * R)
+        if self.cfg.steps_per_epoch is not None and self.cfg.steps_per_epoch > full:
+            log.warning("data.steps_per_epoch %d > %d = floor(%d / (%d x %d)): samples repeat within an epoch",
+                        self.cfg.steps_per_epoch, full, total, R, B)
+        return int(self.cfg.steps_per_epoch or full)
+
+    def _check_eval(self, split: str) -> None:
+        src = self.source(split)
+        if src is not None and src.total is not None and src.total < self.world_size:
+            raise DataSetupError(f"{src.origin}: {src.total} {split} samples for {self.world_size} ranks: "
+                                 f"every rank needs at least one; use fewer devices or a larger {split} split")
+
+    def _lanes(self) -> int:
+        return max(1, self.cfg.num_workers)
+
+    def loader(self, split: str, train: bool) -> ShardLoader:
+        """This rank's loader for any split: `train=True` is the shuffled, equal-batch training stream;
+        `train=False` the exact, unshuffled reader that validation, test and evaluation use."""
+        src = self.source(split)
+        stream = ShardStream(src, train=train, batch_size=self.cfg.batch_size, world_size=self.world_size,
+                             rank=self.rank, lanes=self._lanes(), seed=self.seed,
+                             shuffle_buffer=self.cfg.shuffle_buffer,
+                             num_batches=self.steps_per_epoch if train else None, on_error=self.cfg.on_error)
+        trainer = getattr(self, "trainer", None)
+        loader = ShardLoader(stream, num_workers=self.cfg.num_workers,
+                             pin_memory=bool(self.cfg.pin_memory) and torch.cuda.is_available(),
+                             start_epoch=trainer.current_epoch if train and trainer is not None else 0)
+        self._loaders.append(loader)
+        return loader
+
+    def train_dataloader(self) -> ShardLoader:
+        if self.steps_per_epoch is None:
+            self.setup("fit")
+        return self.loader("train", train=True)
+
+    def val_dataloader(self):
+        return self.loader("val", train=False) if self.source("val") is not None else []
+
+    def test_dataloader(self):
+        return self.loader("test", train=False) if self.source("test") is not None else []
+
+    @property
+    def skipped_samples(self) -> int:
+        """Samples this rank's loaders could not read so far (data.on_error=warn)."""
+        return sum(loader.skipped_samples for loader in self._loaders)

@@ -1,0 +1,210 @@
+"""ShardStream: one rank's batches of one split, an IterableDataset run inside the loader workers. Each
+worker reads and decodes what pipeline.data.layout assigns to its lane, and assembles whole batches.
+
+Batches are dicts: "image" uint8 [B, C, H, W] (the model converts to float on its device), "label" int64 [B]
+and "factors" float32 [B, F] when the shards have them, "key" list[str], "skipped" int (samples of this batch
+that were unreadable and replaced, data.on_error=warn).
+
+Errors: data.on_error=raise stops with the shard's name. warn logs, counts (batch["skipped"]) and, in
+training, fills each lost sample with a repeat of a readable sample of the same shuffle block (a block with
+none borrows from the positions after it), so every rank still yields N full batches and resume stays
+exact. Val/test drop lost samples instead.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.data import layout, shards
+from pipeline.data.reader import Reader
+from pipeline.data.sources import SplitSource
+
+log = logging.getLogger(__name__)
+
+Item = tuple[str, np.ndarray, int | None, np.ndarray | None]  # key, image, label, factors
+
+
+class ShardStream(IterableDataset):
+    """One rank's batches of one split; pipeline.data.layout says which samples, in which order."""
+
+    def __init__(self, source: SplitSource, *, train: bool, batch_size: int, world_size: int, rank: int,
+                 lanes: int, seed: int, shuffle_buffer: int, num_batches: int | None, on_error: str):
+        self.source, self.train, self.batch_size = source, train, batch_size
+        self.world_size, self.rank, self.lanes, self.seed = world_size, rank, lanes, seed
+        self.on_error, self.num_batches = on_error, num_batches
+        self.block = layout.block_size(batch_size, shuffle_buffer) if train else batch_size
+        self.shuffle = train and shuffle_buffer > 0
+        self.epoch, self.start = 0, 0
+        self._iterated = False
+        if not train and source.counts is not None:  # exact split of the val/test samples
+            self.range = layout.eval_range(source.total, world_size, rank)
+            self.num_batches = layout.eval_num_batches(*self.range, batch_size)
+
+    def set_position(self, epoch: int, start: int) -> None:
+        """Called in the main process before workers start: new workers copy it."""
+        self.epoch, self.start, self._iterated = epoch, start, False
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._iterated:  # a persistent worker's copy: each further pass is the next epoch, from batch 0
+            self.epoch, self.start = self.epoch + 1, 0
+        self._iterated = True
+        info = get_worker_info()
+        w, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers != self.lanes:
+            raise RuntimeError(f"ShardStream built for {self.lanes} lanes runs in {workers} workers")
+        lane = layout.worker_lane(self.start, w, self.lanes)
+        reader = Reader(self.source.urls, self.on_error)
+        try:
+            if self.source.counts is None:
+                yield from self._batches_streaming(reader, lane)
+            elif self.train:
+                yield from self._train_batches(reader, lane)
+            else:
+                yield from self._eval_batches(reader, lane)
+        finally:
+            reader.close()
+
+    # ---- items and batches
+    def _decode(self, raw: dict | None) -> Item | None:
+        if raw is None:
+            return None
+        try:
+            image, label, factors = shards.decode_sample(raw)
+            if self.source.shape is not None and tuple(image.shape) != tuple(self.source.shape):
+                raise ValueError(f"image shape {tuple(image.shape)}, expected {tuple(self.source.shape)}")
+            return raw["__key__"], image, label, factors
+        except (ValueError, KeyError) as e:
+            message = f"sample {raw.get('__key__')!r}: {e}"
+            if self.on_error == "raise":
+                raise shards.ShardFormatError(message) from None
+            log.warning("skipping sample: %s", message)
+            return None
+
+    def _collate(self, items: list[Item], skipped: int) -> dict:
+        batch = {"image": torch.from_numpy(np.stack([it[1] for it in items])),
+                 "key": [it[0] for it in items], "skipped": skipped}
+        if items[0][2] is not None:
+            if any(it[2] is None for it in items):
+                raise shards.ShardFormatError(f"{self.source.origin}: some samples lack label.cls")
+            batch["label"] = torch.tensor([it[2] for it in items], dtype=torch.int64)
+        if items[0][3] is not None:
+            batch["factors"] = torch.from_numpy(np.stack([it[3] for it in items]).astype(np.float32))
+        return batch
+
+    def _fill(self, items: list[Item | None], more: Callable[[], list[Item]]) -> tuple[list[Item], list[bool]]:
+        """Replace unreadable samples by repeats of this block's readable ones; a block with none borrows
+        from the positions after it (`more`). Both depend on positions only, so resume sees the same."""
+        filled = [it is None for it in items]
+        if not any(filled):
+            return items, filled
+        donors = [it for it in items if it is not None] or more()
+        out, j = [], 0
+        for it in items:
+            if it is None:
+                it, j = donors[j % len(donors)], j + 1
+            out.append(it)
+        return out, filled
+
+    def _emit_block(self, items: list[Item | None], block: layout.Block,
+                    more: Callable[[], list[Item]]) -> Iterator[dict]:
+        items, filled = self._fill(items, more)
+        for idx in block.batches:
+            yield self._collate([items[i] for i in idx], sum(filled[i] for i in idx))
+
+    def _blocks(self, lane: int, key_base: int) -> Iterator[layout.Block]:
+        return layout.lane_blocks(lane=lane, lanes=self.lanes, num_batches=self.num_batches,
+                                  batch_size=self.batch_size, block=self.block, start=self.start,
+                                  seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, key_base=key_base)
+
+    # ---- sample counts known
+    def _train_batches(self, reader: Reader, lane: int) -> Iterator[dict]:
+        counts = np.asarray(self.source.counts, dtype=np.int64)
+        order = layout.shard_order(self.seed, self.epoch, len(counts))
+        base, _ = layout.lane_span(self.rank, lane, self.num_batches, self.lanes, self.batch_size)
+
+        def read(lo: int, hi: int, rd: Reader = reader) -> list[Item | None]:
+            return [self._decode(raw) for shard, a, b in layout.segments(counts, order, lo, hi)
+                    for raw in rd.read(shard, a, b)]
+
+        def lookahead(pos: int) -> list[Item]:  # donors for a block with no readable sample
+            rd, total = Reader(self.source.urls, self.on_error), int(counts.sum())
+            try:
+                for lo in range(pos, pos + total, self.block):
+                    good = [it for it in read(lo, min(lo + self.block, pos + total), rd) if it is not None]
+                    if good:
+                        return good
+            finally:
+                rd.close()
+            raise shards.ShardFormatError(f"{self.source.origin}: no readable training sample at all")
+
+        for blk in self._blocks(lane, key_base=base):
+            yield from self._emit_block(read(base + blk.lo, base + blk.hi), blk,
+                                        lambda pos=base + blk.hi: lookahead(pos))
+
+    def _eval_batches(self, reader: Reader, lane: int) -> Iterator[dict]:
+        counts = np.asarray(self.source.counts, dtype=np.int64)
+        order = np.arange(len(counts))
+        for a, b in layout.eval_batches(*self.range, lane=lane, lanes=self.lanes, batch_size=self.batch_size):
+            items = [self._decode(r) for s, x, y in layout.segments(counts, order, a, b) for r in reader.read(s, x, y)]
+            good = [it for it in items if it is not None]
+            if good:
+                yield self._collate(good, len(items) - len(good))
+
+    # ---- streaming (sample counts unknown)
+    def _stream_items(self, reader: Reader, lane: int) -> Iterator[dict | None]:
+        """This slot's raw samples, cycling through the epoch for training."""
+        slot = layout.slot_of(self.rank, lane, self.lanes)
+        cycle = 0
+        while True:
+            urls, stride, offset = layout.stream_cycle(len(self.source.urls), slot=slot,
+                                                       slots=self.world_size * self.lanes, seed=self.seed,
+                                                       epoch=self.epoch, cycle=cycle, permute=self.train)
+            produced = i = 0
+            for s in urls:
+                for raw in reader.read(s, 0, None):
+                    if i % stride == offset:
+                        produced += 1
+                        yield raw
+                    i += 1
+            if not self.train:
+                return
+            if produced == 0:
+                raise shards.ShardFormatError(f"{self.source.origin}: slot {slot} read no samples in a full "
+                                              "pass; the shards are empty or unreadable")
+            cycle += 1
+
+    def _batches_streaming(self, reader: Reader, lane: int) -> Iterator[dict]:
+        stream = self._stream_items(reader, lane)
+        if not self.train:
+            items: list[Item] = []
+            for raw in stream:
+                it = self._decode(raw)
+                if it is not None:
+                    items.append(it)
+                if len(items) == self.batch_size:
+                    yield self._collate(items, 0)
+                    items = []
+            if items:
+                yield self._collate(items, 0)
+            return
+
+        def more(pos: int) -> list[Item]:  # donors for an unreadable block: the stream after it
+            ahead = self._stream_items(Reader(self.source.urls, self.on_error), lane)
+            for i, raw in enumerate(ahead):
+                if i >= pos and (it := self._decode(raw)) is not None:
+                    return [it]
+                if i >= pos + 100 * self.block:
+                    break
+            raise shards.ShardFormatError(f"{self.source.origin}: no readable training sample at all")
+
+        pos = 0  # samples of the slot's stream consumed so far
+        for blk in self._blocks(lane, key_base=layout.stream_key_base(self.rank, lane, self.lanes)):
+            for _ in range(blk.lo - pos):  # resume: skip whole blocks undecoded
+                next(stream)
+            items = [self._decode(next(stream)) for _ in range(blk.hi - blk.lo)]
+            pos = blk.hi
+            yield from self._emit_block(items, blk, lambda hi=blk.hi: more(hi))
