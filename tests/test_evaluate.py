@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.evaluate import EvalError, evaluate, evaluate_batches, main, summarize
+from pipeline.analysis.evaluate import EvalError, evaluate, evaluate_batches, main, summarize
 from pipeline.shards import load_manifest
 from tests.conftest import run_train
 
@@ -100,7 +100,7 @@ def test_results_go_to_the_runs_wandb_summary(trained_run, monkeypatch):
 
 
 def test_mig_is_computed_when_batches_carry_factors():
-    from pipeline.disentangle import mig
+    from pipeline.analysis.disentangle import mig
     from pipeline.module import VAEModule
 
     torch.manual_seed(0)

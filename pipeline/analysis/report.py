@@ -172,10 +172,10 @@ def traversal_grids(run_dir: Path, out_dir: Path, num_images: int = 8, traversal
     import torch
     from PIL import Image
 
+    from pipeline.analysis.evaluate import load_module
     from pipeline.callbacks import image_grid
     from pipeline.config import load_config
     from pipeline.datamodule import ShardDataModule
-    from pipeline.evaluate import load_module
     from pipeline.objectives import decoder_mean
 
     cfg = load_config([run_dir / "config.yaml"])
@@ -248,7 +248,7 @@ def report(run_dirs: Sequence[str | Path], out: Optional[Path] = None, traverse:
         else:
             notes.append(f"No traversal grids: no checkpoint at `{tdir / 'checkpoints' / 'last.ckpt'}`.")
     md = ["# Run comparison", "", "Nats per example (summed over pixels and latent dims); rate = KL, "
-          "distortion = reconstruction NLL; MIG from ground-truth factors (pipeline/disentangle.py).", "", table]
+          "distortion = reconstruction NLL; MIG from ground-truth factors (pipeline/analysis/disentangle.py).", "", table]
     md += ["![rate-distortion](rate_distortion.png)", "", "![vs beta](vs_beta.png)", ""]
     if "traversals" in files:
         md += ["![traversals](traversals.png)", ""]

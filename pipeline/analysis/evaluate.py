@@ -20,7 +20,7 @@ split, each counted exactly once:
   active_units         latent dims with Var_x(E_q[z_d|x]) > 0.01 (Burda et al. 2016)
   kl_per_dim           [D] mean KL of each latent dim
   mig, mig_per_factor  Mutual Information Gap of the mean codes against the ground-truth factors
-                       (dSprites), when the data has them; estimator in pipeline/disentangle.py
+                       (dSprites), when the data has them; estimator in pipeline/analysis/disentangle.py
 Written to eval.json next to the checkpoint (replacing an earlier one), printed as a table, and added
 to the run's W&B summary under `eval/<split>/...` (resuming the run id in RUN_DIR/wandb_run_id.txt)
 when W&B is enabled in the config (pipeline.tracking.resolve_wandb_mode).
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from pipeline import objectives
-from pipeline.disentangle import mig
+from pipeline.analysis.disentangle import mig
 
 SPLITS = ("train", "val", "test")
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016
@@ -293,7 +293,7 @@ def evaluate(target: str | os.PathLike, split: str = "test", iwae_samples: int =
     results.update(checkpoint=str(ckpt), global_step=step, split=split, iwae_samples=iwae_samples,
                    beta=float(cfg.objective.beta), latent_dim=int(module.vae.latent_dim),
                    seconds=round(time.time() - started, 2), units="nats per example",
-                   mig_estimator="pipeline.disentangle.mig: mean codes, 20 equal-width bins per dim")
+                   mig_estimator="pipeline.analysis.disentangle.mig: mean codes, 20 equal-width bins per dim")
     write_json_atomic(ckpt.parent / "eval.json", results)
     results["wandb"] = log_to_wandb(cfg, run_dir, results) if wandb_log else "not requested"
     return results

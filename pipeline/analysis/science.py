@@ -64,8 +64,8 @@ def sweep(out: Path, betas: Sequence[float] = DEFAULT_BETAS, steps: int = 1500, 
     """Train and evaluate one run per beta under OUT; returns one row per run (see `table`)."""
     import torch
 
+    from pipeline.analysis.evaluate import evaluate
     from pipeline.config import load_config
-    from pipeline.evaluate import evaluate
     from pipeline.prepare import prepare
     from pipeline.shards import MANIFEST
     from pipeline.train import train
@@ -77,7 +77,7 @@ def sweep(out: Path, betas: Sequence[float] = DEFAULT_BETAS, steps: int = 1500, 
         # training objective, so held-out distortion only follows it when the gap stays small.
         prepare("dsprites", data, limit=limit, seed=seed, val_fraction=HELD_OUT, test_fraction=HELD_OUT,
                 progress=progress)
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     rows = []
     for beta in betas:
         run_dir = out / f"beta{beta:g}"
@@ -112,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("--betas needs at least two values")
     rows = sweep(args.out, args.betas, args.steps, args.limit, args.iwae_samples, args.seed)
     if not args.no_report:
-        from pipeline.report import report
+        from pipeline.analysis.report import report
 
         report([r["dir"] for r in rows], out=args.out / "report", wandb_log=False)
     problems = check(rows, args.slack)

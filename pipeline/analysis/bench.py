@@ -55,7 +55,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "dsprites": {"config": "configs/dsprites_beta.yaml", "dataset": "dsprites", "limit": 6000, "steps": 40,
                  "warmup": 5},
 }
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FAR = 10**9  # a step interval that never fires inside the timed window
 
 
@@ -247,7 +247,7 @@ def measure_raw_read(root: Path, samples: int) -> Dict[str, float]:
 def measure_ddp(preset: str, root: Path, devices: int, steps: int, warmup: int, work: Path) -> Dict[str, float]:
     """Pipeline images/s (all ranks) with `devices` CPU ranks (ddp, gloo), in a fresh process tree."""
     out = work / f"ddp{devices}.json"
-    cmd = [sys.executable, "-m", "pipeline.bench", "--_worker", str(out), "--presets", preset,
+    cmd = [sys.executable, "-m", "pipeline.analysis.bench", "--_worker", str(out), "--presets", preset,
            "--data-dir", str(root.parent), "--steps", str(steps), "--warmup", str(warmup),
            "--_devices", str(devices), "--_run-dir", str(work / f"run-ddp{devices}")]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE",
