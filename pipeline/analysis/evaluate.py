@@ -32,7 +32,6 @@ one-line message naming the file.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -45,8 +44,8 @@ import torch
 
 from pipeline import objectives
 from pipeline.analysis.disentangle import mig
+from pipeline.files import SPLITS, write_json_atomic
 
-SPLITS = ("train", "val", "test")
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016
 
 
@@ -231,12 +230,6 @@ def format_table(r: Dict[str, Any]) -> str:
         lines.append("mig_per_factor        " + " ".join(
             f"{n}={'-' if v is None else f'{v:.3f}'}" for n, v in zip(r["factor_names"], r["mig_per_factor"])))
     return "\n".join(lines)
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def log_to_wandb(cfg, run_dir: Optional[Path], results: Dict[str, Any]) -> str:
