@@ -37,16 +37,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from pipeline import objectives
 from pipeline.analysis.disentangle import mig
 from pipeline.files import SPLITS, write_json_atomic
-
-ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016
 
 
 class EvalError(Exception):
@@ -107,52 +104,26 @@ def load_eval_config(run_dir: Optional[Path], ckpt: Path, files: Sequence[str] =
 
 
 # ------------------------------------------------------------------------------------- the math
-class EvalSums:
-    """Running float64 sums over examples (exact means however the split is batched) plus the mean codes
-    and factors kept for MIG."""
+def summarize(sums, num_dims: int, factor_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Means per example (nats), bits/dim, active units, KL per dim and MIG from the running sums (the
+    ExactSums metric of VAEModule that `evaluate_batches` returns)."""
+    from pipeline.module import active_units
 
-    def __init__(self, latent_dim: int):
-        self.count = 0
-        self.sums = {k: 0.0 for k in ("elbo", "recon", "kl", "iwae")}
-        self.kl_dim = np.zeros(latent_dim)
-        self.mu = np.zeros(latent_dim)
-        self.mu_sq = np.zeros(latent_dim)
-        self.codes: List[np.ndarray] = []
-        self.factors: List[np.ndarray] = []
-
-    def update(self, terms: Dict[str, torch.Tensor], iwae: torch.Tensor, factors: Optional[torch.Tensor]) -> None:
-        self.count += int(terms["elbo"].shape[0])
-        for k in ("elbo", "recon", "kl"):
-            self.sums[k] += terms[k].double().sum().item()
-        self.sums["iwae"] += iwae.double().sum().item()
-        mu = terms["mu"].double().cpu().numpy()
-        self.kl_dim += terms["kl_per_dim"].double().sum(0).cpu().numpy()
-        self.mu += mu.sum(0)
-        self.mu_sq += (mu ** 2).sum(0)
-        if factors is not None:
-            self.codes.append(mu.astype(np.float32))
-            self.factors.append(factors.detach().cpu().numpy())
-
-
-def summarize(s: EvalSums, num_dims: int, factor_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Means per example (nats), bits/dim, active units, KL per dim and MIG from the running sums."""
-    n = s.count
-    if n == 0:
+    mean = sums.means()
+    if mean is None:
         raise EvalError("the split has no examples")
-    mean = {k: v / n for k, v in s.sums.items()}
-    mu_var = s.mu_sq / n - (s.mu / n) ** 2  # population variance over examples, float64
     out: Dict[str, Any] = {
-        "num_examples": n,
-        "elbo": mean["elbo"], "iwae": mean["iwae"], "recon": mean["recon"], "kl": mean["kl"],
-        "bits_per_dim_elbo": -mean["elbo"] / (num_dims * math.log(2)),
-        "bits_per_dim_iwae": -mean["iwae"] / (num_dims * math.log(2)),
-        "active_units": int((mu_var > ACTIVE_UNIT_THRESHOLD).sum()),
-        "kl_per_dim": (s.kl_dim / n).tolist(),
-        "mu_variance_per_dim": mu_var.tolist(),
+        "num_examples": mean["count"],
+        **{k: mean[k].item() for k in ("elbo", "iwae", "recon", "kl")},
+        "bits_per_dim_elbo": float(objectives.bits_per_dim(-mean["elbo"], num_dims)),
+        "bits_per_dim_iwae": float(objectives.bits_per_dim(-mean["iwae"], num_dims)),
+        "active_units": active_units(mean["mu_variance"]),
+        "kl_per_dim": mean["kl_dim"].tolist(),
+        "mu_variance_per_dim": mean["mu_variance"].tolist(),
         "mig": None, "mig_per_factor": None, "factor_names": None,
     }
-    if s.codes and len(s.kl_dim) >= 2:
-        result = mig(np.concatenate(s.codes), np.concatenate(s.factors))
+    if "codes" in mean and len(out["kl_per_dim"]) >= 2:
+        result = mig(mean["codes"].cpu().numpy(), mean["factors"].cpu().numpy())
         f = len(result["per_factor"])
         names = list(factor_names) if factor_names and len(factor_names) == f else [f"factor_{i}" for i in range(f)]
         out.update(mig=result["mig"], factor_names=names, mig_bins=result["bins"],
@@ -162,15 +133,18 @@ def summarize(s: EvalSums, num_dims: int, factor_names: Optional[Sequence[str]] 
 
 @torch.no_grad()
 def evaluate_batches(module, batches: Iterable[Dict[str, Any]], iwae_samples: int, chunk_size: Optional[int] = None,
-                     total: Optional[int] = None, progress: bool = True) -> EvalSums:
+                     total: Optional[int] = None, progress: bool = True):
     """Evaluate `module` (a VAEModule) over dict batches (uint8 `image` [B, C, H, W], optional `factors`
     [B, F]). Each batch is converted to float once (binarised as in training), and the same x feeds the
-    ELBO and the IWAE bound. Returns the running sums (see `summarize`)."""
+    ELBO and the IWAE bound (VAEModule.evaluation_terms, as in validation). Returns the running sums, an
+    ExactSums metric keeping the mean codes for MIG (see `summarize`)."""
     from tqdm import tqdm
+
+    from pipeline.module import ExactSums
 
     module.eval()
     device = module.device
-    sums = EvalSums(module.vae.latent_dim)
+    sums = ExactSums(module.vae.latent_dim, keep_codes=True).to(device)
     bar = tqdm(total=total, unit="img", desc=f"evaluate (K={iwae_samples})", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
     with bar:
@@ -179,12 +153,7 @@ def evaluate_batches(module, batches: Iterable[Dict[str, Any]], iwae_samples: in
             if image.dtype != torch.uint8 or tuple(image.shape[1:]) != tuple(module.input_shape):
                 raise EvalError(f"data gives {image.dtype} images of shape {tuple(image.shape[1:])}, the model "
                                 f"expects uint8 {tuple(module.input_shape)}")
-            x = module.to_float(image)
-            params, mu, logvar, _ = module.vae(x)
-            terms = objectives.elbo_terms(x, params, mu, logvar, module.model_cfg.likelihood,
-                                          module.model_cfg.gaussian_sigma)
-            terms["mu"] = mu
-            iwae = module.iwae(x, iwae_samples, chunk_size)
+            terms, iwae = module.evaluation_terms(module.to_float(image), iwae_samples, chunk_size)
             sums.update(terms, iwae, batch.get("factors"))
             bar.update(image.shape[0])
     return sums
@@ -279,8 +248,9 @@ def evaluate(target: str | os.PathLike, split: str = "test", iwae_samples: int =
         sums = evaluate_batches(module, batches, iwae_samples, chunk_size, total=expected, progress=progress)
     except ShardFormatError as e:  # a corrupt shard met mid-way (data.on_error=raise)
         raise EvalError(f"cannot read the {split} data: {e}") from None
-    if expected is not None and sums.count != expected:
-        raise EvalError(f"read {sums.count} examples of split {split!r} but the manifest says {expected}")
+    count = int(sums.count.item())
+    if expected is not None and count != expected:
+        raise EvalError(f"read {count} examples of split {split!r} but the manifest says {expected}")
     factor_names = (meta.get("factors") or {}).get("names") if isinstance(meta.get("factors"), dict) else None
     results = summarize(sums, module.num_dims, factor_names)
     results.update(checkpoint=str(ckpt), global_step=step, split=split, iwae_samples=iwae_samples,
