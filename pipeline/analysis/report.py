@@ -168,15 +168,14 @@ def traversal_grids(run_dir: Path, out_dir: Path, num_images: int = 8, traversal
                     steps: int = 9, max_dims: int = 10) -> Dict[str, Path]:
     """PNG grids from RUN_DIR's last checkpoint: reconstructions of the first validation images (input,
     reconstruction pairs), 64 prior samples, and traversals of the first image's mean code, one row per
-    latent dim from -range to +range (the layout of training's ImageLogger). Needs the checkpoint and data."""
+    latent dim from -range to +range: training's ImageLogger.make_grids. Needs the checkpoint and data."""
     import torch
     from PIL import Image
 
     from pipeline.analysis.evaluate import load_module
-    from pipeline.callbacks import image_grid
+    from pipeline.callbacks import ImageLogger
     from pipeline.config import load_config
     from pipeline.datamodule import ShardDataModule
-    from pipeline.objectives import decoder_mean
 
     cfg = load_config([run_dir / "config.yaml"])
     module, _ = load_module(run_dir / "checkpoints" / "last.ckpt", torch.device("cpu"))
@@ -185,17 +184,9 @@ def traversal_grids(run_dir: Path, out_dir: Path, num_images: int = 8, traversal
     dm = ShardDataModule(data_cfg)
     split = "val" if dm.source("val") is not None else "train"
     batch = next(iter(dm.loader(split, train=False)))
-    x = batch["image"][:num_images].float() / 255.0
-    gen = torch.Generator().manual_seed(0)  # the same prior draw for every run compared
-    with torch.no_grad():
-        recon = module.reconstruct(x)
-        pairs = torch.stack([x, recon], dim=1).flatten(0, 1)
-        z = torch.randn(64, module.vae.latent_dim, generator=gen)
-        samples = decoder_mean(module.vae.decode(z), module.model_cfg.likelihood)
-        dims = list(range(min(module.vae.latent_dim, max_dims)))
-        trav = module.traverse(x[:1], dims, torch.linspace(-traversal_range, traversal_range, steps).tolist())
-    grids = {"reconstructions": image_grid(pairs, nrow=min(2 * len(x), 16)), "samples": image_grid(samples, nrow=8),
-             "traversals": image_grid(trav, nrow=steps)}
+    # Training's grids (fixed prior draw, so every run compared gets the same z's), from this batch.
+    grids = ImageLogger(out_dir, every_n_steps=0, num_images=num_images, traversal_range=traversal_range,
+                        traversal_steps=steps, max_traversal_dims=max_dims).make_grids(module, batch["image"])
     paths = {}
     for name, grid in grids.items():
         paths[name] = out_dir / f"{name}.png"
