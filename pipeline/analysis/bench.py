@@ -47,6 +47,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from pipeline.files import write_json_atomic
+
 PRESETS: Dict[str, Dict[str, Any]] = {
     # name: the config file used as is, the recipe, the subset prepared for benchmarking, and default
     # timed / warm-up steps sized for ~3 minutes in all on 2 CPU cores (digits: ~3 ms per step;
@@ -268,7 +270,7 @@ def _worker(args) -> int:
                         "trainer.strategy=auto", "trainer.enable_progress_bar=false"])
     result = measure_pipeline(cfg, args.warmup, "cpu")
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        Path(args._worker).write_text(json.dumps({**result, "devices": args._devices}))
+        write_json_atomic(Path(args._worker), {**result, "devices": args._devices})  # whole, or not there
     return 0
 
 
@@ -426,7 +428,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _worker(args)
     result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(args.out, result)
     print(format_summary(result))
     print(f"# wrote {args.out}")
     return 0

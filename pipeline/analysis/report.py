@@ -97,13 +97,24 @@ def markdown_table(rows: Sequence[Dict[str, object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_rate_distortion(rows: Sequence[Dict[str, object]], path: Path) -> Path:
-    """Rate (KL) on y against distortion (recon NLL) on x, one labelled point per run; dashed lines are
-    constant ELBO (-ELBO = D + R), so moving along one trades rate for distortion at equal ELBO."""
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")  # files only; no display on compute nodes
     import matplotlib.pyplot as plt
+    return plt
 
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_rate_distortion(rows: Sequence[Dict[str, object]], path: Path) -> Path:
+    """Rate (KL) on y against distortion (recon NLL) on x, one labelled point per run; dashed lines are
+    constant ELBO (-ELBO = D + R), so moving along one trades rate for distortion at equal ELBO."""
+    plt = _pyplot()
     pts = sorted([r for r in rows if r.get("rate") is not None and r.get("distortion") is not None],
                  key=lambda r: r["beta"])
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
@@ -122,18 +133,12 @@ def plot_rate_distortion(rows: Sequence[Dict[str, object]], path: Path) -> Path:
     ax.set_xlabel("distortion: reconstruction NLL (nats / example)")
     ax.set_ylabel("rate: KL(q(z|x) || p(z)) (nats / example)")
     ax.set_title("Rate–distortion (dashed: constant ELBO)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_vs_beta(rows: Sequence[Dict[str, object]], path: Path) -> Path:
     """ELBO and IWAE (nats per example) and MIG against beta (log x axis when all betas are positive)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     pts = sorted(rows, key=lambda r: r["beta"])
     betas = [r["beta"] for r in pts]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.8))
@@ -158,10 +163,7 @@ def plot_vs_beta(rows: Sequence[Dict[str, object]], path: Path) -> Path:
             ax.set_xscale("log")
         ax.set_xticks(betas, [f"{b:g}" for b in betas])  # label the betas run, not powers of ten
         ax.minorticks_off()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def traversal_grids(run_dir: Path, out_dir: Path, num_images: int = 8, traversal_range: float = 3.0,
