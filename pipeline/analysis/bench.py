@@ -44,12 +44,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 from pipeline.files import write_json_atomic
 
-PRESETS: Dict[str, Dict[str, Any]] = {
+PRESETS: dict[str, dict[str, Any]] = {
     # name: the config file used as is, the recipe, the subset prepared for benchmarking, and default
     # timed / warm-up steps sized for ~3 minutes in all on 2 CPU cores (digits: ~3 ms per step;
     # dSprites conv: ~330 ms per step)
@@ -101,8 +102,8 @@ def make_timer(warmup: int, device: str):
 
     class StepTimer(Callback):
         def __init__(self):
-            self.start: Optional[float] = None
-            self.end: Optional[float] = None
+            self.start: float | None = None
+            self.end: float | None = None
             self.images = 0
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -116,7 +117,7 @@ def make_timer(warmup: int, device: str):
                 else:
                     self.end = now
 
-        def result(self) -> Dict[str, float]:
+        def result(self) -> dict[str, float]:
             if self.start is None or self.end is None:
                 raise RuntimeError("the timed window never closed: increase --steps")
             seconds = self.end - self.start
@@ -126,7 +127,7 @@ def make_timer(warmup: int, device: str):
 
 
 def measure_pipeline(cfg, warmup: int, device: str, compile_model: bool = False,
-                     torch_threads: Optional[int] = None) -> Dict[str, float]:
+                     torch_threads: int | None = None) -> dict[str, float]:
     """Images/s of pipeline.train's Trainer (its callbacks and CSV logger) over the ShardDataModule.
     torch_threads: intra-op threads of this process for the run (an ablation); None leaves them."""
     import lightning.pytorch as pl
@@ -174,7 +175,7 @@ def load_train_images(root: Path):
 
 
 def measure_bare(cfg, images, warmup: int, steps: int, device: str, precision: str = "32-true",
-                 compile_model: bool = False) -> Dict[str, float]:
+                 compile_model: bool = False) -> dict[str, float]:
     """Images/s of a plain PyTorch loop: the same VAE, AdamW, batch size and loss (recon mean + KL weight
     x KL from pipeline.objectives / schedules), batches sliced from an in-memory uint8 tensor [N, C, H, W]
     by a fresh permutation each epoch, moved to the device and scaled there."""
@@ -215,7 +216,7 @@ def measure_bare(cfg, images, warmup: int, steps: int, device: str, precision: s
     return {"images": steps * B, "seconds": seconds, "images_per_s": steps * B / seconds}
 
 
-def measure_loader(cfg, batches: int, warmup: int) -> Dict[str, float]:
+def measure_loader(cfg, batches: int, warmup: int) -> dict[str, float]:
     """Samples/s of the training loader alone (pipeline.datamodule.loader_throughput)."""
     from pipeline.datamodule import loader_throughput
 
@@ -223,7 +224,7 @@ def measure_loader(cfg, batches: int, warmup: int) -> Dict[str, float]:
     return {"samples": r["samples"], "seconds": r["seconds"], "samples_per_s": r["samples_per_s"]}
 
 
-def measure_raw_read(root: Path, samples: int) -> Dict[str, float]:
+def measure_raw_read(root: Path, samples: int) -> dict[str, float]:
     """Samples/s of reading the training shards' samples as raw bytes (tar members grouped by key, no
     decoding), cycling over the shards until `samples` are read, one process."""
     from pipeline import shards
@@ -246,7 +247,7 @@ def measure_raw_read(root: Path, samples: int) -> Dict[str, float]:
     return {"samples": count, "bytes": nbytes, "seconds": seconds, "samples_per_s": count / seconds}
 
 
-def measure_ddp(preset: str, root: Path, devices: int, steps: int, warmup: int, work: Path) -> Dict[str, float]:
+def measure_ddp(preset: str, root: Path, devices: int, steps: int, warmup: int, work: Path) -> dict[str, float]:
     """Pipeline images/s (all ranks) with `devices` CPU ranks (ddp, gloo), in a fresh process tree."""
     out = work / f"ddp{devices}.json"
     cmd = [sys.executable, "-m", "pipeline.analysis.bench", "--_worker", str(out), "--presets", preset,
@@ -254,7 +255,7 @@ def measure_ddp(preset: str, root: Path, devices: int, steps: int, warmup: int, 
            "--_devices", str(devices), "--_run-dir", str(work / f"run-ddp{devices}")]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE",
                                                                     "MASTER_", "SLURM_"))}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800, check=False)
     if proc.returncode != 0 or not out.is_file():
         tail = (proc.stdout[-1500:] + proc.stderr[-3000:]).strip()
         raise RuntimeError(f"DDP bench with {devices} ranks failed ({proc.returncode}):\n{tail}")
@@ -275,7 +276,7 @@ def _worker(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------ driver
-def _median(runs: List[Dict[str, float]], key: str) -> Dict[str, Any]:
+def _median(runs: list[dict[str, float]], key: str) -> dict[str, Any]:
     vals = [r[key] for r in runs]
     return {key: statistics.median(vals), "runs": [round(v, 1) for v in vals]}
 
@@ -284,7 +285,7 @@ def _ratio(a: float, b: float) -> float:
     return round(a / b, 4) if b else math.nan
 
 
-def bench_preset(preset: str, args, work: Path, log) -> Dict[str, Any]:
+def bench_preset(preset: str, args, work: Path, log) -> dict[str, Any]:
     import torch
 
     load_before = os.getloadavg()[0]  # other work on the machine skews both sides; recorded, not hidden
@@ -293,11 +294,11 @@ def bench_preset(preset: str, args, work: Path, log) -> Dict[str, Any]:
     warmup = args.warmup or PRESETS[preset]["warmup"]
     cfg = bench_config(preset, root, work / f"run-{preset}", args.device, steps, warmup)
     images = load_train_images(root)
-    res: Dict[str, Any] = {"config": PRESETS[preset]["config"], "batch_size": cfg.data.batch_size,
+    res: dict[str, Any] = {"config": PRESETS[preset]["config"], "batch_size": cfg.data.batch_size,
                            "arch": cfg.model.arch, "input_shape": list(images.shape[1:]),
                            "train_images": len(images), "num_workers": cfg.data.num_workers,
                            "steps": steps, "warmup": warmup}
-    ratios: Dict[str, float] = {}
+    ratios: dict[str, float] = {}
 
     variants = [("", "32-true", False)]
     bf16 = args.bf16 or args.device.startswith("cuda")
@@ -353,7 +354,7 @@ def bench_preset(preset: str, args, work: Path, log) -> Dict[str, Any]:
     return res
 
 
-def run(args) -> Dict[str, Any]:
+def run(args) -> dict[str, Any]:
     import lightning
     import torch
 
@@ -379,9 +380,9 @@ def run(args) -> Dict[str, Any]:
     return result
 
 
-def format_summary(result: Dict[str, Any]) -> str:
-    lines = [f"# bench on {result['device']} ({result['cpu_count']} cpus, torch {result['torch']}), "
-             f"{result['seconds']} s, load avg {result['load_average_1min']:.1f}"]
+def format_summary(result: dict[str, Any]) -> str:
+    lines = [(f"# bench on {result['device']} ({result['cpu_count']} cpus, torch {result['torch']}), "
+              f"{result['seconds']} s, load avg {result['load_average_1min']:.1f}")]
     for name, r in result["presets"].items():
         lines.append(f"{name} ({r['arch']}, batch {r['batch_size']}, {r['num_workers']} workers, "
                      f"{r['torch_threads']} intra-op threads; load avg {r['load_average_before']:.1f} before):")
@@ -403,7 +404,7 @@ def format_summary(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--device", default="cpu", help="cpu | cuda")

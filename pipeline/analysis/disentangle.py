@@ -25,8 +25,6 @@ depend on the order of the latent dims or of the examples. Needs D >= 2.
 """
 from __future__ import annotations
 
-from typing import Dict
-
 import numpy as np
 
 
@@ -79,7 +77,7 @@ def mutual_info_matrix(code_labels: np.ndarray, factor_labels_: np.ndarray) -> n
     return np.array([[mutual_info(code_labels[:, j], factor_labels_[:, k]) for k in range(f)] for j in range(d)])
 
 
-def mig(codes: np.ndarray, factors: np.ndarray, bins: int = 20, max_factor_values: int = 64) -> Dict[str, object]:
+def mig(codes: np.ndarray, factors: np.ndarray, bins: int = 20, max_factor_values: int = 64) -> dict[str, object]:
     """Mutual Information Gap of mean codes [N, D] against ground-truth factors [N, F] (see module doc).
 
     Returns {"mig": float (mean over non-constant factors), "per_factor": [F] floats (NaN when constant),
@@ -103,5 +101,5 @@ def mig(codes: np.ndarray, factors: np.ndarray, bins: int = 20, max_factor_value
         "mi": mi.tolist(),
         "factor_entropy": h.tolist(),
         "bins": bins,
-        "num_examples": int(len(codes)),
+        "num_examples": len(codes),
     }

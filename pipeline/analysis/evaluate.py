@@ -36,8 +36,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 
@@ -51,7 +52,7 @@ class EvalError(Exception):
 
 
 # ------------------------------------------------------------------------------------- the inputs
-def resolve_checkpoint(target: str | os.PathLike) -> Tuple[Path, Optional[Path]]:
+def resolve_checkpoint(target: str | os.PathLike) -> tuple[Path, Path | None]:
     """RUN_DIR or .ckpt -> (checkpoint path, run dir or None). A checkpoint in RUN_DIR/checkpoints/
     belongs to RUN_DIR."""
     path = Path(target)
@@ -69,7 +70,7 @@ def load_module(ckpt: Path, device: torch.device):
 
     try:  # plain containers only (VAEModule saves no omegaconf objects): no code runs on load
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- any unreadable file (pickle, zip, EOF, OS errors) is one message
         raise EvalError(f"incompatible checkpoint {ckpt}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
     hparams = state.get("hyper_parameters") if isinstance(state, dict) else None
     needed = ("model", "objective", "optim", "input_shape", "max_steps")
@@ -87,7 +88,7 @@ def load_module(ckpt: Path, device: torch.device):
     return module.eval().to(device), int(state.get("global_step", -1))
 
 
-def load_eval_config(run_dir: Optional[Path], ckpt: Path, files: Sequence[str] = (), overrides: Sequence[str] = ()):
+def load_eval_config(run_dir: Path | None, ckpt: Path, files: Sequence[str] = (), overrides: Sequence[str] = ()):
     """The run's config (RUN_DIR/config.yaml) <- extra YAML files <- overrides. The checkpoint's own
     hyperparameters hold the model but not the data section, so without config.yaml the data must come
     from the files / overrides given (e.g. `data.root=...`)."""
@@ -104,7 +105,7 @@ def load_eval_config(run_dir: Optional[Path], ckpt: Path, files: Sequence[str] =
 
 
 # ------------------------------------------------------------------------------------- the math
-def summarize(sums, num_dims: int, factor_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def summarize(sums, num_dims: int, factor_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Means per example (nats), bits/dim, active units, KL per dim and MIG from the running sums (the
     ExactSums metric of VAEModule that `evaluate_batches` returns)."""
     from pipeline.module import active_units
@@ -112,7 +113,7 @@ def summarize(sums, num_dims: int, factor_names: Optional[Sequence[str]] = None)
     mean = sums.means()
     if mean is None:
         raise EvalError("the split has no examples")
-    out: Dict[str, Any] = {
+    out: dict[str, Any] = {
         "num_examples": mean["count"],
         **{k: mean[k].item() for k in ("elbo", "iwae", "recon", "kl")},
         "bits_per_dim_elbo": float(objectives.bits_per_dim(-mean["elbo"], num_dims)),
@@ -132,8 +133,8 @@ def summarize(sums, num_dims: int, factor_names: Optional[Sequence[str]] = None)
 
 
 @torch.no_grad()
-def evaluate_batches(module, batches: Iterable[Dict[str, Any]], iwae_samples: int, chunk_size: Optional[int] = None,
-                     total: Optional[int] = None, progress: bool = True):
+def evaluate_batches(module, batches: Iterable[dict[str, Any]], iwae_samples: int, chunk_size: int | None = None,
+                     total: int | None = None, progress: bool = True):
     """Evaluate `module` (a VAEModule) over dict batches (uint8 `image` [B, C, H, W], optional `factors`
     [B, F]). Each batch is converted to float once (binarised as in training), and the same x feeds the
     ELBO and the IWAE bound (VAEModule.evaluation_terms, as in validation). Returns the running sums, an
@@ -160,7 +161,7 @@ def evaluate_batches(module, batches: Iterable[Dict[str, Any]], iwae_samples: in
 
 
 # ------------------------------------------------------------------------------------- the data
-def split_batches(data_cfg, split: str, batch_size: int) -> Tuple[Iterable[Dict[str, Any]], Optional[int], dict]:
+def split_batches(data_cfg, split: str, batch_size: int) -> tuple[Iterable[dict[str, Any]], int | None, dict]:
     """(the split's batches, every example exactly once: ShardDataModule's unshuffled evaluation
     loader at world size 1; the split's example count from its manifest, or None; the manifest's
     metadata, e.g. factor names)."""
@@ -185,7 +186,7 @@ def split_batches(data_cfg, split: str, batch_size: int) -> Tuple[Iterable[Dict[
 
 
 # ------------------------------------------------------------------------------------- the outputs
-def format_table(r: Dict[str, Any]) -> str:
+def format_table(r: dict[str, Any]) -> str:
     lines = [f"{'metric':<22}{'value':>14}", "-" * 36]
     for key, unit in (("elbo", "nats"), ("iwae", "nats"), ("recon", "nats"), ("kl", "nats"),
                       ("bits_per_dim_elbo", "bits"), ("bits_per_dim_iwae", "bits"), ("active_units", ""),
@@ -201,7 +202,7 @@ def format_table(r: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def log_to_wandb(cfg, run_dir: Optional[Path], results: Dict[str, Any]) -> str:
+def log_to_wandb(cfg, run_dir: Path | None, results: dict[str, Any]) -> str:
     """Add the scalar results to the run's W&B summary (same run id, same mode); returns what happened."""
     from pipeline.tracking import WANDB_ID_FILE, resolve_wandb_mode
 
@@ -227,9 +228,9 @@ def log_to_wandb(cfg, run_dir: Optional[Path], results: Dict[str, Any]) -> str:
     return mode
 
 
-def evaluate(target: str | os.PathLike, split: str = "test", iwae_samples: int = 5000, batch_size: Optional[int] = None,
-             files: Sequence[str] = (), overrides: Sequence[str] = (), device: Optional[str] = None,
-             chunk_size: Optional[int] = None, progress: bool = True, wandb_log: bool = True) -> Dict[str, Any]:
+def evaluate(target: str | os.PathLike, split: str = "test", iwae_samples: int = 5000, batch_size: int | None = None,
+             files: Sequence[str] = (), overrides: Sequence[str] = (), device: str | None = None,
+             chunk_size: int | None = None, progress: bool = True, wandb_log: bool = True) -> dict[str, Any]:
     """Evaluate a run dir or checkpoint; writes eval.json next to the checkpoint and returns its contents."""
     if split not in SPLITS:
         raise EvalError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -262,7 +263,7 @@ def evaluate(target: str | os.PathLike, split: str = "test", iwae_samples: int =
     return results
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0],
@@ -279,8 +280,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_intermixed_args(argv)  # overrides may come after the options too
     try:
-        from pipeline.config import ConfigError
         from pipeline.cli import split_argv
+        from pipeline.config import ConfigError
 
         try:
             files, overrides = split_argv(args.config)

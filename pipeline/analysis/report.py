@@ -23,24 +23,24 @@ import csv
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, Optional, Sequence
 
 METRIC_COLUMNS = {"elbo": "val/elbo", "iwae": "val/iwae", "recon": "val/recon", "kl": "val/kl"}
 TABLE_COLUMNS = ("run", "beta", "rate", "distortion", "elbo", "iwae", "mig", "source")
 
 
-def find_eval_json(run_dir: Path) -> Optional[Path]:
+def find_eval_json(run_dir: Path) -> Path | None:
     for p in (run_dir / "checkpoints" / "eval.json", run_dir / "eval.json"):
         if p.is_file():
             return p
     return None
 
 
-def last_logged(metrics_csv: Path) -> Dict[str, float]:
+def last_logged(metrics_csv: Path) -> dict[str, float]:
     """{column: its last non-empty value} of a Lightning CSVLogger metrics.csv (rows mix train and val),
     plus "step@<column>": the step of that value."""
-    last: Dict[str, float] = {}
+    last: dict[str, float] = {}
     if not metrics_csv.is_file():
         return last
     with metrics_csv.open(newline="") as f:
@@ -55,7 +55,7 @@ def last_logged(metrics_csv: Path) -> Dict[str, float]:
     return last
 
 
-def load_run(run_dir: str | Path) -> Dict[str, object]:
+def load_run(run_dir: str | Path) -> dict[str, object]:
     """One row of the comparison: beta, rate (KL), distortion (recon), ELBO, IWAE, MIG in nats per example
     (MIG unitless). eval.json values win over the last validation metrics; `source` says which was used."""
     from pipeline.config import load_config
@@ -65,7 +65,7 @@ def load_run(run_dir: str | Path) -> Dict[str, object]:
     if not cfg_path.is_file():
         raise FileNotFoundError(f"not a run directory (no config.yaml): {run_dir}")
     cfg = load_config([cfg_path])
-    row: Dict[str, object] = {"run": run_dir.name, "dir": str(run_dir), "beta": float(cfg.objective.beta)}
+    row: dict[str, object] = {"run": run_dir.name, "dir": str(run_dir), "beta": float(cfg.objective.beta)}
     ev = find_eval_json(run_dir)
     if ev is not None:
         e = json.loads(ev.read_text())
@@ -88,7 +88,7 @@ def _fmt(v: object, digits: int = 3) -> str:
     return str(v)
 
 
-def markdown_table(rows: Sequence[Dict[str, object]]) -> str:
+def markdown_table(rows: Sequence[dict[str, object]]) -> str:
     """The comparison as a GitHub markdown table, rows sorted by beta; nats per example, MIG in [0, 1]."""
     header = ["run", "beta", "rate KL (nats)", "distortion NLL (nats)", "ELBO (nats)", "IWAE (nats)", "MIG", "source"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -111,7 +111,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_rate_distortion(rows: Sequence[Dict[str, object]], path: Path) -> Path:
+def plot_rate_distortion(rows: Sequence[dict[str, object]], path: Path) -> Path:
     """Rate (KL) on y against distortion (recon NLL) on x, one labelled point per run; dashed lines are
     constant ELBO (-ELBO = D + R), so moving along one trades rate for distortion at equal ELBO."""
     plt = _pyplot()
@@ -136,7 +136,7 @@ def plot_rate_distortion(rows: Sequence[Dict[str, object]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_vs_beta(rows: Sequence[Dict[str, object]], path: Path) -> Path:
+def plot_vs_beta(rows: Sequence[dict[str, object]], path: Path) -> Path:
     """ELBO and IWAE (nats per example) and MIG against beta (log x axis when all betas are positive)."""
     plt = _pyplot()
     pts = sorted(rows, key=lambda r: r["beta"])
@@ -167,7 +167,7 @@ def plot_vs_beta(rows: Sequence[Dict[str, object]], path: Path) -> Path:
 
 
 def traversal_grids(run_dir: Path, out_dir: Path, num_images: int = 8, traversal_range: float = 3.0,
-                    steps: int = 9, max_dims: int = 10) -> Dict[str, Path]:
+                    steps: int = 9, max_dims: int = 10) -> dict[str, Path]:
     """PNG grids from RUN_DIR's last checkpoint: reconstructions of the first validation images (input,
     reconstruction pairs), 64 prior samples, and traversals of the first image's mean code, one row per
     latent dim from -range to +range: training's ImageLogger.make_grids. Needs the checkpoint and data."""
@@ -196,7 +196,7 @@ def traversal_grids(run_dir: Path, out_dir: Path, num_images: int = 8, traversal
     return paths
 
 
-def log_to_wandb(rows: Sequence[Dict[str, object]], images: Dict[str, Path], table_md: str) -> Optional[str]:
+def log_to_wandb(rows: Sequence[dict[str, object]], images: dict[str, Path], table_md: str) -> str | None:
     """A `report` job in the first run's W&B project/group, when its config enables W&B. Returns the mode."""
     from pipeline.config import load_config
     from pipeline.tracking import resolve_wandb_mode
@@ -217,8 +217,8 @@ def log_to_wandb(rows: Sequence[Dict[str, object]], images: Dict[str, Path], tab
     return mode
 
 
-def report(run_dirs: Sequence[str | Path], out: Optional[Path] = None, traverse: Optional[str | Path] = None,
-           traversals: bool = True, wandb_log: bool = True) -> Dict[str, object]:
+def report(run_dirs: Sequence[str | Path], out: Path | None = None, traverse: str | Path | None = None,
+           traversals: bool = True, wandb_log: bool = True) -> dict[str, object]:
     """Build the report; returns {"rows", "files", "wandb"}. See the module docstring."""
     rows = [load_run(d) for d in run_dirs]
     out = Path(out) if out is not None else Path(run_dirs[0]).parent / "report"
@@ -236,12 +236,13 @@ def report(run_dirs: Sequence[str | Path], out: Optional[Path] = None, traverse:
             try:
                 files.update(traversal_grids(tdir, out))
                 notes.append(f"Grids (reconstructions, samples, traversals of ±3 σ per latent dim) from `{tdir}`.")
-            except Exception as e:  # grids are extras: a missing data dir must not lose the report
+            except Exception as e:  # noqa: BLE001 -- grids are extras: a missing data dir must not lose the report
                 notes.append(f"No traversal grids for `{tdir}`: {type(e).__name__}: {e}")
         else:
             notes.append(f"No traversal grids: no checkpoint at `{tdir / 'checkpoints' / 'last.ckpt'}`.")
-    md = ["# Run comparison", "", "Nats per example (summed over pixels and latent dims); rate = KL, "
-          "distortion = reconstruction NLL; MIG from ground-truth factors (pipeline/analysis/disentangle.py).", "", table]
+    md = ["# Run comparison", "", ("Nats per example (summed over pixels and latent dims); rate = KL, distortion = "
+                                   "reconstruction NLL; MIG from ground-truth factors (pipeline/analysis/disentangle.py)."),
+          "", table]
     md += ["![rate-distortion](rate_distortion.png)", "", "![vs beta](vs_beta.png)", ""]
     if "traversals" in files:
         md += ["![traversals](traversals.png)", ""]
@@ -252,7 +253,7 @@ def report(run_dirs: Sequence[str | Path], out: Optional[Path] = None, traverse:
     return {"rows": rows, "files": files, "wandb": mode, "table": table}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")

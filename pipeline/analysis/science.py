@@ -16,9 +16,10 @@ All numbers are nats per example on the test split, averaged over every test exa
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 DEFAULT_BETAS = (0.5, 2.0, 8.0, 32.0)
 HELD_OUT = 0.05  # val and test fractions of the subset
@@ -32,11 +33,11 @@ SHRINK = [
 ]
 
 
-def check(rows: Sequence[Dict[str, float]], slack: float = 0.0) -> List[str]:
+def check(rows: Sequence[dict[str, float]], slack: float = 0.0) -> list[str]:
     """Violations of the expected trends in rows (dicts with beta, rate, distortion, elbo, iwae); [] = PASS."""
     rows = sorted(rows, key=lambda r: r["beta"])
     problems = []
-    for a, b in zip(rows, rows[1:]):
+    for a, b in itertools.pairwise(rows):
         if not b["rate"] < a["rate"]:
             problems.append(f"rate does not fall from beta {a['beta']:g} to {b['beta']:g}: {a['rate']:.3f} -> {b['rate']:.3f}")
         if not b["distortion"] > a["distortion"]:
@@ -48,7 +49,7 @@ def check(rows: Sequence[Dict[str, float]], slack: float = 0.0) -> List[str]:
     return problems
 
 
-def table(rows: Sequence[Dict[str, float]]) -> str:
+def table(rows: Sequence[dict[str, float]]) -> str:
     head = "| beta | rate KL (nats) | distortion (nats) | ELBO (nats) | IWAE (nats) | MIG | active units |"
     lines = [head, "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: r["beta"]):
@@ -60,7 +61,7 @@ def table(rows: Sequence[Dict[str, float]]) -> str:
 
 def sweep(out: Path, betas: Sequence[float] = DEFAULT_BETAS, steps: int = 1500, limit: int = 40000,
           iwae_samples: int = 200, seed: int = 0, num_workers: int = 0, extra: Sequence[str] = (),
-          progress: bool = True) -> List[Dict[str, float]]:
+          progress: bool = True) -> list[dict[str, float]]:
     """Train and evaluate one run per beta under OUT; returns one row per run (see `table`)."""
     import torch
 
@@ -96,7 +97,7 @@ def sweep(out: Path, betas: Sequence[float] = DEFAULT_BETAS, steps: int = 1500, 
     return rows
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.science", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--out", type=Path, default=Path("runs/science"))
