@@ -17,7 +17,7 @@ split, each counted exactly once:
                        digits example but ~11 s per dSprites conv example (peak ~7 GB at the default
                        chunk) -- use a GPU, --iwae-samples 100 or --chunk-size there
   bits_per_dim_{elbo,iwae}   -bound / (C*H*W ln 2)
-  active_units         latent dims with Var_x(E_q[z_d|x]) > 0.01 (Burda et al. 2016)
+  active_units         latent dims with Var_x(E_q[z_d|x]) > 0.01 (Burda et al. 2016; pipeline.module.active_units)
   kl_per_dim           [D] mean KL of each latent dim
   mig, mig_per_factor  Mutual Information Gap of the mean codes against the ground-truth factors
                        (dSprites), when the data has them; estimator in pipeline/analysis/disentangle.py
