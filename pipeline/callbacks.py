@@ -106,11 +106,12 @@ class ImageLogger(Callback):
             self.log_images(trainer, pl_module)
 
     @torch.no_grad()
-    def make_grids(self, pl_module: LightningModule) -> dict:
+    def make_grids(self, pl_module: LightningModule, images: Optional[torch.Tensor] = None) -> dict:
+        """The grids from `images` (uint8 [N, C, H, W]; default: the captured validation batch)."""
         was_training = pl_module.training
         pl_module.eval()
         try:
-            x = self._batch.to(pl_module.device).float() / 255.0
+            x = (self._batch if images is None else images[: self.num_images]).to(pl_module.device).float() / 255.0
             recon = pl_module.reconstruct(x)
             pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # input, reconstruction, input, ...
             n = x.shape[0]

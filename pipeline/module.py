@@ -17,12 +17,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import lightning.pytorch as pl
 import torch
 import torchmetrics
 from torch import nn
+from torchmetrics.utilities import dim_zero_cat
 
 from pipeline import objectives, schedules
 from pipeline.config import Binarize, ModelConfig, ObjectiveConfig, OptimConfig, choices, section, to_dict
@@ -44,26 +45,42 @@ def _plain_section(value: Any, cls: type) -> dict:
     return to_dict(section(value, cls))  # the schema's Literal types reject a bad value here
 
 
+def active_units(mu_variance: torch.Tensor) -> int:
+    """Latent dims in use: Var_x(E_q[z_d|x]) [D] above ACTIVE_UNIT_THRESHOLD (Burda et al. 2016)."""
+    return int((mu_variance > ACTIVE_UNIT_THRESHOLD).sum())
+
+
 class ExactSums(torchmetrics.Metric):
     """Per-example sums over a whole evaluation epoch, summed across ranks at compute().
 
     States are float64 sums and a count, reduced with `sum`, so the epoch means are exact over all
     examples on all ranks however batches are split (no mean of per-rank or per-batch means).
-    update() never communicates; compute() does one gather.
+    update() never communicates; compute() does one gather. keep_codes: also collect the mean codes
+    (float32 [N, D]) and ground-truth factors [N, F] of the batches that carry factors, for MIG
+    (pipeline.evaluate; concatenated across ranks).
     """
 
     full_state_update = False
+    KEPT = ("codes", "factors")  # with keep_codes: rows, not sums
 
-    def __init__(self, latent_dim: int):
+    def __init__(self, latent_dim: int, keep_codes: bool = False):
         super().__init__()
         f64 = torch.float64
         for name in ("count", "recon", "kl", "elbo", "iwae"):
             self.add_state(name, default=torch.zeros((), dtype=f64), dist_reduce_fx="sum")
         for name in ("kl_dim", "mu", "mu_sq"):  # per latent dim: KL, and sums of mu and mu^2
             self.add_state(name, default=torch.zeros(latent_dim, dtype=f64), dist_reduce_fx="sum")
+        self.keep_codes = keep_codes
+        if keep_codes:
+            for name in self.KEPT:
+                self.add_state(name, default=[], dist_reduce_fx="cat")
 
-    def update(self, terms: Dict[str, torch.Tensor], iwae: Optional[torch.Tensor] = None) -> None:
+    def update(self, terms: Dict[str, torch.Tensor], iwae: Optional[torch.Tensor] = None,
+               factors: Optional[torch.Tensor] = None) -> None:
         mu = terms["mu"].double()
+        if self.keep_codes and factors is not None:
+            self.codes.append(terms["mu"].detach().float())
+            self.factors.append(factors.detach().to(mu.device))
         batch = {
             "count": mu.new_tensor(float(mu.shape[0])),
             "recon": terms["recon"].double().sum(),
@@ -83,6 +100,25 @@ class ExactSums(torchmetrics.Metric):
 
     def compute(self) -> Dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self._defaults}
+
+    def means(self) -> Optional[Dict[str, Any]]:
+        """The epoch's per-example means (float64 tensors) of every sum, from compute() (the one
+        sync), plus `count` (int), `mu_variance` [D] (population variance over examples of each mean
+        code dim, Var_x(E_q[z_d|x]), from the exact sums) and, when kept, `codes` and `factors` (all
+        rows, in batch order). None when no rank saw an example."""
+        with warnings.catch_warnings():  # a rank with no batches still joins the sync
+            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+            sums = self.compute()
+        n = sums["count"].item()
+        if n == 0:
+            return None
+        out: Dict[str, Any] = {name: value / n for name, value in sums.items() if name not in ("count", *self.KEPT)}
+        out["count"] = int(n)
+        out["mu_variance"] = out["mu_sq"] - out["mu"].pow(2)
+        for name in self.KEPT:
+            if len(sums.get(name, ())):
+                out[name] = dim_zero_cat(sums[name])
+        return out
 
 
 class VAEModule(pl.LightningModule):
@@ -151,35 +187,33 @@ class VAEModule(pl.LightningModule):
 
     def _shared_step(self, batch: Dict[str, Any], stage: str) -> Optional[torch.Tensor]:
         x = self.to_float(batch["image"])
+        if stage != "train":
+            self.sums[stage].update(*self.evaluation_terms(x, self.objective_cfg.val_iwae_samples))
+            return None
         terms = self._terms(x)
-        if stage == "train":
-            penalty, weight, capacity = self._kl_penalty(terms["kl_per_dim"])
-            loss = terms["recon"].mean() + penalty
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite training loss ({loss.item()}) at global_step {self.global_step}"
-                )
-            logged = {
-                "loss": loss,
-                "elbo": terms["elbo"].mean(),
-                "recon": terms["recon"].mean(),
-                "kl": terms["kl"].mean(),
-                "bits_per_dim": objectives.bits_per_dim(-terms["elbo"], self.num_dims).mean(),
-                "kl_weight": weight,
-            }
-            if capacity is not None:
-                logged["capacity_nats"] = capacity
-            if not self._writes_logs_this_step():
-                return loss  # each self.log costs ~0.45 ms on CPU; loggers only write every N steps
-            for name, value in logged.items():  # on_step only: no cross-rank reduction
-                value = value.detach() if torch.is_tensor(value) else float(value)
-                self.log(f"train/{name}", value, on_step=True, on_epoch=False, sync_dist=False,
-                         batch_size=x.shape[0])
-            return loss
-        k = self.objective_cfg.val_iwae_samples
-        iwae = self.iwae(x, k) if k > 0 else None
-        self.sums[stage].update(terms, iwae)
-        return None
+        penalty, weight, capacity = self._kl_penalty(terms["kl_per_dim"])
+        loss = terms["recon"].mean() + penalty
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at global_step {self.global_step}"
+            )
+        logged = {
+            "loss": loss,
+            "elbo": terms["elbo"].mean(),
+            "recon": terms["recon"].mean(),
+            "kl": terms["kl"].mean(),
+            "bits_per_dim": objectives.bits_per_dim(-terms["elbo"], self.num_dims).mean(),
+            "kl_weight": weight,
+        }
+        if capacity is not None:
+            logged["capacity_nats"] = capacity
+        if not self._writes_logs_this_step():
+            return loss  # each self.log costs ~0.45 ms on CPU; loggers only write every N steps
+        for name, value in logged.items():  # on_step only: no cross-rank reduction
+            value = value.detach() if torch.is_tensor(value) else float(value)
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, sync_dist=False,
+                     batch_size=x.shape[0])
+        return loss
 
     def training_step(self, batch, batch_idx):
         return self._shared_step(batch, "train")
@@ -204,14 +238,10 @@ class VAEModule(pl.LightningModule):
 
     def _log_epoch(self, stage: str) -> None:
         metric = self.sums[stage]
-        with warnings.catch_warnings():  # a rank with no batches still joins the sync
-            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
-            sums = metric.compute()  # the one collective of the epoch: states summed over ranks
+        mean = metric.means()  # the one collective of the epoch: states summed over ranks
         metric.reset()
-        n = sums["count"].item()
-        if n == 0:
+        if mean is None:
             return
-        mean = {name: value / n for name, value in sums.items() if name != "count"}
         penalty, _, _ = self._kl_penalty(mean["kl_dim"][None].float())  # exact: depends on mean KL only
         values = {
             "loss": mean["recon"].item() + float(penalty),
@@ -219,8 +249,7 @@ class VAEModule(pl.LightningModule):
             "recon": mean["recon"].item(),
             "kl": mean["kl"].item(),
             "bits_per_dim": float(objectives.bits_per_dim(-mean["elbo"], self.num_dims)),
-            # Population variance over examples of mu_d, from exact sums (float64).
-            "active_units": float(((mean["mu_sq"] - mean["mu"].pow(2)) > ACTIVE_UNIT_THRESHOLD).sum()),
+            "active_units": float(active_units(mean["mu_variance"])),
         }
         values.update({f"kl_dim_{d}": v.item() for d, v in enumerate(mean["kl_dim"])})
         if self.objective_cfg.val_iwae_samples > 0:
@@ -285,6 +314,15 @@ class VAEModule(pl.LightningModule):
         chunk = chunk_size or self._iwae_chunk(x.shape[0])
         return objectives.iwae_bound(x, self.vae.encode, self.vae.decode, self.model_cfg.likelihood,
                                      self.model_cfg.gaussian_sigma, k=k, chunk_size=chunk)
+
+    @torch.no_grad()
+    def evaluation_terms(self, x: torch.Tensor, iwae_samples: int = 0, chunk_size: Optional[int] = None
+                         ) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
+        """What validation, test and pipeline.evaluate sum (ExactSums.update) for a float batch x
+        [B, C, H, W]: the ELBO terms from one z ~ q(z|x) per example (see `elbo_batch`) and the IWAE
+        bound [B] with `iwae_samples` samples (None for 0), both from this same x."""
+        terms = self._terms(x)
+        return terms, (self.iwae(x, iwae_samples, chunk_size) if iwae_samples > 0 else None)
 
     @torch.no_grad()
     def elbo_batch(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:

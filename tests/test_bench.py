@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pipeline.bench import main
+from pipeline.analysis.bench import main
 
 pytestmark = pytest.mark.slow  # Lightning fits plus two DDP process trees
 

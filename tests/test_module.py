@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from pipeline import schedules as S
 from pipeline.config import ConfigError, load_config
-from pipeline.module import ACTIVE_UNIT_THRESHOLD, VAEModule
+from pipeline.module import ACTIVE_UNIT_THRESHOLD, ExactSums, VAEModule, active_units
 
 SHAPE = (1, 8, 8)
 MODEL = {"arch": "mlp", "latent_dim": 3, "hidden_dims": [32, 16]}
@@ -180,6 +180,32 @@ def test_validation_metrics_are_exact_averages_over_uneven_batches():
     batch_means = (seen[0]["elbo"].mean() + seen[1]["elbo"].mean()).item() / 2
     assert abs(batch_means - expected["val/elbo"]) > 1e-3
     assert out["val/iwae"] > out["val/elbo"] - 1.0  # k=4 bound, not below the ELBO by much
+
+
+def test_exact_sums_means_variance_and_kept_codes():
+    """ExactSums.means() (what validation logs and pipeline.evaluate reports): exact means, the
+    population variance of the mean codes, and, with keep_codes, the codes of the batches with factors."""
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(7, 3, generator=g) * torch.tensor([1.0, 0.05, 0.2])
+    kl_dim = torch.rand(7, 3, generator=g)
+    iwae = torch.randn(7, generator=g)
+    factors = torch.randint(0, 3, (4, 2)).float()
+    metric = ExactSums(3, keep_codes=True)
+    assert metric.means() is None  # nothing seen yet
+    for lo, hi, f in ((0, 4, factors), (4, 7, None)):
+        terms = {"mu": mu[lo:hi], "kl_per_dim": kl_dim[lo:hi], "kl": kl_dim[lo:hi].sum(1),
+                 "recon": -iwae[lo:hi], "elbo": iwae[lo:hi] - 1}
+        metric.update(terms, iwae[lo:hi], f)
+    m = metric.means()
+    assert m["count"] == 7
+    assert m["iwae"].item() == pytest.approx(iwae.double().mean().item(), abs=1e-12)
+    assert torch.allclose(m["kl_dim"], kl_dim.double().mean(0))
+    assert torch.allclose(m["mu_variance"], mu.double().var(0, unbiased=False))
+    assert active_units(m["mu_variance"]) == int((mu.var(0, unbiased=False) > ACTIVE_UNIT_THRESHOLD).sum()) == 2
+    assert torch.equal(m["codes"], mu[:4]) and torch.equal(m["factors"], factors)  # the batch with factors only
+    plain = ExactSums(3)  # validation's: no codes kept, even when batches carry factors
+    plain.update(terms, iwae[4:], torch.zeros(3, 2))
+    assert "codes" not in plain.means() and "factors" not in plain.means()
 
 
 def test_test_stage_logs_the_same_keys_and_resets_between_epochs():

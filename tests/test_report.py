@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from pipeline.analysis.report import main, report
 from pipeline.config import load_config, to_yaml
-from pipeline.report import main, report
 
 
 def fake_run(root: Path, name: str, beta: float, metrics: list[dict], eval_json: dict | None = None) -> Path:
@@ -64,11 +64,11 @@ def test_cli_errors_name_the_directory(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_science_beta_sweep_trades_rate_for_distortion(tmp_path):
-    """The science check, shrunk (pipeline/science.py runs the full one): three betas on a small dSprites
+    """The science check, shrunk (pipeline/analysis/science.py runs the full one): three betas on a small dSprites
     subset; rate falls, distortion rises, IWAE >= ELBO; then the report of the real runs, with grids."""
     import torch
 
-    from pipeline.science import check, sweep
+    from pipeline.analysis.science import check, sweep
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small tensors on a shared 2-core box: spinning intra-op threads only cost

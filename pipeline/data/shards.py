@@ -29,12 +29,12 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
+from pipeline.files import SPLITS, TMP_PREFIX, fsync_dir, tmp_path, write_json_atomic
+
 MANIFEST = "manifest.json"
 FORMAT = "vae-pipeline-shards/1"
-SPLITS = ("train", "val", "test")
 IMAGE, LABEL, FACTORS = "npy", "label.cls", "factors.npy"  # sample field names (file suffixes)
-SHARD_RE = re.compile(r"^(train|val|test)-\d{6}\.tar$")
-TMP_PREFIX = ".tmp-"
+SHARD_RE = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}\.tar$")
 
 
 class ShardFormatError(ValueError):
@@ -188,18 +188,6 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tmp_path(final: Path) -> Path:
-    return final.with_name(f"{TMP_PREFIX}{os.getpid()}-{final.name}")
-
-
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -210,7 +198,7 @@ def sha256_file(path: Path) -> str:
 
 def write_shard(path: Path, samples: Iterable[List[Tuple[str, bytes]]]) -> Tuple[int, str]:
     """Write encoded samples to `path` atomically (temp name, fsync, rename); returns (count, sha256)."""
-    tmp = _tmp_path(path)
+    tmp = tmp_path(path)
     count = 0
     try:
         with open(tmp, "wb") as f:
@@ -227,21 +215,6 @@ def write_shard(path: Path, samples: Iterable[List[Tuple[str, bytes]]]) -> Tuple
         tmp.unlink(missing_ok=True)
         raise
     return count, digest
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # A chunk source: indices -> (images uint8 [k, C, H, W], labels int [k] or None, factors float32 [k, F] or None)
@@ -277,7 +250,7 @@ def write_dataset(out_dir: Path, fetch: FetchFn, splits: Dict[str, np.ndarray], 
     for stale in out_dir.glob(f"{TMP_PREFIX}*"):  # temp files of a killed run
         stale.unlink(missing_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # from now on the directory is "not prepared"
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
 
     manifest = {"format": FORMAT, "source": source, "shape": list(shape), "dtype": "uint8",
                 **(meta or {}), "splits": {}}
@@ -295,8 +268,8 @@ def write_dataset(out_dir: Path, fetch: FetchFn, splits: Dict[str, np.ndarray], 
                 written.add(name)
             manifest["splits"][split] = {"total": int(len(indices)), "shape": list(shape), "dtype": "uint8",
                                          "source": source, "shards": shards}
-    _fsync_dir(out_dir)
-    write_json_atomic(out_dir / MANIFEST, manifest)
+    fsync_dir(out_dir)
+    write_json_atomic(out_dir / MANIFEST, manifest, indent=1)  # indent 1: manifests stay byte-identical
     for old in out_dir.iterdir():
         if SHARD_RE.match(old.name) and old.name not in written:
             old.unlink()

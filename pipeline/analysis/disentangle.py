@@ -1,6 +1,6 @@
 """Mutual Information Gap (Chen et al. 2018, "Isolating Sources of Disentanglement in VAEs"): pure numpy.
 
-    from pipeline.disentangle import mig
+    from pipeline.analysis.disentangle import mig
     result = mig(codes, factors)          # codes [N, D] mean codes E_q[z|x]; factors [N, F] ground truth
     result["mig"], result["per_factor"]   # mean over factors; one gap per factor (NaN for a constant one)
 
@@ -24,8 +24,6 @@ estimator's small positive bias, ~ (bins - 1)(values - 1) / 2N nats per pair). T
 depend on the order of the latent dims or of the examples. Needs D >= 2.
 """
 from __future__ import annotations
-
-from typing import Dict
 
 import numpy as np
 
@@ -79,7 +77,7 @@ def mutual_info_matrix(code_labels: np.ndarray, factor_labels_: np.ndarray) -> n
     return np.array([[mutual_info(code_labels[:, j], factor_labels_[:, k]) for k in range(f)] for j in range(d)])
 
 
-def mig(codes: np.ndarray, factors: np.ndarray, bins: int = 20, max_factor_values: int = 64) -> Dict[str, object]:
+def mig(codes: np.ndarray, factors: np.ndarray, bins: int = 20, max_factor_values: int = 64) -> dict[str, object]:
     """Mutual Information Gap of mean codes [N, D] against ground-truth factors [N, F] (see module doc).
 
     Returns {"mig": float (mean over non-constant factors), "per_factor": [F] floats (NaN when constant),
@@ -103,5 +101,5 @@ def mig(codes: np.ndarray, factors: np.ndarray, bins: int = 20, max_factor_value
         "mi": mi.tolist(),
         "factor_entropy": h.tolist(),
         "bins": bins,
-        "num_examples": int(len(codes)),
+        "num_examples": len(codes),
     }

@@ -1,0 +1,489 @@
+"""Throughput of the training pipeline as ratios against baselines measured in the same run.
+
+    python -m pipeline.bench                                  # CPU: digits MLP and dSprites conv, ~3 min on 2 cores
+    python -m pipeline.bench --device cuda --out bench.json   # adds bf16-mixed (and --compile) on a GPU
+    python -m pipeline.bench --presets digits --steps 50 --no-ddp   # a quick look
+    python -m pipeline.bench --ablations                      # where the pipeline's time goes (see below)
+    python -m pipeline.bench loader --root data/dsprites --batches 300   # the training loader alone, samples/s
+
+Per preset (the repo's configs/digits.yaml and configs/dsprites_beta.yaml as they are: model, batch
+size, optimizer, loader settings), every figure is a ratio of two measurements taken here, now:
+  pipeline_vs_bare   images/s of the full pipeline (pipeline.train's Trainer, callbacks and CSV logger,
+                     ShardDataModule over the WebDataset shards) against a bare PyTorch loop over the
+                     same training images held in memory as one uint8 tensor: same model, batch size,
+                     optimizer (AdamW), loss and device; the loop slices a random permutation per epoch.
+  loader_vs_raw      samples/s of the training loader alone (decode, shuffle blocks, batch in workers)
+                     against reading the same shards' samples as raw bytes (tar parsing, no decoding),
+                     in one process.
+  ddp_2_vs_1         pipeline images/s (all ranks) with 2 DDP ranks against 1, CPU + gloo, each rank
+                     with data.batch_size; run as subprocesses (Lightning relaunches this module).
+  bf16_*             on a GPU (or with --bf16): the same with trainer.precision=bf16-mixed, the bare
+                     loop under torch.autocast(bfloat16);
+  compile_*          with --compile: also torch.compile of the VAE in both (bf16 where bf16 runs).
+Timing excludes start-up: the clock starts after `--warmup` optimizer steps and stops after `--steps` more,
+so it covers exactly `--steps` batches (loading included). Validation, checkpoints and image grids are
+pushed outside the window; everything else runs as configured. Pipeline and bare runs alternate
+`--repeats` times and the median is kept, since other processes on the machine shift both alike.
+
+--ablations re-measures the pipeline with one setting changed at a time (num_workers 0/1, logging every
+1000 steps, no progress bar, one intra-op thread in the training process) against the default.
+
+Writes JSON (--out, default bench.json): settings, every measurement (images/s, samples/s, seconds)
+and the ratios, flat under "ratios" ("digits/pipeline_vs_bare", ...).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.files import write_json_atomic
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # name: the config file used as is, the recipe, the subset prepared for benchmarking, and default
+    # timed / warm-up steps sized for ~3 minutes in all on 2 CPU cores (digits: ~3 ms per step;
+    # dSprites conv: ~330 ms per step)
+    "digits": {"config": "configs/digits.yaml", "dataset": "digits", "limit": None, "steps": 300, "warmup": 10},
+    "dsprites": {"config": "configs/dsprites_beta.yaml", "dataset": "dsprites", "limit": 6000, "steps": 40,
+                 "warmup": 5},
+}
+REPO = Path(__file__).resolve().parents[2]
+FAR = 10**9  # a step interval that never fires inside the timed window
+
+
+# ------------------------------------------------------------------------------------------ set-up
+def prepare_data(preset: str, data_dir: Path) -> Path:
+    """The preset's shards under data_dir/<preset> (prepared once, reused)."""
+    from pipeline.data.prepare import prepare
+    from pipeline.data.shards import MANIFEST
+
+    p = PRESETS[preset]
+    root = data_dir / preset
+    if not (root / MANIFEST).is_file():
+        prepare(p["dataset"], root, limit=p["limit"], progress=False)
+    return root
+
+
+def bench_config(preset: str, root: Path, run_dir: Path, device: str, steps: int, warmup: int,
+                 extra: Sequence[str] = ()):
+    """The preset's config with only what benchmarking needs changed: data location, device, length,
+    no W&B, and validation / checkpoints / images outside the timed window."""
+    from pipeline.config import load_config
+
+    overrides = [f"data.root={root}", f"run.dir={run_dir}", f"trainer.accelerator={device}", "trainer.devices=1",
+                 f"trainer.max_steps={warmup + steps}", "logger.wandb.mode=disabled",
+                 f"trainer.val_check_interval={FAR}", f"checkpoint.every_n_steps={FAR}",
+                 "checkpoint.save_best=false", "logger.images_every_n_steps=0", *extra]
+    return load_config([REPO / PRESETS[preset]["config"]], overrides)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------ measurements
+def make_timer(warmup: int, device: str):
+    """A Callback timing the optimizer steps after `warmup`: from the end of step `warmup` to the end of
+    the last step, counting the images of the batches in between (all ranks: x world size)."""
+    from lightning.pytorch import Callback
+
+    class StepTimer(Callback):
+        def __init__(self):
+            self.start: float | None = None
+            self.end: float | None = None
+            self.images = 0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self.start is not None:
+                self.images += int(batch["image"].shape[0]) * trainer.world_size
+            if trainer.global_step >= warmup:
+                _sync(device)
+                now = time.perf_counter()
+                if self.start is None:
+                    self.start = now
+                else:
+                    self.end = now
+
+        def result(self) -> dict[str, float]:
+            if self.start is None or self.end is None:
+                raise RuntimeError("the timed window never closed: increase --steps")
+            seconds = self.end - self.start
+            return {"images": self.images, "seconds": seconds, "images_per_s": self.images / seconds}
+
+    return StepTimer()
+
+
+def measure_pipeline(cfg, warmup: int, device: str, compile_model: bool = False,
+                     torch_threads: int | None = None) -> dict[str, float]:
+    """Images/s of pipeline.train's Trainer (its callbacks and CSV logger) over the ShardDataModule.
+    torch_threads: intra-op threads of this process for the run (an ablation); None leaves them."""
+    import lightning.pytorch as pl
+    import torch
+
+    from pipeline import config as C
+    from pipeline.data.datamodule import ShardDataModule
+    from pipeline.module import VAEModule
+    from pipeline.train import build_callbacks, build_loggers, build_trainer
+
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = ShardDataModule(cfg.data)
+    module = VAEModule(model=C.to_dict(cfg.model), objective=C.to_dict(cfg.objective), optim=C.to_dict(cfg.optim),
+                       input_shape=tuple(dm.input_shape), max_steps=cfg.trainer.max_steps, binarize=cfg.data.binarize)
+    if compile_model:
+        module.vae.compile()
+    timer = make_timer(warmup, device)
+    loggers, _ = build_loggers(cfg, run_dir, rank_zero=True)
+    trainer = build_trainer(cfg, run_dir, loggers, build_callbacks(cfg, run_dir) + [timer])
+    threads = torch.get_num_threads()
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    try:
+        trainer.fit(module, datamodule=dm)
+    finally:
+        torch.set_num_threads(threads)
+    return timer.result()
+
+
+def load_train_images(root: Path):
+    """Every training image of a prepared dataset as one uint8 tensor [N, C, H, W] (raw shard read)."""
+    import numpy as np
+    import torch
+
+    from pipeline.data import shards
+
+    manifest = shards.load_manifest(root / shards.MANIFEST)
+    images = []
+    for s in manifest["splits"]["train"]["shards"]:
+        with open(root / s["name"], "rb") as f:
+            images += [shards.decode_sample(raw)[0] for raw in shards.iter_tar_samples(f, s["name"])]
+    return torch.from_numpy(np.stack(images))
+
+
+def measure_bare(cfg, images, warmup: int, steps: int, device: str, precision: str = "32-true",
+                 compile_model: bool = False) -> dict[str, float]:
+    """Images/s of a plain PyTorch loop: the same VAE, AdamW, batch size and loss (recon mean + KL weight
+    x KL from pipeline.objectives / schedules), batches sliced from an in-memory uint8 tensor [N, C, H, W]
+    by a fresh permutation each epoch, moved to the device and scaled there."""
+    import torch
+
+    from pipeline import objectives, schedules
+    from pipeline.model import VAE
+
+    torch.manual_seed(cfg.seed)
+    dev = torch.device(device)
+    vae = VAE(cfg.model, tuple(images.shape[1:])).to(dev)
+    if compile_model:
+        vae.compile()
+    o = cfg.optim
+    opt = torch.optim.AdamW(vae.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    B, n = cfg.data.batch_size, len(images)
+    per_epoch = n // B
+    amp = precision.startswith("bf16")
+    perm, start = None, None
+    for step in range(warmup + steps):
+        if step % per_epoch == 0:
+            perm = torch.randperm(n)
+        idx = perm[(step % per_epoch) * B:(step % per_epoch + 1) * B]
+        x = images[idx].to(dev, non_blocking=True).float() / 255.0
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            params, mu, logvar, _ = vae(x)
+            terms = objectives.elbo_terms(x, params, mu, logvar, cfg.model.likelihood, cfg.model.gaussian_sigma)
+            weight = schedules.kl_weight(step, cfg.objective, cfg.trainer.max_steps)
+            loss = terms["recon"].mean() + objectives.kl_penalty(terms["kl_per_dim"], weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step == warmup - 1:
+            _sync(device)
+            start = time.perf_counter()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return {"images": steps * B, "seconds": seconds, "images_per_s": steps * B / seconds}
+
+
+def loader_throughput(cfg, split: str = "train", batches: int = 200, warmup: int = 5) -> dict:
+    """Samples/s of one rank's loader for `cfg` (a DataConfig): times `batches` batches after `warmup`
+    (worker start-up excluded), re-iterating epochs as needed. Single process, world size 1."""
+    from pipeline.data.datamodule import ShardDataModule
+
+    dm = ShardDataModule(cfg)
+    dm.setup("fit")
+    loader = dm.train_dataloader() if split == "train" else dm.loader(split, train=False)
+    seen = samples = 0
+    start = None
+    while seen < warmup + batches:
+        for batch in loader:
+            seen += 1
+            if seen == warmup:
+                start = time.perf_counter()
+            elif seen > warmup:
+                samples += len(batch["key"])
+            if seen >= warmup + batches:
+                break
+    elapsed = time.perf_counter() - start
+    return {"split": split, "batches": batches, "samples": samples, "seconds": elapsed,
+            "samples_per_s": samples / elapsed, "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
+            "shuffle_buffer": cfg.shuffle_buffer}
+
+
+def measure_loader(cfg, batches: int, warmup: int) -> dict[str, float]:
+    """Samples/s of the training loader alone (loader_throughput)."""
+    r = loader_throughput(cfg.data, split="train", batches=batches, warmup=warmup)
+    return {"samples": r["samples"], "seconds": r["seconds"], "samples_per_s": r["samples_per_s"]}
+
+
+def measure_raw_read(root: Path, samples: int) -> dict[str, float]:
+    """Samples/s of reading the training shards' samples as raw bytes (tar members grouped by key, no
+    decoding), cycling over the shards until `samples` are read, one process."""
+    from pipeline.data import shards
+
+    manifest = shards.load_manifest(root / shards.MANIFEST)
+    names = [s["name"] for s in manifest["splits"]["train"]["shards"]]
+    count, nbytes = 0, 0
+    start = time.perf_counter()
+    while count < samples:
+        for name in names:
+            with open(root / name, "rb") as f:
+                for raw in shards.iter_tar_samples(f, name):
+                    nbytes += sum(len(v) for k, v in raw.items() if not k.startswith("__"))
+                    count += 1
+                    if count >= samples:
+                        break
+            if count >= samples:
+                break
+    seconds = time.perf_counter() - start
+    return {"samples": count, "bytes": nbytes, "seconds": seconds, "samples_per_s": count / seconds}
+
+
+def measure_ddp(preset: str, root: Path, devices: int, steps: int, warmup: int, work: Path) -> dict[str, float]:
+    """Pipeline images/s (all ranks) with `devices` CPU ranks (ddp, gloo), in a fresh process tree."""
+    out = work / f"ddp{devices}.json"
+    cmd = [sys.executable, "-m", "pipeline.analysis.bench", "--_worker", str(out), "--presets", preset,
+           "--data-dir", str(root.parent), "--steps", str(steps), "--warmup", str(warmup),
+           "--_devices", str(devices), "--_run-dir", str(work / f"run-ddp{devices}")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE",
+                                                                    "MASTER_", "SLURM_"))}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800, check=False)
+    if proc.returncode != 0 or not out.is_file():
+        tail = (proc.stdout[-1500:] + proc.stderr[-3000:]).strip()
+        raise RuntimeError(f"DDP bench with {devices} ranks failed ({proc.returncode}):\n{tail}")
+    return json.loads(out.read_text())
+
+
+def _worker(args) -> int:
+    """Subprocess entry for measure_ddp: every rank runs this; rank zero writes the result."""
+    preset = args.presets[0]
+    root = Path(args.data_dir) / preset
+    cfg = bench_config(preset, root, Path(args._run_dir), "cpu", args.steps, args.warmup,
+                       [f"trainer.devices={args._devices}", "trainer.strategy=ddp" if args._devices > 1 else
+                        "trainer.strategy=auto", "trainer.enable_progress_bar=false"])
+    result = measure_pipeline(cfg, args.warmup, "cpu")
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        write_json_atomic(Path(args._worker), {**result, "devices": args._devices})  # whole, or not there
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ driver
+def _median(runs: list[dict[str, float]], key: str) -> dict[str, Any]:
+    vals = [r[key] for r in runs]
+    return {key: statistics.median(vals), "runs": [round(v, 1) for v in vals]}
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 4) if b else math.nan
+
+
+def bench_preset(preset: str, args, work: Path, log) -> dict[str, Any]:
+    import torch
+
+    load_before = os.getloadavg()[0]  # other work on the machine skews both sides; recorded, not hidden
+    root = prepare_data(preset, Path(args.data_dir))
+    steps = args.steps or PRESETS[preset]["steps"]
+    warmup = args.warmup or PRESETS[preset]["warmup"]
+    cfg = bench_config(preset, root, work / f"run-{preset}", args.device, steps, warmup)
+    images = load_train_images(root)
+    res: dict[str, Any] = {"config": PRESETS[preset]["config"], "batch_size": cfg.data.batch_size,
+                           "arch": cfg.model.arch, "input_shape": list(images.shape[1:]),
+                           "train_images": len(images), "num_workers": cfg.data.num_workers,
+                           "steps": steps, "warmup": warmup}
+    ratios: dict[str, float] = {}
+
+    variants = [("", "32-true", False)]
+    bf16 = args.bf16 or args.device.startswith("cuda")
+    if bf16:
+        variants.append(("bf16_", "bf16-mixed", False))
+    if args.compile:
+        variants.append(("compile_", "bf16-mixed" if bf16 else "32-true", True))
+    for prefix, precision, comp in variants:
+        pipe, bare = [], []
+        for r in range(args.repeats):
+            c = bench_config(preset, root, work / f"run-{preset}-{prefix}{r}", args.device, steps, warmup,
+                             [f"trainer.precision={precision}"])
+            log(f"[{preset}] {prefix or 'fp32_'}pipeline run {r + 1}/{args.repeats} ...")
+            pipe.append(measure_pipeline(c, warmup, args.device, compile_model=comp))
+            log(f"[{preset}] {prefix or 'fp32_'}pipeline {pipe[-1]['images_per_s']:.0f} img/s; bare loop ...")
+            bare.append(measure_bare(c, images, warmup, steps, args.device, precision, comp))
+            log(f"[{preset}] {prefix or 'fp32_'}bare {bare[-1]['images_per_s']:.0f} img/s")
+        p, b = _median(pipe, "images_per_s"), _median(bare, "images_per_s")
+        res[f"{prefix}pipeline"], res[f"{prefix}bare"] = p, b
+        ratios[f"{prefix}pipeline_vs_bare"] = _ratio(p["images_per_s"], b["images_per_s"])
+
+    log(f"[{preset}] loader alone vs raw shard bytes ...")
+    loader = measure_loader(cfg, batches=max(steps, 50), warmup=warmup)
+    raw = measure_raw_read(root, samples=int(loader["samples"]))
+    res["loader"], res["raw_read"] = loader, raw
+    ratios["loader_vs_raw"] = _ratio(loader["samples_per_s"], raw["samples_per_s"])
+    log(f"[{preset}] loader {loader['samples_per_s']:.0f} samples/s, raw {raw['samples_per_s']:.0f} samples/s")
+
+    if args.ddp:
+        log(f"[{preset}] DDP (CPU, gloo) 1 rank, then 2 ranks ...")
+        one = measure_ddp(preset, root, 1, steps, warmup, work)
+        two = measure_ddp(preset, root, 2, steps, warmup, work)
+        res["ddp_1"], res["ddp_2"] = one, two
+        ratios["ddp_2_vs_1"] = _ratio(two["images_per_s"], one["images_per_s"])
+        log(f"[{preset}] DDP 1 rank {one['images_per_s']:.0f} img/s, 2 ranks {two['images_per_s']:.0f} img/s")
+
+    if args.ablations:
+        base = res["pipeline"]["images_per_s"]
+        abl = {}
+        for name, extra, threads in (("num_workers=0", ["data.num_workers=0"], None),
+                                     ("num_workers=1", ["data.num_workers=1"], None),
+                                     ("log_every_n_steps=1000", ["trainer.log_every_n_steps=1000"], None),
+                                     ("no_progress_bar", ["trainer.enable_progress_bar=false"], None),
+                                     ("torch_threads=1", [], 1)):
+            c = bench_config(preset, root, work / f"run-{preset}-abl-{len(abl)}", args.device, steps, warmup, extra)
+            r = measure_pipeline(c, warmup, args.device, torch_threads=threads)
+            abl[name] = {"images_per_s": r["images_per_s"], "vs_default": _ratio(r["images_per_s"], base)}
+            log(f"[{preset}] ablation {name}: {r['images_per_s']:.0f} img/s ({abl[name]['vs_default']:.2f}x default)")
+        res["ablations"] = abl
+    res["ratios"] = ratios
+    res["torch_threads"] = torch.get_num_threads()
+    res["load_average_before"], res["load_average_after"] = load_before, os.getloadavg()[0]
+    return res
+
+
+def run(args) -> dict[str, Any]:
+    import lightning
+    import torch
+
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if not args.quiet else (lambda m: None)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no model summaries per run
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is visible")
+    work = Path(tempfile.mkdtemp(prefix="vae-bench-"))
+    started = time.time()
+    try:
+        presets = {p: bench_preset(p, args, work, log) for p in args.presets}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch": torch.__version__, "lightning": lightning.__version__,
+        "python": platform.python_version(), "repeats": args.repeats, "seconds": round(time.time() - started, 1),
+        "load_average_1min": os.getloadavg()[0],
+        "presets": presets,
+        "ratios": {f"{p}/{k}": v for p, r in presets.items() for k, v in r["ratios"].items()},
+    }
+    return result
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    lines = [(f"# bench on {result['device']} ({result['cpu_count']} cpus, torch {result['torch']}), "
+              f"{result['seconds']} s, load avg {result['load_average_1min']:.1f}")]
+    for name, r in result["presets"].items():
+        lines.append(f"{name} ({r['arch']}, batch {r['batch_size']}, {r['num_workers']} workers, "
+                     f"{r['torch_threads']} intra-op threads; load avg {r['load_average_before']:.1f} before):")
+        if r["load_average_before"] > (result["cpu_count"] or 1):  # 1-min average: lags our own last run
+            lines.append("  WARNING: the machine was busy when this preset started: other processes skew both "
+                         "sides (intra-op threads spin-wait), so these ratios are unreliable")
+        for prefix in ("", "bf16_", "compile_"):
+            if f"{prefix}pipeline" in r:
+                p, b = r[f"{prefix}pipeline"]["images_per_s"], r[f"{prefix}bare"]["images_per_s"]
+                lines.append(f"  {prefix}pipeline {p:9.0f} img/s  vs bare loop {b:9.0f} img/s  ratio "
+                             f"{r['ratios'][prefix + 'pipeline_vs_bare']:.3f}")
+        lines.append(f"  loader   {r['loader']['samples_per_s']:9.0f} samples/s vs raw read {r['raw_read']['samples_per_s']:9.0f}"
+                     f" samples/s  ratio {r['ratios']['loader_vs_raw']:.3f}")
+        if "ddp_2" in r:
+            lines.append(f"  ddp 2 ranks {r['ddp_2']['images_per_s']:6.0f} img/s vs 1 rank {r['ddp_1']['images_per_s']:6.0f}"
+                         f" img/s  ratio {r['ratios']['ddp_2_vs_1']:.3f}")
+        for k, v in r.get("ablations", {}).items():
+            lines.append(f"  ablation {k:<24} {v['images_per_s']:9.0f} img/s  ({v['vs_default']:.3f}x default)")
+    return "\n".join(lines)
+
+
+def loader_main(argv: Sequence[str]) -> int:
+    """`python -m pipeline.bench loader ...`: samples/s of the training loader of a prepared dataset."""
+    from pipeline.config import DataConfig
+
+    d = DataConfig()
+    p = argparse.ArgumentParser(prog="python -m pipeline.bench loader", description="loader samples/s",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--root", default=d.root, help="prepared dataset directory (manifest.json)")
+    p.add_argument("--dataset", default=d.dataset, help="recipe prepared into --root if it is missing")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--workers", type=int, default=d.num_workers)
+    p.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer)
+    p.add_argument("--batches", type=int, default=200)
+    p.add_argument("--split", default="train")
+    args = p.parse_args(argv)
+    cfg = DataConfig(dataset=args.dataset, root=args.root, batch_size=args.batch_size,
+                     num_workers=args.workers, shuffle_buffer=args.shuffle_buffer, seed=0)
+    r = loader_throughput(cfg, split=args.split, batches=args.batches)
+    print(f"{args.root} {args.split}: {r['samples_per_s']:.0f} samples/s ({r['samples']} samples in "
+          f"{r['seconds']:.2f} s; batch {r['batch_size']}, {r['num_workers']} workers)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["loader"]:
+        return loader_main(argv[1:])
+    p = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--out", type=Path, default=Path("bench.json"), help="result JSON (default bench.json)")
+    p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default per preset: digits 300, dsprites 40)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: digits 10, dsprites 5)")
+    p.add_argument("--repeats", type=int, default=1, help="alternate pipeline / bare runs; median kept")
+    p.add_argument("--no-ddp", dest="ddp", action="store_false", help="skip the 2-vs-1 rank DDP runs")
+    p.add_argument("--bf16", action="store_true", help="also bf16-mixed (the default on cuda)")
+    p.add_argument("--compile", action="store_true", help="also torch.compile of the VAE (with bf16 when that runs)")
+    p.add_argument("--ablations", action="store_true", help="re-measure with one setting changed at a time")
+    p.add_argument("--data-dir", default="data/bench", help="prepared bench datasets (reused)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    p.add_argument("--_devices", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--_run-dir", dest="_run_dir", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if (args.steps is not None and args.steps < 2) or (args.warmup is not None and args.warmup < 1) or args.repeats < 1:
+        p.error("--steps must be >= 2, --warmup and --repeats >= 1")
+    if args._worker:
+        return _worker(args)
+    result = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out, result)
+    print(format_summary(result))
+    print(f"# wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
