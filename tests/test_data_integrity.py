@@ -1,14 +1,16 @@
 """Shards that differ from their manifest: flipped image bytes (same length, so the tar still parses) and an
-appended sample. Checked while reading with the default 2 loader workers."""
+appended sample. Checked while reading with the default 2 loader workers; the train CLI's one-line errors."""
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 
 import pytest
 from data_helpers import data_cfg, keys_of, module_for, write_dataset
 
 from pipeline.data import shards
+from tests.conftest import TINY, run_train
 
 
 def flip_image_bytes(path, sample: int) -> None:
@@ -79,3 +81,17 @@ def test_an_extra_sample_is_an_error_naming_the_shard(tmp_path, verify):
     loader = module_for(data_cfg(tmp_path, batch_size=10, verify_checksums=verify)).train_dataloader()
     with pytest.raises(shards.ShardFormatError, match=r"train-000001\.tar: holds more than the 40 samples"):
         keys_of(loader)
+
+
+@pytest.mark.slow
+def test_train_cli_prints_one_line_and_exits_2_on_a_data_error(tmp_path):
+    write_dataset(tmp_path / "data", {"train": (200, 200), "val": (40,)})
+    flip_image_bytes(tmp_path / "data" / "train-000001.tar", 150)
+    args = TINY + [f"data.root={tmp_path / 'data'}", f"run.dir={tmp_path / 'run'}", "trainer.max_steps=20"]
+    proc = run_train(args, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: \S*train-000001\.tar: sha256 .* differs from the manifest.*", last), last
+    debug = run_train(args + [f"run.dir={tmp_path / 'run2'}"], env_extra={"VAE_DEBUG": "1"}, check=False)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "train-000001.tar" in debug.stderr
