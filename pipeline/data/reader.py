@@ -136,13 +136,13 @@ class Reader:
         if self.it is None:
             return None
         try:
-            raw = next(self.it)
-        except StopIteration:
-            self.it = None
-            self._ended()
-            return None
+            raw = next(self.it, None)
         except shards.ShardFormatError as e:
             self._fail(str(e))
+            return None
+        if raw is None:
+            self.it = None
+            self._ended()
             return None
         count = self.checks.count(self.shard)
         if count is not None and self.pos >= count:  # self.pos: this sample's position
