@@ -124,7 +124,11 @@ class Reader:
         if count is not None and self.pos < count:
             self._fail(f"{url}: ends after {self.pos} samples, the manifest says it holds {count}")
         elif self.expected is not None:
-            digest = self.stream.hexdigest_to_end()
+            try:
+                digest = self.stream.hexdigest_to_end()
+            except OSError as e:  # the bytes after the end-of-archive block, e.g. a download cut short
+                self._fail(f"{url}: unreadable after its last sample: {e}")
+                return
             if digest != self.expected:
                 self._fail(f"{url}: sha256 {digest[:16]}... differs from the manifest's {self.expected[:16]}...: "
                            "the file is corrupt or was changed after the manifest was written", mismatch=True)
