@@ -24,6 +24,28 @@ def split_argv(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
     return files, overrides
 
 
+def data_errors() -> tuple[type[Exception], ...]:
+    """Errors in the data (shards, manifest, sources, preparation) whose message names the file and the
+    problem: entry points print them as one line, like config errors."""
+    from pipeline.data.prepare import PrepareError
+    from pipeline.data.shards import ShardFormatError
+    from pipeline.data.sources import DataSetupError
+
+    return ShardFormatError, DataSetupError, PrepareError
+
+
+def error_line(e: BaseException) -> str:
+    """An exception's own message. One raised in a DataLoader worker reaches the main process re-raised by
+    PyTorch with the worker's whole traceback as its message; the original message is its last entry."""
+    text = str(e)
+    if "Original Traceback" in text:
+        prefix = f"\n{type(e).__module__}.{type(e).__qualname__}: "
+        at = text.rfind(prefix)
+        if at >= 0:
+            text = text[at + len(prefix):]
+    return text.strip()
+
+
 def config_from_argv(argv: Sequence[str], require_srun: bool = True):
     """CONFIG.yaml files and key=value overrides -> the validated config, with devices, nodes and run
     name taken from the launch (SLURM, W&B agent). Raises ValueError (ConfigError is one) on bad input."""

@@ -64,6 +64,9 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples held by the in-worker shuffle buffer
     steps_per_epoch: Optional[int] = None  # default: floor(total / (world_size * batch_size))
     on_error: OnError = "raise"  # warn: skip, count and log data/skipped_samples
+    # sha256 of each shard checked against the manifest while it is read, once per loader worker
+    # (a mismatch follows on_error); false skips the hashing
+    verify_checksums: bool = True
     seed: Optional[int] = None  # default: the root `seed`
     binarize: Binarize = "none"  # dynamic: Bernoulli resample each time (MNIST-style); threshold: > 0.5
     pin_memory: bool = True

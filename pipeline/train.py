@@ -187,7 +187,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if dry_run:
         print(describe(cfg))
         return 0
-    train(cfg)
+    from pipeline.cli import data_errors, error_line
+
+    try:
+        train(cfg)
+    except data_errors() as e:  # a bad shard or source: one line naming it; VAE_DEBUG=1 keeps the traceback
+        if os.environ.get("VAE_DEBUG", "0") not in ("", "0"):
+            raise
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        return 2
     return 0
 
 

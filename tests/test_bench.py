@@ -26,3 +26,16 @@ def test_bench_smoke_writes_ratios(tmp_path, capsys):
     # The DDP run counts the images of both ranks: twice the per-rank batch per timed step.
     assert d["ddp_2"]["images"] == 2 * d["ddp_1"]["images"] == 2 * 3 * d["batch_size"]
     assert r["device"] == "cpu" and "pipeline" in capsys.readouterr().out
+
+
+def test_checksum_cost_times_a_first_epoch_each_way(digits_root):
+    from pipeline.analysis.bench import checksum_cost
+    from pipeline.config import DataConfig
+    from pipeline.data import shards
+
+    total = shards.load_manifest(digits_root / shards.MANIFEST)["splits"]["train"]["total"]
+    r = checksum_cost(DataConfig(root=str(digits_root), seed=0, pin_memory=False), repeats=1)
+    assert r["samples"] == total // 128 * 128  # one whole epoch at the default batch size and 2 workers
+    assert len(r["runs_on"]) == len(r["runs_off"]) == 1
+    assert r["verify_on_samples_per_s"] > 0 and r["verify_off_samples_per_s"] > 0
+    assert math.isfinite(r["cost"])

@@ -141,7 +141,8 @@ class ShardDataModule(pl.LightningDataModule):
         stream = ShardStream(src, train=train, batch_size=self.cfg.batch_size, world_size=self.world_size,
                              rank=self.rank, lanes=self._lanes(), seed=self.seed,
                              shuffle_buffer=self.cfg.shuffle_buffer,
-                             num_batches=self.steps_per_epoch if train else None, on_error=self.cfg.on_error)
+                             num_batches=self.steps_per_epoch if train else None, on_error=self.cfg.on_error,
+                             verify_checksums=self.cfg.verify_checksums)
         trainer = getattr(self, "trainer", None)
         loader = ShardLoader(stream, num_workers=self.cfg.num_workers,
                              pin_memory=bool(self.cfg.pin_memory) and torch.cuda.is_available(),

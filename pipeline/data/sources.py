@@ -27,6 +27,7 @@ class SplitSource:
     urls: tuple[str, ...]
     counts: tuple[int, ...] | None  # None: no manifest, counts unknown
     shape: tuple[int, int, int] | None
+    digests: tuple[str | None, ...] | None = None  # sha256 per shard from the manifest, checked while reading
 
     @property
     def total(self) -> int | None:
@@ -41,22 +42,24 @@ def _from_manifest(path: Path, split: str, origin: str) -> SplitSource | None:
     names = [s["name"] for s in entry["shards"]]
     urls = tuple(n if "://" in n or n.startswith("pipe:") else str(path.parent / n) for n in names)
     shape = tuple(entry.get("shape") or manifest.get("shape") or ()) or None
-    return SplitSource(split, origin, urls, tuple(int(s["samples"]) for s in entry["shards"]), shape)
+    return SplitSource(split, origin, urls, tuple(int(s["samples"]) for s in entry["shards"]), shape,
+                       tuple(s.get("sha256") for s in entry["shards"]))
 
 
-def _sibling_counts(urls: Sequence[str]) -> tuple[tuple[int, ...] | None, tuple | None]:
-    """Counts from a manifest.json next to local shards (any split), if it names every shard."""
+def _sibling_counts(urls: Sequence[str]) -> tuple[tuple[int, ...] | None, tuple | None, tuple | None]:
+    """Counts, shape and sha256s from a manifest.json next to local shards (any split), if it names every shard."""
     if any(":" in u.split("/")[0] for u in urls):  # pipe:, http:, ... : no sibling to look at
-        return None, None
+        return None, None, None
     path = Path(urls[0]).parent / shards.MANIFEST
     if not path.is_file():
-        return None, None
+        return None, None, None
     manifest = shards.load_manifest(path)
-    known = {s["name"]: int(s["samples"]) for e in manifest["splits"].values() for s in e["shards"]}
+    known = {s["name"]: s for e in manifest["splits"].values() for s in e["shards"]}
     if not all(Path(u).name in known for u in urls):
-        return None, None
+        return None, None, None
     shape = tuple(manifest["shape"]) if manifest.get("shape") else None
-    return tuple(known[Path(u).name] for u in urls), shape
+    entries = [known[Path(u).name] for u in urls]
+    return tuple(int(s["samples"]) for s in entries), shape, tuple(s.get("sha256") for s in entries)
 
 
 def resolve_source(spec: str | None, split: str, root: str) -> SplitSource | None:
@@ -83,8 +86,8 @@ def resolve_source(spec: str | None, split: str, root: str) -> SplitSource | Non
         missing = [u for u in local if not os.path.exists(u)]
         if missing:
             raise DataSetupError(f"{spec}: shard {missing[0]} does not exist")
-    counts, shape = _sibling_counts(urls)
-    return SplitSource(split, origin, tuple(urls), counts, shape)
+    counts, shape, digests = _sibling_counts(urls)
+    return SplitSource(split, origin, tuple(urls), counts, shape, digests)
 
 
 def peek_shape(source: SplitSource) -> tuple[int, int, int]:

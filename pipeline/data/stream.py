@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.data import layout, shards
-from pipeline.data.reader import Reader
+from pipeline.data.reader import Reader, ShardChecks
 from pipeline.data.sources import SplitSource
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,10 @@ class ShardStream(IterableDataset):
     """One rank's batches of one split; pipeline.data.layout says which samples, in which order."""
 
     def __init__(self, source: SplitSource, *, train: bool, batch_size: int, world_size: int, rank: int,
-                 lanes: int, seed: int, shuffle_buffer: int, num_batches: int | None, on_error: str):
+                 lanes: int, seed: int, shuffle_buffer: int, num_batches: int | None, on_error: str,
+                 verify_checksums: bool = True):
         self.source, self.train, self.batch_size = source, train, batch_size
+        self.checks = ShardChecks(source.counts, source.digests if verify_checksums else None)
         self.world_size, self.rank, self.lanes, self.seed = world_size, rank, lanes, seed
         self.on_error, self.num_batches = on_error, num_batches
         self.block = layout.block_size(batch_size, shuffle_buffer) if train else batch_size
@@ -57,7 +59,7 @@ class ShardStream(IterableDataset):
         if workers != self.lanes:
             raise RuntimeError(f"ShardStream built for {self.lanes} lanes runs in {workers} workers")
         lane = layout.worker_lane(self.start, w, self.lanes)
-        reader = Reader(self.source.urls, self.on_error)
+        reader = Reader(self.source.urls, self.on_error, self.checks)
         try:
             if self.source.counts is None:
                 yield from self._batches_streaming(reader, lane)
@@ -124,14 +126,17 @@ class ShardStream(IterableDataset):
     def _train_batches(self, reader: Reader, lane: int) -> Iterator[dict]:
         counts = np.asarray(self.source.counts, dtype=np.int64)
         order = layout.shard_order(self.seed, self.epoch, len(counts))
-        base, _ = layout.lane_span(self.rank, lane, self.num_batches, self.lanes, self.batch_size)
+        base, end = layout.lane_span(self.rank, lane, self.num_batches, self.lanes, self.batch_size)
 
         def read(lo: int, hi: int, rd: Reader = reader) -> list[Item | None]:
-            return [self._decode(raw) for shard, a, b in layout.segments(counts, order, lo, hi)
-                    for raw in rd.read(shard, a, b)]
+            items = [self._decode(raw) for shard, a, b in layout.segments(counts, order, lo, hi)
+                     for raw in rd.read(shard, a, b)]
+            if hi == end:  # the lane's last read: finish verifying its shard before these samples go out
+                rd.finish()
+            return items
 
         def lookahead(pos: int) -> list[Item]:  # donors for a block with no readable sample
-            rd, total = Reader(self.source.urls, self.on_error), int(counts.sum())
+            rd, total = Reader(self.source.urls, self.on_error, self.checks), int(counts.sum())
             try:
                 for lo in range(pos, pos + total, self.block):
                     good = [it for it in read(lo, min(lo + self.block, pos + total), rd) if it is not None]
@@ -148,8 +153,11 @@ class ShardStream(IterableDataset):
     def _eval_batches(self, reader: Reader, lane: int) -> Iterator[dict]:
         counts = np.asarray(self.source.counts, dtype=np.int64)
         order = np.arange(len(counts))
-        for a, b in layout.eval_batches(*self.range, lane=lane, lanes=self.lanes, batch_size=self.batch_size):
+        batches = layout.eval_batches(*self.range, lane=lane, lanes=self.lanes, batch_size=self.batch_size)
+        for j, (a, b) in enumerate(batches):
             items = [self._decode(r) for s, x, y in layout.segments(counts, order, a, b) for r in reader.read(s, x, y)]
+            if j == len(batches) - 1:  # the lane's last read: finish verifying its shard first
+                reader.finish()
             good = [it for it in items if it is not None]
             if good:
                 yield self._collate(good, len(items) - len(good))
@@ -193,7 +201,7 @@ class ShardStream(IterableDataset):
             return
 
         def more(pos: int) -> list[Item]:  # donors for an unreadable block: the stream after it
-            ahead = self._stream_items(Reader(self.source.urls, self.on_error), lane)
+            ahead = self._stream_items(Reader(self.source.urls, self.on_error, self.checks), lane)
             for i, raw in enumerate(ahead):
                 if i >= pos and (it := self._decode(raw)) is not None:
                     return [it]
