@@ -60,11 +60,19 @@ class StepSeed(Callback):
         self._eval_seed(trainer, 2)
 
 
+GRID_MIN_SIDE = 64  # px: an 8x8 digit drawn 8x8 is a speck in a viewer or on W&B
+
+
 def image_grid(images: torch.Tensor, nrow: int, pad: int = 1) -> np.ndarray:
-    """[N, C, H, W] floats in [0, 1] -> one [rows*(H+pad)+pad, nrow*(W+pad)+pad, 3] uint8 image."""
+    """[N, C, H, W] floats in [0, 1] -> one [rows*(h+pad)+pad, nrow*(w+pad)+pad, 3] uint8 image, where each
+    image is upscaled by an integer factor (nearest neighbour: pixels stay sharp squares) to h, w with
+    min(h, w) >= GRID_MIN_SIDE; images that large already keep their size."""
     x = images.detach().float().clamp(0, 1).cpu()
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
+    scale = -(-GRID_MIN_SIDE // min(x.shape[-2:]))  # ceil
+    if scale > 1:
+        x = x.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
     n, c, h, w = x.shape
     rows = (n + nrow - 1) // nrow
     grid = torch.ones(3, rows * (h + pad) + pad, nrow * (w + pad) + pad)
