@@ -9,6 +9,7 @@ This is the only module that imports omegaconf. Every component receives its own
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -173,6 +174,41 @@ NON_NEGATIVE = (
     "objective.free_bits", "objective.val_iwae_samples", "optim.weight_decay",
     "optim.lr_warmup_steps", "trainer.gradient_clip_val", "logger.images_every_n_steps",
 )
+
+
+# Keys that say how, where or how long a run goes, not what it trains (a trailing "." covers a section).
+# They stay out of the run name derived from the config (derived_run_name), so extending a run
+# (trainer.max_steps) or changing loader workers, devices, cadences or tracking resumes the same directory.
+OPERATIONAL_KEYS = (
+    "resume", "run.", "data.root", "data.num_workers", "data.pin_memory", "trainer.max_steps",
+    "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.val_check_interval",
+    "trainer.log_every_n_steps", "trainer.limit_val_batches", "trainer.enable_progress_bar", "trainer.deterministic",
+    "trainer.compile", "checkpoint.", "logger.",
+)
+RUN_NAME_MAX = 80  # characters: a directory name that stays readable in `ls` and W&B
+
+
+def is_operational(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in OPERATIONAL_KEYS)
+
+
+def _name_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_")
+
+
+def derived_run_name(files: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = ()) -> str:
+    """The name of a run whose config does not name it: the config file stems joined by `+` (`default`
+    without files), then `-key=value` for each override that changes what is trained (sorted by key;
+    operational keys and overrides equal to the files' value left out), sanitised for a directory name.
+    E.g. `dsprites_beta-objective.beta=8`; over RUN_NAME_MAX characters: cut, plus a hash of the whole."""
+    stems = "+".join(_name_part(Path(f).stem) for f in files) or RunConfig.name
+    last = dict(o.split("=", 1) for o in overrides)  # the last value of each key wins, as in the merge
+    base, full = load_config(files, []), load_config(files, overrides)
+    name = "".join([stems, *(f"-{k}={_name_part(v)}" for k, v in sorted(last.items())
+                             if not is_operational(k) and _get(base, k) != _get(full, k))])
+    if len(name) > RUN_NAME_MAX:
+        name = f"{name[:RUN_NAME_MAX - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
 
 
 def _all_keys(node: Any, prefix: str = "") -> List[str]:
