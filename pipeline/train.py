@@ -1,14 +1,18 @@
 """Train a VAE: config -> data -> model -> Lightning Trainer, resumable and tracked.
 
-    python -m pipeline.train                                       # digits default (CPU or one GPU)
-    python -m pipeline.train configs/dsprites_beta.yaml objective.beta=4
+    python -m pipeline.train                                       # digits default (CPU or one GPU): runs/default
+    python -m pipeline.train configs/dsprites_beta.yaml objective.beta=8   # runs/dsprites_beta-objective.beta=8
+    python -m pipeline.train trainer.max_steps=6000                # extend the default run (same directory)
     python -m pipeline.train trainer.devices=4                     # one node, 4 GPUs (DDP)
     sbatch slurm/train.sh configs/dsprites_beta.yaml               # many nodes, requeue on preemption
     python -m pipeline.train --dry-run [ARGS ...]                  # resolve the config and the launch, then exit
 
 Positional arguments ending in .yaml/.yml are config files, merged in order over the dataclass
-defaults (pipeline/config.py); `key=value` arguments override them. Outputs in RUN_DIR (`run.dir`,
-default runs/<run.name>): config.yaml, metrics.csv, checkpoints/{last,best-*}.ckpt, images/, wandb/.
+defaults (pipeline/config.py); `key=value` arguments override them. A run not named by `run.name` is
+named after its config files and the overrides that change what is trained. Outputs in RUN_DIR
+(`run.dir`, default runs/<run.name>): config.yaml, metrics.csv, checkpoints/{last,best-*}.ckpt, images/,
+wandb/. Ctrl-C checkpoints at the end of the current batch and exits with status 130 (a second Ctrl-C
+stops at once); the same command resumes.
 """
 from __future__ import annotations
 
@@ -175,7 +179,7 @@ def train(cfg) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(f"{__doc__}\nConfig keys, KEY = DEFAULT  TYPE: MEANING (pipeline/config.py):\n{C.keys_help()}")
         return 0
     dry_run = bool(argv) and argv[0] == "--dry-run"
     try:
