@@ -99,7 +99,7 @@ class ImageLogger(Callback):
         self.traversal_steps = traversal_steps
         self.max_traversal_dims = max_traversal_dims
         self._batch: Optional[torch.Tensor] = None
-        self._last_logged = -1
+        self._last_logged, self._last_step = -1, -1
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if trainer.is_global_zero and batch_idx == 0 and dataloader_idx == 0 and not trainer.sanity_checking:
@@ -109,8 +109,9 @@ class ImageLogger(Callback):
         if not trainer.is_global_zero or trainer.sanity_checking or self._batch is None or trainer.state.fn != "fit":
             return
         bucket = trainer.global_step // self.every_n_steps
-        if bucket > self._last_logged:
-            self._last_logged = bucket
+        last_step = trainer.global_step >= trainer.max_steps > 0  # the final validation: grids of the result
+        if bucket > self._last_logged or (last_step and trainer.global_step != self._last_step):
+            self._last_logged, self._last_step = bucket, trainer.global_step
             self.log_images(trainer, pl_module)
 
     @torch.no_grad()
@@ -149,6 +150,20 @@ class ImageLogger(Callback):
             if hasattr(logger, "log_image"):  # WandbLogger
                 for name, grid in grids.items():
                     logger.log_image(key=f"images/{name}", images=[grid], step=step)
+
+
+class FinalValidation(Callback):
+    """Validate after the last training step whatever `trainer.val_check_interval` is, so every run that
+    ends normally has val metrics (and, through ImageLogger, grids) at its last step.
+
+    Lightning validates after any batch that sets `trainer.should_stop` (how EarlyStopping gets a final
+    validation), in the same check as a scheduled one: a last step that is due anyway validates once.
+    At max_steps training ends after this batch regardless, so setting it changes nothing else.
+    """
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= trainer.max_steps > 0:
+            trainer.should_stop = True
 
 
 class DeferredRequeue(Callback):

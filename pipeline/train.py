@@ -73,7 +73,7 @@ def build_loggers(cfg, run_dir: Path, rank_zero: bool):
 def build_callbacks(cfg, run_dir: Path):
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
-    from pipeline.callbacks import DataErrorCounter, DeferredRequeue, ImageLogger, StepSeed
+    from pipeline.callbacks import DataErrorCounter, DeferredRequeue, FinalValidation, ImageLogger, StepSeed
 
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
@@ -85,6 +85,7 @@ def build_callbacks(cfg, run_dir: Path):
         LearningRateMonitor(logging_interval="step"),
         DataErrorCounter(),
         DeferredRequeue(),
+        FinalValidation(),
     ]
     if cfg.checkpoint.save_best:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best-step{step:07d}", monitor="val/elbo",

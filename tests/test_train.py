@@ -143,3 +143,22 @@ def test_corrupt_shard_is_skipped_and_counted_under_warn(digits_root, tiny_overr
     train(load_config([], base + [f"run.dir={run_dir}", "data.on_error=warn"]))
     skipped = [float(r["data/skipped_samples"]) for r in read_metrics(run_dir) if r.get("data/skipped_samples")]
     assert skipped and skipped[-1] > 0 and skipped == sorted(skipped)  # a running count
+
+
+def test_every_run_ends_with_a_validation_and_images_at_its_last_step(tiny_overrides, tmp_path):
+    """A short run whose last step is not a validation step still ends with val metrics and grids there,
+    and a last step that is one validates once."""
+    kinds = ("reconstructions", "samples", "traversals")
+    short = tmp_path / "short"  # validation every 500 steps, 25 steps: only the final one
+    metrics = train(load_config([], tiny_overrides + [f"run.dir={short}", "trainer.max_steps=25",
+                                                      "trainer.val_check_interval=500",
+                                                      "logger.images_every_n_steps=500"]))
+    assert math.isfinite(metrics["val/elbo"])
+    assert [int(r["step"]) for r in read_metrics(short) if r.get("val/elbo")] == [24]
+    assert all((short / "images" / f"{k}_step0000025.png").is_file() for k in kinds)
+
+    every10 = tmp_path / "every10"  # validation and images every 10: steps 10, 20 and the last, 25
+    train(load_config([], tiny_overrides + [f"run.dir={every10}", "trainer.max_steps=25"]))
+    assert [int(r["step"]) for r in read_metrics(every10) if r.get("val/elbo")] == [9, 19, 24]
+    assert sorted(p.name for p in (every10 / "images").glob("samples_*")) == [
+        "samples_step0000010.png", "samples_step0000020.png", "samples_step0000025.png"]
