@@ -29,7 +29,7 @@ def logs_written_this_step(trainer) -> bool:
 
 def hpc_save_path(trainer) -> str:
     """The next `RUN_DIR/hpc_ckpt_N.ckpt`: the name Lightning's SLURM requeue writes and resumes from,
-    used when DeferredRequeue saves without Lightning's SLURM handler."""
+    used when DeferredSignals saves without Lightning's SLURM handler."""
     return trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
 
 

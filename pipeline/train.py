@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -31,6 +32,7 @@ from pipeline.cli import config_from_argv
 from pipeline.launch import describe
 
 log = logging.getLogger("pipeline.train")
+INTERRUPTED_EXIT = 130  # Ctrl-C: 128 + SIGINT, what a shell reports for a program ended by it
 
 
 def find_resume_checkpoint(resume: str, run_dir: Path) -> Optional[str]:
@@ -73,7 +75,7 @@ def build_loggers(cfg, run_dir: Path, rank_zero: bool):
 def build_callbacks(cfg, run_dir: Path):
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
-    from pipeline.callbacks import DataErrorCounter, DeferredRequeue, FinalValidation, ImageLogger, StepSeed
+    from pipeline.callbacks import DataErrorCounter, DeferredSignals, FinalValidation, ImageLogger, StepSeed
 
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
@@ -84,7 +86,7 @@ def build_callbacks(cfg, run_dir: Path):
                         every_n_train_steps=cfg.checkpoint.every_n_steps, save_top_k=0, save_last=True),
         LearningRateMonitor(logging_interval="step"),
         DataErrorCounter(),
-        DeferredRequeue(),
+        DeferredSignals(ckpt_dir / "last.ckpt"),
         FinalValidation(),
     ]
     if cfg.checkpoint.save_best:
@@ -105,7 +107,7 @@ def build_trainer(cfg, run_dir: Path, loggers, callbacks):
     plugins = []
     if SLURMEnvironment.detect():
         # Lightning saves hpc_ckpt_N.ckpt and requeues on USR1 (sbatch --signal=USR1@90);
-        # DeferredRequeue moves that to a batch boundary.
+        # DeferredSignals moves that to a batch boundary.
         plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1))
     return pl.Trainer(
         default_root_dir=str(run_dir),
@@ -121,11 +123,26 @@ def build_trainer(cfg, run_dir: Path, loggers, callbacks):
     )
 
 
-def train(cfg) -> dict:
-    """Run (or resume) training for a loaded config; returns the final logged metrics (floats)."""
+def report_interrupt(stop, run_dir: Path, command: Optional[str]) -> None:
+    """Where a Ctrl-C left the run and how to continue it (`stop`: None when it stopped at once)."""
+    if stop is not None:
+        print(f"# interrupted at step {stop.step}: checkpoint saved to {stop.path}", flush=True)
+    else:
+        last = find_resume_checkpoint("auto", run_dir)
+        print("# stopped at once (Ctrl-C); " + (f"the last checkpoint is {last} (step {checkpoint_step(last)})"
+                                               if last else "no checkpoint yet: the run starts over"), flush=True)
+    print(f"# continue with the same command: {command or 'the command that started it'}", flush=True)
+
+
+def train(cfg, command: Optional[str] = None) -> dict:
+    """Run (or resume) training for a loaded config; returns the final logged metrics (floats).
+
+    Ctrl-C raises SystemExit(INTERRUPTED_EXIT) after saying how to continue (`command`, the command
+    line that started the run)."""
     import lightning.pytorch as pl
     from lightning.pytorch.utilities import rank_zero_only
 
+    from pipeline.callbacks import DeferredSignals, RunInterrupted
     from pipeline.datamodule import ShardDataModule
     from pipeline.module import VAEModule
     from pipeline.prepare import ensure_prepared
@@ -156,17 +173,25 @@ def train(cfg) -> dict:
         print(f"# resuming from {ckpt_path} (step {step}); dropped {dropped} metric rows logged after it", flush=True)
 
     loggers, wandb_mode = build_loggers(cfg, run_dir, rank_zero)
-    trainer = build_trainer(cfg, run_dir, loggers, build_callbacks(cfg, run_dir))
+    callbacks = build_callbacks(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, loggers, callbacks)
     started = time.time()
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     except FloatingPointError as e:
         raise SystemExit(f"error: {e}. The last good checkpoint is kept in {run_dir / 'checkpoints'}.") from None
+    except (RunInterrupted, SystemExit) as e:  # Ctrl-C; Lightning exits 1 after a KeyboardInterrupt
+        signals = next(c for c in callbacks if isinstance(c, DeferredSignals))
+        if isinstance(e, SystemExit) and not signals.stopped_at_once:
+            raise
+        if rank_zero:
+            report_interrupt(e if isinstance(e, RunInterrupted) else None, run_dir, command)
+        raise SystemExit(INTERRUPTED_EXIT) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
     if trainer.global_step >= cfg.trainer.max_steps and not trainer.interrupted:
         # `last.ckpt` at the very end too (every_n_steps need not divide max_steps). Every rank calls
         # it (it holds a barrier); rank zero writes.
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     if rank_zero:
         elbo = metrics.get("val/elbo")
         print(f"# done: step {trainer.global_step} in {time.time() - started:.1f}s; "
@@ -192,7 +217,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if dry_run:
         print(describe(cfg))
         return 0
-    train(cfg)
+    try:
+        train(cfg, command=shlex.join(["python", "-m", "pipeline.train", *argv]))
+    except KeyboardInterrupt:  # Ctrl-C before the Trainer started (data preparation, model set-up)
+        print("# stopped (Ctrl-C) before training started", flush=True)
+        return INTERRUPTED_EXIT
     return 0
 
 
