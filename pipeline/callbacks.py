@@ -243,7 +243,8 @@ class DeferredSignals(Callback):
             if not self._training or self.interrupts > 1:
                 self.stopped_at_once = True
                 raise KeyboardInterrupt
-            self._say("Ctrl-C: saving a checkpoint at the end of this batch, then stopping (Ctrl-C again: stop at once)")
+            self._say("Ctrl-C: saving a checkpoint at the end of this batch, then stopping "
+                      "(Ctrl-C again: stop at once)")
         else:
             log.warning("received signal %s: will checkpoint and requeue at the end of this batch", signum)
         self._received[signum] = True

@@ -183,7 +183,7 @@ def _type_name(t: Any) -> str:
     return "any" if t is Any else t.__name__
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _field_comments() -> Dict[Tuple[str, str], str]:
     """(dataclass, field) -> the comment on the field's line in this file, read once."""
     source = Path(__file__).read_text()
@@ -204,15 +204,36 @@ def key_docs(cls: type = None, prefix: str = "") -> List[Tuple[str, str, str, st
             rows += key_docs(t, f"{prefix}{f.name}.")
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append((prefix + f.name, _type_name(t), _yaml_value(default), _field_comments().get((cls.__name__, f.name), "")))
+        meaning = _field_comments().get((cls.__name__, f.name), "")
+        rows.append((prefix + f.name, _type_name(t), _yaml_value(default), meaning))
     return rows
 
 
 def keys_help() -> str:
     """Every config key with its default, type and meaning: the table of `python -m pipeline.train --help`."""
-    rows = [(f"{key} = {default}", f"{typ}: {meaning}" if meaning else typ) for key, typ, default, meaning in key_docs()]
+    rows = [(f"{key} = {default}", f"{typ}: {meaning}" if meaning else typ) for key, typ, default, meaning
+            in key_docs()]
     width = max(len(left) for left, _ in rows)
     return "\n".join(f"  {left:<{width}}  {right}" for left, right in rows)
+
+
+def _flat(d: dict, prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def changed_keys(cfg: DictConfig) -> Dict[str, str]:
+    """key -> value (as YAML text) for every leaf that differs from the schema's default, in schema
+    order; run.dir and data.seed are left out where they are just derived from run.name and seed."""
+    default = _flat(to_dict(OmegaConf.structured(Config)))
+    out = {k: _yaml_value(v) for k, v in _flat(to_dict(cfg)).items() if v != default.get(k)}
+    if cfg.run.dir == str(Path("runs") / cfg.run.name):
+        out.pop("run.dir", None)
+    if cfg.data.seed == cfg.seed:
+        out.pop("data.seed", None)
+    return out
 
 
 # Numeric keys that must be positive / non-negative.

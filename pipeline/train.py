@@ -55,16 +55,14 @@ def checkpoint_step(path: str) -> int:
 
 
 def build_loggers(cfg, run_dir: Path, rank_zero: bool):
-    from pipeline.lightning_compat import resumable_csv_logger
+    from pipeline.lightning_compat import resumable_csv_logger, wandb_logger
     from pipeline.tracking import resolve_wandb_mode, wandb_run_id
 
     loggers = [resumable_csv_logger(run_dir)]
     mode = resolve_wandb_mode(cfg.logger.wandb.mode)
     if mode != "disabled":
-        from lightning.pytorch.loggers import WandbLogger
-
         w = cfg.logger.wandb
-        loggers.append(WandbLogger(
+        loggers.append(wandb_logger(
             project=w.project, entity=w.entity, group=w.group, tags=list(w.tags), name=cfg.run.name,
             save_dir=str(run_dir), id=wandb_run_id(run_dir) if rank_zero else None, resume="allow",
             offline=(mode == "offline"), config=C.to_dict(cfg),
@@ -73,7 +71,7 @@ def build_loggers(cfg, run_dir: Path, rank_zero: bool):
 
 
 def build_callbacks(cfg, run_dir: Path):
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from pipeline.callbacks import DataErrorCounter, DeferredSignals, FinalValidation, ImageLogger, StepSeed
 
@@ -94,8 +92,10 @@ def build_callbacks(cfg, run_dir: Path):
                                          mode="max", save_top_k=1, auto_insert_metric_name=False))
     if cfg.logger.images_every_n_steps > 0:
         callbacks.append(ImageLogger(run_dir / "images", cfg.logger.images_every_n_steps, cfg.logger.num_images))
-    if cfg.trainer.enable_progress_bar and not sys.stdout.isatty():
-        callbacks.append(TQDMProgressBar(refresh_rate=50))  # batch logs (SLURM): fewer lines
+    if cfg.trainer.enable_progress_bar:
+        from pipeline.console import RunProgress, progress_every
+
+        callbacks.append(RunProgress(progress_every(cfg.trainer.max_steps, cfg.trainer.log_every_n_steps)))
     return callbacks
 
 
@@ -115,10 +115,11 @@ def build_trainer(cfg, run_dir: Path, loggers, callbacks):
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
         precision=t.precision,
         val_check_interval=t.val_check_interval, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        limit_val_batches=t.limit_val_batches if t.limit_val_batches is not None else 1.0,
+        limit_val_batches=t.limit_val_batches,  # None: all (1.0 would print a notice on every run)
         log_every_n_steps=t.log_every_n_steps,
         gradient_clip_val=t.gradient_clip_val or None, accumulate_grad_batches=t.accumulate_grad_batches,
         enable_progress_bar=t.enable_progress_bar, deterministic=t.deterministic,
+        enable_model_summary=False,  # the start-up summary gives the parameter count
         logger=loggers, callbacks=callbacks, plugins=plugins or None,
     )
 
@@ -143,16 +144,17 @@ def train(cfg, command: Optional[str] = None) -> dict:
     from lightning.pytorch.utilities import rank_zero_only
 
     from pipeline.callbacks import DeferredSignals, RunInterrupted
+    from pipeline.console import quiet_known_noise, summary_lines
     from pipeline.datamodule import ShardDataModule
     from pipeline.module import VAEModule
     from pipeline.prepare import ensure_prepared
     from pipeline.tracking import truncate_metrics_csv
 
+    quiet_known_noise()
     rank_zero = rank_zero_only.rank == 0
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero:
-        print(f"# resolved config (saved to {run_dir / 'config.yaml'})\n{C.to_yaml(cfg)}", flush=True)
         tmp = run_dir / "config.yaml.tmp"
         tmp.write_text(C.to_yaml(cfg))
         os.replace(tmp, run_dir / "config.yaml")
@@ -166,15 +168,17 @@ def train(cfg, command: Optional[str] = None) -> dict:
     if cfg.trainer.compile:
         module.vae.compile()  # in place: checkpoint keys stay unprefixed
 
-    ckpt_path = find_resume_checkpoint(cfg.resume, run_dir)
+    ckpt_path, resume = find_resume_checkpoint(cfg.resume, run_dir), None
     if ckpt_path and rank_zero:
         step = checkpoint_step(ckpt_path)
         dropped = truncate_metrics_csv(run_dir / "metrics.csv", step)
-        print(f"# resuming from {ckpt_path} (step {step}); dropped {dropped} metric rows logged after it", flush=True)
+        resume = f"resuming from {ckpt_path} (step {step}); dropped {dropped} metric rows logged after it"
 
     loggers, wandb_mode = build_loggers(cfg, run_dir, rank_zero)
     callbacks = build_callbacks(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir, loggers, callbacks)
+    if rank_zero:
+        print("\n".join(summary_lines(cfg, dm, module, trainer, wandb_mode, resume)), flush=True)
     started = time.time()
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)

@@ -169,4 +169,5 @@ def test_explicit_and_launch_names_win_over_the_derived_one(no_launch_env, monke
     assert run_dir_of(["objective.beta=8", "run.dir=/scratch/x"], capsys) == "/scratch/x"
     for k, v in srun_env(ntasks_per_node=1).items():
         monkeypatch.setenv(k, v)
-    assert run_dir_of(["configs/dsprites_beta.yaml", "objective.beta=8"], capsys) == "runs/train-4242"  # a requeue finds it
+    # the job's name: a requeue finds its directory
+    assert run_dir_of(["configs/dsprites_beta.yaml", "objective.beta=8"], capsys) == "runs/train-4242"

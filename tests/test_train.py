@@ -29,7 +29,7 @@ def test_default_run_writes_config_metrics_checkpoints_images_and_offline_wandb(
     run_dir = tmp_path / "run"
     secret = "sk-test-0123456789abcdef-not-a-real-key"
     proc = run_train(tiny_overrides + ["logger.wandb.mode=offline"], env_extra={"WANDB_API_KEY": secret})
-    assert "# resolved config" in proc.stdout and "# done: step 30" in proc.stdout
+    assert f"# run       {run_dir}" in proc.stdout and "# done: step 30" in proc.stdout
 
     assert load_config([run_dir / "config.yaml"]).trainer.max_steps == 30
     rows = read_metrics(run_dir)
