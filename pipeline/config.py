@@ -270,19 +270,25 @@ def _name_part(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_")
 
 
+def run_name(parts: Sequence[str]) -> str:
+    """Parts (file stems, `key=value` items) made safe for a directory name and joined by `-`; longer
+    than RUN_NAME_MAX characters: cut, plus a hash of the whole (distinct configs stay distinct)."""
+    name = "-".join("=".join(map(_name_part, p.split("=", 1))) for p in parts)
+    if len(name) > RUN_NAME_MAX:
+        name = f"{name[:RUN_NAME_MAX - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
+
+
 def derived_run_name(files: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = ()) -> str:
     """The name of a run whose config does not name it: the config file stems joined by `+` (`default`
     without files), then `-key=value` for each override that changes what is trained (sorted by key;
     operational keys and overrides equal to the files' value left out), sanitised for a directory name.
-    E.g. `dsprites_beta-objective.beta=8`; over RUN_NAME_MAX characters: cut, plus a hash of the whole."""
+    E.g. `dsprites_beta-objective.beta=8`."""
     stems = "+".join(_name_part(Path(f).stem) for f in files) or RunConfig.name
     last = dict(o.split("=", 1) for o in overrides)  # the last value of each key wins, as in the merge
     base, full = load_config(files, []), load_config(files, overrides)
-    name = "".join([stems, *(f"-{k}={_name_part(v)}" for k, v in sorted(last.items())
-                             if not is_operational(k) and _get(base, k) != _get(full, k))])
-    if len(name) > RUN_NAME_MAX:
-        name = f"{name[:RUN_NAME_MAX - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
-    return name
+    return run_name([stems, *(f"{k}={v}" for k, v in sorted(last.items())
+                              if not is_operational(k) and _get(base, k) != _get(full, k))])
 
 
 def _all_keys(node: Any, prefix: str = "") -> List[str]:
