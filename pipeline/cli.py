@@ -27,7 +27,8 @@ def split_argv(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
 
 def config_from_argv(argv: Sequence[str], require_srun: bool = True):
     """CONFIG.yaml files and key=value overrides -> the validated config, with devices, nodes and run
-    name taken from the launch (SLURM, W&B agent). Raises ValueError (ConfigError is one) on bad input."""
+    name taken from the launch (SLURM, W&B agent), else a run name derived from the config. Raises
+    ValueError (ConfigError is one) on bad input."""
     files, overrides = split_argv(argv)
     cfg = apply_cluster_env(C.load_config(files, overrides), require_srun=require_srun)
     return name_from_config(cfg, files, overrides)
