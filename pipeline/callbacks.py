@@ -158,13 +158,17 @@ class FinalValidation(Callback):
     """Validate after the last training step whatever `trainer.val_check_interval` is, so every run that
     ends normally has val metrics (and, through ImageLogger, grids) at its last step.
 
-    Lightning validates after any batch that sets `trainer.should_stop` (how EarlyStopping gets a final
-    validation), in the same check as a scheduled one: a last step that is due anyway validates once.
-    At max_steps training ends after this batch regardless, so setting it changes nothing else.
+    Lightning validates after any batch during which `trainer.should_stop` was set (how EarlyStopping
+    gets a final validation), in the same check as a scheduled one: a last step that is due anyway
+    validates once. It also writes that step's train metrics whatever log_every_n_steps says, so the
+    flag is set before the batch that completes the last optimizer step, where VAEModule (which skips
+    `self.log` on steps that are not written) sees it and logs fresh values. Training ends after that
+    batch anyway (max_steps), so nothing else changes.
     """
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= trainer.max_steps > 0:
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        steps = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == trainer.num_training_batches
+        if trainer.global_step + 1 >= trainer.max_steps > 0 and steps:
             trainer.should_stop = True
 
 
