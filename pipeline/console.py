@@ -110,7 +110,7 @@ class RunProgress(TQDMProgressBar):
         step = trainer.global_step
         if self.is_disabled:
             return
-        fresh = step % trainer.log_every_n_steps == 0  # train metrics were just logged
+        fresh = step % trainer.log_every_n_steps == 0 or step >= trainer.max_steps  # train metrics just logged
         if self.tty:
             bar = self.train_progress_bar
             if fresh:
