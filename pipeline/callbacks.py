@@ -1,10 +1,12 @@
-"""Callbacks the Trainer needs beyond Lightning's own: per-batch seeding (exact resume), image grids,
-step-consistent SLURM preemption, and data-error counters."""
+"""Callbacks the Trainer needs beyond Lightning's own: per-batch seeding (exact resume), image grids, a
+final validation, step-consistent SLURM preemption and Ctrl-C, and data-error counters."""
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -60,11 +62,19 @@ class StepSeed(Callback):
         self._eval_seed(trainer, 2)
 
 
+GRID_MIN_SIDE = 64  # px: an 8x8 digit drawn 8x8 is a speck in a viewer or on W&B
+
+
 def image_grid(images: torch.Tensor, nrow: int, pad: int = 1) -> np.ndarray:
-    """[N, C, H, W] floats in [0, 1] -> one [rows*(H+pad)+pad, nrow*(W+pad)+pad, 3] uint8 image."""
+    """[N, C, H, W] floats in [0, 1] -> one [rows*(h+pad)+pad, nrow*(w+pad)+pad, 3] uint8 image, where each
+    image is upscaled by an integer factor (nearest neighbour: pixels stay sharp squares) to h, w with
+    min(h, w) >= GRID_MIN_SIDE; images that large already keep their size."""
     x = images.detach().float().clamp(0, 1).cpu()
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
+    scale = -(-GRID_MIN_SIDE // min(x.shape[-2:]))  # ceil
+    if scale > 1:
+        x = x.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
     n, c, h, w = x.shape
     rows = (n + nrow - 1) // nrow
     grid = torch.ones(3, rows * (h + pad) + pad, nrow * (w + pad) + pad)
@@ -91,7 +101,7 @@ class ImageLogger(Callback):
         self.traversal_steps = traversal_steps
         self.max_traversal_dims = max_traversal_dims
         self._batch: Optional[torch.Tensor] = None
-        self._last_logged = -1
+        self._last_logged, self._last_step = -1, -1
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if trainer.is_global_zero and batch_idx == 0 and dataloader_idx == 0 and not trainer.sanity_checking:
@@ -101,8 +111,9 @@ class ImageLogger(Callback):
         if not trainer.is_global_zero or trainer.sanity_checking or self._batch is None or trainer.state.fn != "fit":
             return
         bucket = trainer.global_step // self.every_n_steps
-        if bucket > self._last_logged:
-            self._last_logged = bucket
+        last_step = trainer.global_step >= trainer.max_steps > 0  # the final validation: grids of the result
+        if bucket > self._last_logged or (last_step and trainer.global_step != self._last_step):
+            self._last_logged, self._last_step = bucket, trainer.global_step
             self.log_images(trainer, pl_module)
 
     @torch.no_grad()
@@ -144,41 +155,139 @@ class ImageLogger(Callback):
                     logger.log_image(key=f"images/{name}", images=[grid], step=step)
 
 
-class DeferredRequeue(Callback):
-    """Make Lightning's SLURM auto-requeue step-consistent.
+class FinalValidation(Callback):
+    """Validate after the last training step whatever `trainer.val_check_interval` is, so every run that
+    ends normally has val metrics (and, through ImageLogger, grids) at its last step.
+
+    Lightning validates after any batch during which `trainer.should_stop` was set (how EarlyStopping
+    gets a final validation), in the same check as a scheduled one: a last step that is due anyway
+    validates once. It also writes that step's train metrics whatever log_every_n_steps says, so the
+    flag is set before the batch that completes the last optimizer step, where VAEModule (which skips
+    `self.log` on steps that are not written) sees it and logs fresh values. Training ends after that
+    batch anyway (max_steps), so nothing else changes.
+    """
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        steps = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == trainer.num_training_batches
+        if trainer.global_step + 1 >= trainer.max_steps > 0 and steps:
+            trainer.should_stop = True
+
+
+class RunInterrupted(Exception):
+    """Ends `fit` on every rank after Ctrl-C's checkpoint (no validation, no requeue); train.py reports
+    it and exits with status 130."""
+
+    def __init__(self, step: int, path: Path):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.path = step, Path(path)
+
+
+class DeferredSignals(Callback):
+    """USR1 (SLURM preemption) and INT (Ctrl-C) act at a batch boundary, on every rank at once.
 
     Lightning's USR1 handler saves the checkpoint inside the signal handler, i.e. at whatever bytecode
     the main thread was on: possibly after `optimizer.step()` but before the step counter moves, which
-    would train that step twice on resume. Here the handler only records the signal; at the next batch
-    end all ranks agree (one boolean all-reduce) and then call Lightning's own handler, which saves
-    `hpc_ckpt_N.ckpt`, requeues the job (rank zero) and finalizes loggers; training then stops.
+    would train that step twice on resume; a bare Ctrl-C loses everything since the last checkpoint.
+    Here a handler only records the signal; at the end of each training batch all ranks agree on what
+    was received (one all-reduce of two flags; none on a single device) and then:
+
+    - USR1: Lightning's own SLURM handler saves `hpc_ckpt_N.ckpt`, requeues the job (rank zero) and
+      finalizes loggers; without it (no SLURM) the same checkpoint is written. Training then stops.
+    - INT: `checkpoints/last.ckpt` is saved and RunInterrupted ends the run before the next batch or
+      validation (after this step's metrics are written); never a requeue. At the last step the run
+      simply finishes. A second Ctrl-C, or one before training starts, stops at once
+      (KeyboardInterrupt); `stopped_at_once` tells train.py.
     """
 
-    def __init__(self, sig: int = signal.SIGUSR1):
-        self.sig = sig
-        self._received = False
-        self._lightning_handler = None
+    def __init__(self, last_ckpt: Path):
+        self.last_ckpt = Path(last_ckpt)
+        self._received = {signal.SIGUSR1: False, signal.SIGINT: False}
+        self._lightning_usr1 = None
+        self._previous: dict = {}
+        self._training = False
+        self._rank_zero = True
+        self._stop: Optional[RunInterrupted] = None
+        self.interrupts = 0
+        self.stopped_at_once = False
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._install(signal.SIGINT)  # from here on Ctrl-C is ours (before training: stop at once)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Lightning registered its handler when fit began; keep it and put ours in front.
-        current = signal.getsignal(self.sig)
-        if callable(current):
-            self._lightning_handler = current
-        signal.signal(self.sig, self._on_signal)
+        # Lightning registered its SLURM handler when fit began; keep it and put ours in front.
+        current = signal.getsignal(signal.SIGUSR1)
+        if callable(current) and current != self._on_signal:
+            self._lightning_usr1 = current
+        self._install(signal.SIGUSR1)
+        self._training, self._rank_zero = True, trainer.is_global_zero
+
+    def _install(self, sig: int) -> None:
+        self._previous.setdefault(sig, signal.getsignal(sig))
+        signal.signal(sig, self._on_signal)
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            if signal.getsignal(sig) == self._on_signal:  # Lightning may have restored its own already
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+        self._training = False
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _say(self, message: str) -> None:
+        if self._rank_zero:  # os.write: print() may be mid-write in the interrupted code (reentrant call)
+            os.write(sys.stderr.fileno(), f"{chr(10) if sys.stdout.isatty() else ''}# {message}\n".encode())
 
     def _on_signal(self, signum, frame) -> None:
-        log.warning("received signal %s: will checkpoint and requeue at the end of this batch", signum)
-        self._received = True
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if not self._training or self.interrupts > 1:
+                self.stopped_at_once = True
+                raise KeyboardInterrupt
+            self._say("Ctrl-C: saving a checkpoint at the end of this batch, then stopping "
+                      "(Ctrl-C again: stop at once)")
+        else:
+            log.warning("received signal %s: will checkpoint and requeue at the end of this batch", signum)
+        self._received[signum] = True
+
+    def _agree(self, trainer: Trainer, pl_module: LightningModule) -> tuple:
+        """(USR1, INT) received on any rank since the last batch end."""
+        local = (self._received[signal.SIGUSR1], self._received[signal.SIGINT])
+        if trainer.world_size == 1:
+            return local
+        flags = trainer.strategy.reduce(torch.tensor(local, dtype=torch.float32, device=pl_module.device),
+                                        reduce_op="sum")
+        return tuple(bool(f) for f in flags.tolist())
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self._received, all=False):
+        usr1, interrupt = self._agree(trainer, pl_module)
+        if not (usr1 or interrupt):
             return
-        if self._lightning_handler is not None:
-            self._lightning_handler(self.sig, None)
+        self._received = dict.fromkeys(self._received, False)
+        if interrupt:
+            if trainer.global_step < trainer.max_steps:  # at the last step the run ends normally anyway
+                trainer.save_checkpoint(self.last_ckpt, weights_only=False)
+                self._stop = RunInterrupted(trainer.global_step, self.last_ckpt)
+        elif self._lightning_usr1 is not None:
+            self._lightning_usr1(signal.SIGUSR1, None)
+            trainer.should_stop = True
         else:  # not under Lightning's SLURM handling: still leave a resumable checkpoint
-            trainer.save_checkpoint(hpc_save_path(trainer))
-        trainer.should_stop = True
-        self._received = False
+            trainer.save_checkpoint(hpc_save_path(trainer), weights_only=False)
+            trainer.should_stop = True
+
+    def _stop_here(self) -> None:
+        if self._stop is not None:
+            raise self._stop
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._stop_here()
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._stop_here()
 
 
 class DataErrorCounter(Callback):

@@ -5,10 +5,11 @@ entry point, so none of them needs another's internals.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List, Sequence, Tuple
 
 from pipeline import config as C
-from pipeline.launch import apply_cluster_env
+from pipeline.launch import DEFAULT_RUN_NAME, apply_cluster_env
 
 
 def split_argv(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
@@ -48,6 +49,21 @@ def error_line(e: BaseException) -> str:
 
 def config_from_argv(argv: Sequence[str], require_srun: bool = True):
     """CONFIG.yaml files and key=value overrides -> the validated config, with devices, nodes and run
-    name taken from the launch (SLURM, W&B agent). Raises ValueError (ConfigError is one) on bad input."""
+    name taken from the launch (SLURM, W&B agent), else a run name derived from the config. Raises
+    ValueError (ConfigError is one) on bad input."""
     files, overrides = split_argv(argv)
-    return apply_cluster_env(C.load_config(files, overrides), require_srun=require_srun)
+    cfg = apply_cluster_env(C.load_config(files, overrides), require_srun=require_srun)
+    return name_from_config(cfg, files, overrides)
+
+
+def name_from_config(cfg, files: Sequence[str], overrides: Sequence[str]):
+    """A run still at the default name (not named by the user, a config file, SLURM or a W&B agent) gets
+    one derived from its config (config.derived_run_name), so a different config lands in its own
+    directory; the bare default keeps `runs/default`. Modifies and returns cfg."""
+    if cfg.run.name != DEFAULT_RUN_NAME or any(o.split("=", 1)[0].strip() == "run.name" for o in overrides):
+        return cfg
+    name = C.derived_run_name(files, overrides)
+    if cfg.run.dir == str(Path("runs") / DEFAULT_RUN_NAME):  # load_config's default, not a user's dir
+        cfg.run.dir = str(Path("runs") / name)
+    cfg.run.name = name
+    return cfg

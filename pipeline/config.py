@@ -8,12 +8,18 @@ This is the only module that imports omegaconf. Every component receives its own
 """
 from __future__ import annotations
 
+import ast
+import dataclasses
 import difflib
+import functools
+import hashlib
+import io
 import os
 import re
+import tokenize
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, List, Literal, Optional, Sequence, get_args
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -43,52 +49,49 @@ def choices(alias) -> tuple:
     return get_args(alias)
 
 
+# The schema. The comment on each field's line is its meaning in `python -m pipeline.train --help` (key_docs
+# reads them from this file), so every leaf field carries one, on one line.
 @dataclass
 class RunConfig:
-    name: str = "default"
-    dir: Optional[str] = None  # default: runs/<run.name>
+    name: str = "default"  # left at default: named after the config files and overrides (or SLURM job, W&B agent)
+    dir: Optional[str] = None  # where everything is written; default: runs/<run.name>
 
 
 @dataclass
 class DataConfig:
-    # Recipe used when no shard source is given: shards are prepared under `root` on first use.
-    dataset: str = "digits"
-    root: str = "data/digits"
-    # Shard sources per split: a manifest.json, a directory, a brace pattern, or any webdataset URL.
-    # None means `<root>/manifest.json`.
-    train: Optional[str] = None
-    val: Optional[str] = None
-    test: Optional[str] = None
+    dataset: str = "digits"  # recipe prepared into `root` on first use when no shard source is given
+    root: str = "data/digits"  # the recipe's output directory (shards and manifest.json)
+    train: Optional[str] = None  # shards: a manifest.json, a directory, a brace pattern or a URL; null: root's
+    val: Optional[str] = None  # validation shards, as data.train
+    test: Optional[str] = None  # test shards (evaluation), as data.train
     batch_size: int = 128  # per device
-    num_workers: int = 2
+    num_workers: int = 2  # loader worker processes per device
     shuffle_buffer: int = 1000  # samples held by the in-worker shuffle buffer
     steps_per_epoch: Optional[int] = None  # default: floor(total / (world_size * batch_size))
-    on_error: OnError = "raise"  # warn: skip, count and log data/skipped_samples
-    # sha256 of each shard checked against the manifest while it is read, once per loader worker
-    # (a mismatch follows on_error); false skips the hashing
-    verify_checksums: bool = True
-    seed: Optional[int] = None  # default: the root `seed`
+    on_error: OnError = "raise"  # unreadable data: raise stops naming the shard; warn skips, counts, logs it
+    verify_checksums: bool = True  # sha256 of each shard checked against the manifest as read (once per worker)
+    seed: Optional[int] = None  # data order; default: the root `seed`
     binarize: Binarize = "none"  # dynamic: Bernoulli resample each time (MNIST-style); threshold: > 0.5
-    pin_memory: bool = True
+    pin_memory: bool = True  # page-locked batches for faster host-to-GPU copies (GPU only)
 
 
 @dataclass
 class ModelConfig:
-    arch: Arch = "mlp"
-    latent_dim: int = 10
+    arch: Arch = "mlp"  # encoder/decoder family
+    latent_dim: int = 10  # dimensions of z
     hidden_dims: List[int] = field(default_factory=lambda: [256, 128])  # mlp layer widths
     conv_channels: List[int] = field(default_factory=lambda: [32, 64, 128])  # conv stages, stride 2 each
-    likelihood: Likelihood = "bernoulli"
+    likelihood: Likelihood = "bernoulli"  # decoder distribution p(x|z)
     gaussian_sigma: float = 0.1  # fixed decoder std for `gaussian` (data scaled to [0, 1])
     learned_variance: LearnedVariance = "pixel"  # for `gaussian_learned`
     logvar_min: float = -10.0  # clamp for every log-variance (encoder and decoder): no inf/NaN
-    logvar_max: float = 10.0
+    logvar_max: float = 10.0  # upper clamp for every log-variance
 
 
 @dataclass
 class ObjectiveConfig:
-    beta: float = 1.0
-    kl_schedule: KLSchedule = "constant"
+    beta: float = 1.0  # KL weight (beta-VAE); the effective weight is beta * w(step)
+    kl_schedule: KLSchedule = "constant"  # w(step)
     warmup_steps: int = 1000  # linear / sigmoid / cosine ramp length
     cycles: int = 4  # cyclical: number of cycles over trainer.max_steps
     cycle_ratio: float = 0.5  # cyclical: fraction of each cycle spent ramping
@@ -102,58 +105,58 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW moment decay rates
     lr_schedule: LRSchedule = "constant"  # cosine decays to min_lr_ratio * lr at max_steps
-    lr_warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
+    lr_warmup_steps: int = 0  # linear LR warm-up from 0
+    min_lr_ratio: float = 0.1  # cosine: the final LR as a fraction of lr
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 3000
+    max_steps: int = 3000  # optimizer steps; raise it and re-run to extend a finished run
     accelerator: str = "auto"  # auto | cpu | gpu | ...
     devices: Any = "auto"  # int, list or "auto"; under SLURM taken from the allocation
     num_nodes: int = 1  # under SLURM taken from the allocation
     strategy: str = "auto"  # auto | ddp | ...; "auto" picks ddp for >1 device
-    precision: Precision = "32-true"
-    val_check_interval: int = 500  # optimizer-independent: every N training batches
-    log_every_n_steps: int = 25
-    gradient_clip_val: float = 0.0  # 0 disables
-    accumulate_grad_batches: int = 1
-    limit_val_batches: Optional[int] = None  # None: the whole validation split
-    enable_progress_bar: bool = True
-    deterministic: bool = False
+    precision: Precision = "32-true"  # Lightning precision
+    val_check_interval: int = 500  # validate every N training batches (and always at the last step)
+    log_every_n_steps: int = 25  # write train metrics every N steps
+    gradient_clip_val: float = 0.0  # gradient norm clip; 0 disables
+    accumulate_grad_batches: int = 1  # batches per optimizer step
+    limit_val_batches: Optional[int] = None  # null: the whole validation split
+    enable_progress_bar: bool = True  # one bar on a terminal, a line every few steps otherwise
+    deterministic: bool = False  # torch deterministic algorithms (slower)
     compile: bool = False  # torch.compile the model
 
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: int = 500
+    every_n_steps: int = 500  # write checkpoints/last.ckpt every N steps (and at the end, on Ctrl-C)
     save_best: bool = True  # also keep the best checkpoint by val/elbo
 
 
 @dataclass
 class WandbConfig:
-    mode: Optional[WandbMode] = None  # None: online if logged in, else offline
-    project: str = "vae-pipeline"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
+    mode: Optional[WandbMode] = None  # null: online if logged in, else offline
+    project: str = "vae-pipeline"  # W&B project
+    entity: Optional[str] = None  # W&B team or user; null: your default
+    group: Optional[str] = None  # W&B group (sweeps group their runs by the sweep name)
+    tags: List[str] = field(default_factory=list)  # W&B tags
 
 
 @dataclass
 class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    images_every_n_steps: int = 500  # 0 disables image logging
+    images_every_n_steps: int = 500  # image grids every N steps (and at the last step); 0 disables
     num_images: int = 16  # inputs shown in the reconstruction grid
 
 
 @dataclass
 class Config:
-    seed: int = 0
-    resume: str = "auto"  # auto | never | path/to/checkpoint.ckpt
+    seed: int = 0  # model init, per-batch noise (with the step and rank) and data order
+    resume: str = "auto"  # auto: the newest checkpoint in run.dir | never | path/to/checkpoint.ckpt
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -162,6 +165,76 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def _yaml_value(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return str(list(value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _type_name(t: Any) -> str:
+    args = get_args(t)
+    if get_origin(t) is Literal:
+        return "|".join(map(str, args))
+    if get_origin(t) is Union:  # Optional[X]
+        return " or ".join([_type_name(a) for a in args if a is not type(None)] + ["null"])
+    if get_origin(t) is list:
+        return f"list[{_type_name(args[0])}]"
+    return "any" if t is Any else t.__name__
+
+
+@functools.cache
+def _field_comments() -> Dict[Tuple[str, str], str]:
+    """(dataclass, field) -> the comment on the field's line in this file, read once."""
+    source = Path(__file__).read_text()
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    comment_at = {tok.start[0]: tok.string[1:].strip() for tok in tokens if tok.type == tokenize.COMMENT}
+    return {(cls.name, node.target.id): comment_at.get(node.end_lineno, "")
+            for cls in ast.parse(source).body if isinstance(cls, ast.ClassDef)
+            for node in cls.body if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
+
+
+def key_docs(cls: type = None, prefix: str = "") -> List[Tuple[str, str, str, str]]:
+    """(key, type, default, meaning) for every leaf key of the schema, in schema order."""
+    cls = cls or Config
+    hints, rows = get_type_hints(cls), []
+    for f in fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            rows += key_docs(t, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        meaning = _field_comments().get((cls.__name__, f.name), "")
+        rows.append((prefix + f.name, _type_name(t), _yaml_value(default), meaning))
+    return rows
+
+
+def keys_help() -> str:
+    """Every config key with its default, type and meaning: the table of `python -m pipeline.train --help`."""
+    rows = [(f"{key} = {default}", f"{typ}: {meaning}" if meaning else typ) for key, typ, default, meaning
+            in key_docs()]
+    width = max(len(left) for left, _ in rows)
+    return "\n".join(f"  {left:<{width}}  {right}" for left, right in rows)
+
+
+def _flat(d: dict, prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def changed_keys(cfg: DictConfig) -> Dict[str, str]:
+    """key -> value (as YAML text) for every leaf that differs from the schema's default, in schema
+    order; run.dir and data.seed are left out where they are just derived from run.name and seed."""
+    default = _flat(to_dict(OmegaConf.structured(Config)))
+    out = {k: _yaml_value(v) for k, v in _flat(to_dict(cfg)).items() if v != default.get(k)}
+    if cfg.run.dir == str(Path("runs") / cfg.run.name):
+        out.pop("run.dir", None)
+    if cfg.data.seed == cfg.seed:
+        out.pop("data.seed", None)
+    return out
 
 
 # Numeric keys that must be positive / non-negative.
@@ -176,6 +249,47 @@ NON_NEGATIVE = (
     "objective.free_bits", "objective.val_iwae_samples", "optim.weight_decay",
     "optim.lr_warmup_steps", "trainer.gradient_clip_val", "logger.images_every_n_steps",
 )
+
+
+# Keys that say how, where or how long a run goes, not what it trains (a trailing "." covers a section).
+# They stay out of the run name derived from the config (derived_run_name), so extending a run
+# (trainer.max_steps) or changing loader workers, devices, cadences or tracking resumes the same directory.
+OPERATIONAL_KEYS = (
+    "resume", "run.", "data.root", "data.num_workers", "data.pin_memory", "trainer.max_steps",
+    "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.val_check_interval",
+    "trainer.log_every_n_steps", "trainer.limit_val_batches", "trainer.enable_progress_bar", "trainer.deterministic",
+    "trainer.compile", "checkpoint.", "logger.",
+)
+RUN_NAME_MAX = 80  # characters: a directory name that stays readable in `ls` and W&B
+
+
+def is_operational(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in OPERATIONAL_KEYS)
+
+
+def _name_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_")
+
+
+def run_name(parts: Sequence[str]) -> str:
+    """Parts (file stems, `key=value` items) made safe for a directory name and joined by `-`; longer
+    than RUN_NAME_MAX characters: cut, plus a hash of the whole (distinct configs stay distinct)."""
+    name = "-".join("=".join(map(_name_part, p.split("=", 1))) for p in parts)
+    if len(name) > RUN_NAME_MAX:
+        name = f"{name[:RUN_NAME_MAX - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
+
+
+def derived_run_name(files: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = ()) -> str:
+    """The name of a run whose config does not name it: the config file stems joined by `+` (`default`
+    without files), then `-key=value` for each override that changes what is trained (sorted by key;
+    operational keys and overrides equal to the files' value left out), sanitised for a directory name.
+    E.g. `dsprites_beta-objective.beta=8`."""
+    stems = "+".join(_name_part(Path(f).stem) for f in files) or RunConfig.name
+    last = dict(o.split("=", 1) for o in overrides)  # the last value of each key wins, as in the merge
+    base, full = load_config(files, []), load_config(files, overrides)
+    return run_name([stems, *(f"{k}={v}" for k, v in sorted(last.items())
+                              if not is_operational(k) and _get(base, k) != _get(full, k))])
 
 
 def _all_keys(node: Any, prefix: str = "") -> List[str]:

@@ -29,7 +29,7 @@ def logs_written_this_step(trainer) -> bool:
 
 def hpc_save_path(trainer) -> str:
     """The next `RUN_DIR/hpc_ckpt_N.ckpt`: the name Lightning's SLURM requeue writes and resumes from,
-    used when DeferredRequeue saves without Lightning's SLURM handler."""
+    used when DeferredSignals saves without Lightning's SLURM handler."""
     return trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
 
 
@@ -70,3 +70,18 @@ def resumable_csv_logger(run_dir: Path):
             return self._experiment
 
     return ResumableCSVLogger(save_dir=str(run_dir), name="", version="")
+
+
+def wandb_logger(**kwargs):
+    """Lightning's WandbLogger, minus the `anonymous` argument it always passes to wandb.init.
+
+    Lightning puts `anonymous=None` into its private `_wandb_init` dict whatever the caller says, and
+    wandb >= 0.19 prints "The anonymous setting has no effect and will be removed" for any value given,
+    None included: on every run. Leaving the key out is what wandb asks for.
+    """
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(**kwargs)
+    if logger._wandb_init.get("anonymous", False) is None:
+        del logger._wandb_init["anonymous"]
+    return logger

@@ -1,19 +1,24 @@
 """Train a VAE: config -> data -> model -> Lightning Trainer, resumable and tracked.
 
-    python -m pipeline.train                                       # digits default (CPU or one GPU)
-    python -m pipeline.train configs/dsprites_beta.yaml objective.beta=4
+    python -m pipeline.train                                       # digits default (CPU or one GPU): runs/default
+    python -m pipeline.train configs/dsprites_beta.yaml objective.beta=8   # runs/dsprites_beta-objective.beta=8
+    python -m pipeline.train trainer.max_steps=6000                # extend the default run (same directory)
     python -m pipeline.train trainer.devices=4                     # one node, 4 GPUs (DDP)
     sbatch slurm/train.sh configs/dsprites_beta.yaml               # many nodes, requeue on preemption
     python -m pipeline.train --dry-run [ARGS ...]                  # resolve the config and the launch, then exit
 
 Positional arguments ending in .yaml/.yml are config files, merged in order over the dataclass
-defaults (pipeline/config.py); `key=value` arguments override them. Outputs in RUN_DIR (`run.dir`,
-default runs/<run.name>): config.yaml, metrics.csv, checkpoints/{last,best-*}.ckpt, images/, wandb/.
+defaults (pipeline/config.py); `key=value` arguments override them. A run not named by `run.name` is
+named after its config files and the overrides that change what is trained. Outputs in RUN_DIR
+(`run.dir`, default runs/<run.name>): config.yaml, metrics.csv, checkpoints/{last,best-*}.ckpt, images/,
+wandb/. Ctrl-C checkpoints at the end of the current batch and exits with status 130 (a second Ctrl-C
+stops at once); the same command resumes.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -27,6 +32,7 @@ from pipeline.cli import config_from_argv
 from pipeline.launch import describe
 
 log = logging.getLogger("pipeline.train")
+INTERRUPTED_EXIT = 130  # Ctrl-C: 128 + SIGINT, what a shell reports for a program ended by it
 
 
 def find_resume_checkpoint(resume: str, run_dir: Path) -> Optional[str]:
@@ -49,16 +55,14 @@ def checkpoint_step(path: str) -> int:
 
 
 def build_loggers(cfg, run_dir: Path, rank_zero: bool):
-    from pipeline.lightning_compat import resumable_csv_logger
+    from pipeline.lightning_compat import resumable_csv_logger, wandb_logger
     from pipeline.tracking import resolve_wandb_mode, wandb_run_id
 
     loggers = [resumable_csv_logger(run_dir)]
     mode = resolve_wandb_mode(cfg.logger.wandb.mode)
     if mode != "disabled":
-        from lightning.pytorch.loggers import WandbLogger
-
         w = cfg.logger.wandb
-        loggers.append(WandbLogger(
+        loggers.append(wandb_logger(
             project=w.project, entity=w.entity, group=w.group, tags=list(w.tags), name=cfg.run.name,
             save_dir=str(run_dir), id=wandb_run_id(run_dir) if rank_zero else None, resume="allow",
             offline=(mode == "offline"), config=C.to_dict(cfg),
@@ -67,9 +71,9 @@ def build_loggers(cfg, run_dir: Path, rank_zero: bool):
 
 
 def build_callbacks(cfg, run_dir: Path):
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from pipeline.callbacks import DataErrorCounter, DeferredRequeue, ImageLogger, StepSeed
+    from pipeline.callbacks import DataErrorCounter, DeferredSignals, FinalValidation, ImageLogger, StepSeed
 
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
@@ -80,15 +84,18 @@ def build_callbacks(cfg, run_dir: Path):
                         every_n_train_steps=cfg.checkpoint.every_n_steps, save_top_k=0, save_last=True),
         LearningRateMonitor(logging_interval="step"),
         DataErrorCounter(),
-        DeferredRequeue(),
+        DeferredSignals(ckpt_dir / "last.ckpt"),
+        FinalValidation(),
     ]
     if cfg.checkpoint.save_best:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best-step{step:07d}", monitor="val/elbo",
                                          mode="max", save_top_k=1, auto_insert_metric_name=False))
     if cfg.logger.images_every_n_steps > 0:
         callbacks.append(ImageLogger(run_dir / "images", cfg.logger.images_every_n_steps, cfg.logger.num_images))
-    if cfg.trainer.enable_progress_bar and not sys.stdout.isatty():
-        callbacks.append(TQDMProgressBar(refresh_rate=50))  # batch logs (SLURM): fewer lines
+    if cfg.trainer.enable_progress_bar:
+        from pipeline.console import RunProgress, progress_every
+
+        callbacks.append(RunProgress(progress_every(cfg.trainer.max_steps, cfg.trainer.log_every_n_steps)))
     return callbacks
 
 
@@ -100,7 +107,7 @@ def build_trainer(cfg, run_dir: Path, loggers, callbacks):
     plugins = []
     if SLURMEnvironment.detect():
         # Lightning saves hpc_ckpt_N.ckpt and requeues on USR1 (sbatch --signal=USR1@90);
-        # DeferredRequeue moves that to a batch boundary.
+        # DeferredSignals moves that to a batch boundary.
         plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1))
     return pl.Trainer(
         default_root_dir=str(run_dir),
@@ -108,29 +115,46 @@ def build_trainer(cfg, run_dir: Path, loggers, callbacks):
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
         precision=t.precision,
         val_check_interval=t.val_check_interval, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        limit_val_batches=t.limit_val_batches if t.limit_val_batches is not None else 1.0,
+        limit_val_batches=t.limit_val_batches,  # None: all (1.0 would print a notice on every run)
         log_every_n_steps=t.log_every_n_steps,
         gradient_clip_val=t.gradient_clip_val or None, accumulate_grad_batches=t.accumulate_grad_batches,
         enable_progress_bar=t.enable_progress_bar, deterministic=t.deterministic,
+        enable_model_summary=False,  # the start-up summary gives the parameter count
         logger=loggers, callbacks=callbacks, plugins=plugins or None,
     )
 
 
-def train(cfg) -> dict:
-    """Run (or resume) training for a loaded config; returns the final logged metrics (floats)."""
+def report_interrupt(stop, run_dir: Path, command: Optional[str]) -> None:
+    """Where a Ctrl-C left the run and how to continue it (`stop`: None when it stopped at once)."""
+    if stop is not None:
+        print(f"# interrupted at step {stop.step}: checkpoint saved to {stop.path}", flush=True)
+    else:
+        last = find_resume_checkpoint("auto", run_dir)
+        print("# stopped at once (Ctrl-C); " + (f"the last checkpoint is {last} (step {checkpoint_step(last)})"
+                                               if last else "no checkpoint yet: the run starts over"), flush=True)
+    print(f"# continue with the same command: {command or 'the command that started it'}", flush=True)
+
+
+def train(cfg, command: Optional[str] = None) -> dict:
+    """Run (or resume) training for a loaded config; returns the final logged metrics (floats).
+
+    Ctrl-C raises SystemExit(INTERRUPTED_EXIT) after saying how to continue (`command`, the command
+    line that started the run)."""
     import lightning.pytorch as pl
     from lightning.pytorch.utilities import rank_zero_only
 
+    from pipeline.callbacks import DeferredSignals, RunInterrupted
+    from pipeline.console import quiet_known_noise, summary_lines
     from pipeline.data.datamodule import ShardDataModule
     from pipeline.module import VAEModule
     from pipeline.data.prepare import ensure_prepared
     from pipeline.tracking import truncate_metrics_csv
 
+    quiet_known_noise()
     rank_zero = rank_zero_only.rank == 0
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero:
-        print(f"# resolved config (saved to {run_dir / 'config.yaml'})\n{C.to_yaml(cfg)}", flush=True)
         tmp = run_dir / "config.yaml.tmp"
         tmp.write_text(C.to_yaml(cfg))
         os.replace(tmp, run_dir / "config.yaml")
@@ -144,24 +168,34 @@ def train(cfg) -> dict:
     if cfg.trainer.compile:
         module.vae.compile()  # in place: checkpoint keys stay unprefixed
 
-    ckpt_path = find_resume_checkpoint(cfg.resume, run_dir)
+    ckpt_path, resume = find_resume_checkpoint(cfg.resume, run_dir), None
     if ckpt_path and rank_zero:
         step = checkpoint_step(ckpt_path)
         dropped = truncate_metrics_csv(run_dir / "metrics.csv", step)
-        print(f"# resuming from {ckpt_path} (step {step}); dropped {dropped} metric rows logged after it", flush=True)
+        resume = f"resuming from {ckpt_path} (step {step}); dropped {dropped} metric rows logged after it"
 
     loggers, wandb_mode = build_loggers(cfg, run_dir, rank_zero)
-    trainer = build_trainer(cfg, run_dir, loggers, build_callbacks(cfg, run_dir))
+    callbacks = build_callbacks(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, loggers, callbacks)
+    if rank_zero:
+        print("\n".join(summary_lines(cfg, dm, module, trainer, wandb_mode, resume)), flush=True)
     started = time.time()
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     except FloatingPointError as e:
         raise SystemExit(f"error: {e}. The last good checkpoint is kept in {run_dir / 'checkpoints'}.") from None
+    except (RunInterrupted, SystemExit) as e:  # Ctrl-C; Lightning exits 1 after a KeyboardInterrupt
+        signals = next(c for c in callbacks if isinstance(c, DeferredSignals))
+        if isinstance(e, SystemExit) and not signals.stopped_at_once:
+            raise
+        if rank_zero:
+            report_interrupt(e if isinstance(e, RunInterrupted) else None, run_dir, command)
+        raise SystemExit(INTERRUPTED_EXIT) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
     if trainer.global_step >= cfg.trainer.max_steps and not trainer.interrupted:
         # `last.ckpt` at the very end too (every_n_steps need not divide max_steps). Every rank calls
         # it (it holds a barrier); rank zero writes.
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     if rank_zero:
         elbo = metrics.get("val/elbo")
         print(f"# done: step {trainer.global_step} in {time.time() - started:.1f}s; "
@@ -175,7 +209,7 @@ def train(cfg) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(f"{__doc__}\nConfig keys, KEY = DEFAULT  TYPE: MEANING (pipeline/config.py):\n{C.keys_help()}")
         return 0
     dry_run = bool(argv) and argv[0] == "--dry-run"
     try:
@@ -190,7 +224,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from pipeline.cli import data_errors, error_line
 
     try:
-        train(cfg)
+        train(cfg, command=shlex.join(["python", "-m", "pipeline.train", *argv]))
+    except KeyboardInterrupt:  # Ctrl-C before the Trainer started (data preparation, model set-up)
+        print("# stopped (Ctrl-C) before training started", flush=True)
+        return INTERRUPTED_EXIT
     except data_errors() as e:  # a bad shard or source: one line naming it; VAE_DEBUG=1 keeps the traceback
         if os.environ.get("VAE_DEBUG", "0") not in ("", "0"):
             raise

@@ -127,3 +127,47 @@ def test_cli_previews_and_reports_errors(monkeypatch, capsys):
     assert "run.dir=runs/default" in capsys.readouterr().out
     assert main(["--dry-run", "trainer.bogus=1"]) == 2
     assert "trainer.bogus" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- names from the config
+@pytest.fixture
+def no_launch_env(monkeypatch):
+    for k in list(os.environ):
+        if k.startswith(("SLURM_", "WANDB_SWEEP_ID", "WANDB_RUN_ID")):
+            monkeypatch.delenv(k)
+
+
+def run_dir_of(argv, capsys) -> str:
+    assert main(["--dry-run", *argv]) == 0
+    return capsys.readouterr().out.split("run.dir=")[1].split()[0]
+
+
+def test_default_run_name_comes_from_the_config_files_and_overrides(no_launch_env, capsys):
+    assert run_dir_of([], capsys) == "runs/default"
+    assert run_dir_of(["trainer.max_steps=60"], capsys) == "runs/default"  # extending a run: same directory
+    beta8 = run_dir_of(["configs/dsprites_beta.yaml", "objective.beta=8"], capsys)
+    assert beta8 == "runs/dsprites_beta-objective.beta=8"
+    # keys that say how long, where or on what the run goes stay out of the name: the same directory resumes
+    assert run_dir_of(["configs/dsprites_beta.yaml", "objective.beta=8", "trainer.max_steps=10", "data.num_workers=0",
+                       "trainer.devices=1", "logger.wandb.mode=offline", "checkpoint.every_n_steps=7"], capsys) == beta8
+    # an override equal to what the file says changes nothing; the order of overrides does not matter
+    assert run_dir_of(["configs/dsprites_beta.yaml", "objective.beta=4"], capsys) == "runs/dsprites_beta"
+    assert run_dir_of(["optim.lr=0.01", "model.hidden_dims=[64, 32]"], capsys) == \
+        run_dir_of(["model.hidden_dims=[64, 32]", "optim.lr=0.01"], capsys) == \
+        "runs/default-model.hidden_dims=64_32-optim.lr=0.01"  # sanitised for a directory name
+    assert run_dir_of(["configs/debug.yaml", "configs/cyclical.yaml"], capsys) == "runs/debug+cyclical"
+
+
+def test_long_derived_names_are_cut_and_stay_distinct(no_launch_env, capsys):
+    a = run_dir_of([f"model.hidden_dims=[{','.join(['512'] * 30)}]"], capsys)
+    b = run_dir_of([f"model.hidden_dims=[{','.join(['512'] * 31)}]"], capsys)
+    assert a != b and len(a) <= len("runs/") + 80 and len(b) <= len("runs/") + 80
+
+
+def test_explicit_and_launch_names_win_over_the_derived_one(no_launch_env, monkeypatch, capsys):
+    assert run_dir_of(["objective.beta=8", "run.name=mine"], capsys) == "runs/mine"
+    assert run_dir_of(["objective.beta=8", "run.dir=/scratch/x"], capsys) == "/scratch/x"
+    for k, v in srun_env(ntasks_per_node=1).items():
+        monkeypatch.setenv(k, v)
+    # the job's name: a requeue finds its directory
+    assert run_dir_of(["configs/dsprites_beta.yaml", "objective.beta=8"], capsys) == "runs/train-4242"

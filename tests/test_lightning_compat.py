@@ -95,3 +95,12 @@ def test_resumable_csv_logger_keeps_earlier_rows_and_columns(tmp_path):
     with open(tmp_path / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["step"], r["a"], r["b"]) for r in rows] == [("0", "1.0", ""), ("1", "2.0", "3.0")]
+
+
+def test_wandb_logger_leaves_out_the_anonymous_argument_lightning_always_passes(tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
+    kw = {"project": "p", "save_dir": str(tmp_path), "offline": True}
+    assert WandbLogger(**kw)._wandb_init["anonymous"] is None  # what wandb warns about on every run
+    logger = compat.wandb_logger(**kw)
+    assert "anonymous" not in logger._wandb_init and logger._wandb_init["project"] == "p"

@@ -1,12 +1,16 @@
-"""Signals a cluster really sends, against a real training process with the default loader workers.
+"""Signals a cluster or a terminal really sends, against a real training process with the default loader workers.
 
 SLURM's `--signal=USR1@90` and `scancel -s USR1` signal every process of the job step, loader workers
 included. A worker must leave the signal to its training process: it neither dies of it nor runs the
-trainer's handler (which would checkpoint from inside the worker and block in a collective).
+trainer's handler (which would checkpoint from inside the worker and block in a collective). A terminal's
+Ctrl-C sends SIGINT to the whole foreground process group: the run checkpoints at the end of the batch and
+exits 130; a second Ctrl-C stops at once.
 """
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_train
+from tests.test_train import EXACT, assert_same_run
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +47,21 @@ SLURM_ONE_TASK = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNOD
 def start_train(args, env_extra=None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "SLURM_"))}
     env.update(PYTHONUNBUFFERED="1", **(env_extra or {}))
+    # its own process group, as a command started from a terminal: Ctrl-C signals the whole group
     return subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def ctrl_c(proc: subprocess.Popen) -> None:
+    """What a terminal does on Ctrl-C: SIGINT to every process of the foreground group (workers too)."""
+    os.killpg(proc.pid, signal.SIGINT)
+
+
+def wait_for_file(proc: subprocess.Popen, path: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-6000:]
+        time.sleep(0.02)
 
 
 def wait_for_workers(proc: subprocess.Popen, n: int, timeout: float = 120) -> list[int]:
@@ -80,3 +98,60 @@ def test_usr1_to_loader_workers_neither_kills_them_nor_stops_the_run(launch, tin
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == steps
     assert not list((tmp_path / "run").glob("hpc_ckpt_*.ckpt")), "a worker acted on the signal"
+
+
+def test_ctrl_c_checkpoints_at_the_batch_end_and_the_same_command_resumes_exactly(tiny_overrides, tmp_path):
+    steps = 200
+    args = tiny_overrides + EXACT + [f"trainer.max_steps={steps}", "trainer.val_check_interval=50",
+                                     "checkpoint.every_n_steps=20"]
+    run_dir = tmp_path / "run"
+    proc = start_train(args)
+    wait_for_file(proc, run_dir / "checkpoints" / "last.ckpt")  # under way: the first periodic checkpoint
+    ctrl_c(proc)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-6000:]
+    assert "Ctrl-C: saving a checkpoint at the end of this batch" in out, out[-6000:]
+    stop = re.search(r"# interrupted at step (\d+): checkpoint saved to (\S+)", out)
+    assert stop and Path(stop.group(2)) == run_dir / "checkpoints" / "last.ckpt", out[-6000:]
+    step = int(stop.group(1))
+    assert 20 <= step < steps
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == step
+    assert f"# continue with the same command: python -m pipeline.train {shlex.join(args)}" in out, out[-3000:]
+    assert "Traceback" not in out, out[-6000:]
+
+    resumed = run_train(args)  # the same command
+    assert f"(step {step})" in resumed.stdout, resumed.stdout[-3000:]
+    run_train(args + [f"run.dir={tmp_path / 'ref'}"])  # uninterrupted
+    assert_same_run(tmp_path / "ref", run_dir, first_step=step, last_step=steps)
+
+
+def test_second_ctrl_c_stops_at_once(tiny_overrides, tmp_path):
+    """A batch that never ends (its loader workers stopped): the first Ctrl-C waits for it, the second
+    stops the run at once, with no checkpoint beyond the last one."""
+    never = "100000"
+    run_dir = tmp_path / "run"
+    proc = start_train(tiny_overrides + [f"trainer.max_steps={never}", f"trainer.val_check_interval={never}",
+                                         f"checkpoint.every_n_steps={never}", "logger.images_every_n_steps=0"])
+    workers = wait_for_workers(proc, 2)
+    time.sleep(0.5)  # training under way
+    try:
+        for w in workers:
+            os.kill(w, signal.SIGSTOP)
+        time.sleep(1.0)  # the batches already loaded are used up: the training process waits for the next
+        ctrl_c(proc)
+        time.sleep(2.0)
+        assert proc.poll() is None, proc.stdout.read()[-6000:]  # the first Ctrl-C waits for the batch end
+        ctrl_c(proc)
+        time.sleep(0.5)
+    finally:
+        for w in workers:  # a stuck worker that recovers must not let the run go on to a checkpoint
+            try:
+                os.kill(w, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out[-6000:]
+    assert "Ctrl-C: saving a checkpoint at the end of this batch" in out, out[-6000:]  # the first one waited
+    assert "# stopped at once (Ctrl-C); no checkpoint yet" in out, out[-6000:]
+    assert "# continue with the same command: python -m pipeline.train" in out, out[-6000:]
+    assert not (run_dir / "checkpoints" / "last.ckpt").exists()

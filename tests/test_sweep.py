@@ -114,3 +114,51 @@ def test_cli(capsys):
     assert capsys.readouterr().out.strip() == "beta-sweep"
     assert main([str(SWEEP_FILE), "--index", "6"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_local_sweep_trains_each_point_resumes_skips_finished_and_reports(tiny_overrides, tmp_path, capfd):
+    import torch
+
+    from pipeline.sweep import point_args
+    from pipeline.train import train
+
+    f = tmp_path / "s.yaml"
+    f.write_text("name: tiny-sweep\nmethod: grid\n"
+                 "parameters:\n  objective.beta: {values: [0.5, 4]}\n  optim.lr: {value: 0.002}\n"
+                 "command: ['${env}', '${interpreter}', '-m', 'pipeline.train', '${args_no_hyphens}']\n")
+    out = tmp_path / "sweep"
+    overrides = [o for o in tiny_overrides if not o.startswith("run.dir=")] + ["trainer.max_steps=20"]
+    sweep = load_sweep(f)
+    dirs = [out / "objective.beta=0.5", out / "objective.beta=4"]
+    # point 2 was interrupted at step 10 by an earlier invocation: the sweep resumes it
+    args = point_args(sweep, point(sweep, 1), dirs[1].name, dirs[1], "tiny-sweep", overrides)
+    train(load_config([], args + ["trainer.max_steps=10"]))
+
+    assert main(["run", str(f), "--out", str(out), *overrides]) == 0
+    text = capfd.readouterr().out
+    assert "# sweep tiny-sweep: point 1/2 objective.beta=0.5 -> " in text
+    assert f"resuming from {dirs[1] / 'checkpoints' / 'last.ckpt'} (step 10)" in text
+    for d, beta in zip(dirs, [0.5, 4.0]):
+        cfg = load_config([d / "config.yaml"])
+        assert (cfg.objective.beta, cfg.optim.lr, cfg.logger.wandb.group) == (beta, 0.002, "tiny-sweep")
+        assert torch.load(d / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 20
+    table = text[text.index("| run | beta |"):]
+    assert "| objective.beta=0.5 | 0.50 |" in table and "| objective.beta=4 | 4.00 |" in table
+    assert (out / "report" / "report.md").is_file()
+
+    # the same command again: every point finished, nothing trains, the table again
+    assert main(["run", str(f), "--out", str(out), *overrides]) == 0
+    text = capfd.readouterr().out
+    assert "point 1/2 objective.beta=0.5: finished (step 20), skipped" in text
+    assert "point 2/2 objective.beta=4: finished (step 20), skipped" in text
+    assert "# run " not in text and "| objective.beta=4 | 4.00 |" in text
+
+
+def test_sweep_help_shows_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "python -m pipeline.sweep run configs/sweep.yaml" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert "examples:" in capsys.readouterr().out

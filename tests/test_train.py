@@ -29,7 +29,7 @@ def test_default_run_writes_config_metrics_checkpoints_images_and_offline_wandb(
     run_dir = tmp_path / "run"
     secret = "sk-test-0123456789abcdef-not-a-real-key"
     proc = run_train(tiny_overrides + ["logger.wandb.mode=offline"], env_extra={"WANDB_API_KEY": secret})
-    assert "# resolved config" in proc.stdout and "# done: step 30" in proc.stdout
+    assert f"# run       {run_dir}" in proc.stdout and "# done: step 30" in proc.stdout
 
     assert load_config([run_dir / "config.yaml"]).trainer.max_steps == 30
     rows = read_metrics(run_dir)
@@ -68,7 +68,9 @@ def test_resumed_run_keeps_its_wandb_run(tiny_overrides, tmp_path):
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(first_id) for r in runs)  # one W&B run, two parts
     steps = [int(r["step"]) for r in read_metrics(run_dir) if r.get("train/loss")]
-    assert steps == list(range(4, 30, 5))  # every 5th step once: none lost, none twice
+    # every 5th step once (none lost, none twice), and the last step, whose train metrics are always written
+    # with the final validation (Lightning counts logged steps one further after resuming this checkpoint)
+    assert steps == [*range(4, 30, 5), 30]
 
 
 # Exactness: schedules that depend on the step (linear KL warm-up, LR warm-up) across the cut, a cut
@@ -143,3 +145,22 @@ def test_corrupt_shard_is_skipped_and_counted_under_warn(digits_root, tiny_overr
     train(load_config([], base + [f"run.dir={run_dir}", "data.on_error=warn"]))
     skipped = [float(r["data/skipped_samples"]) for r in read_metrics(run_dir) if r.get("data/skipped_samples")]
     assert skipped and skipped[-1] > 0 and skipped == sorted(skipped)  # a running count
+
+
+def test_every_run_ends_with_a_validation_and_images_at_its_last_step(tiny_overrides, tmp_path):
+    """A short run whose last step is not a validation step still ends with val metrics and grids there,
+    and a last step that is one validates once."""
+    kinds = ("reconstructions", "samples", "traversals")
+    short = tmp_path / "short"  # validation every 500 steps, 25 steps: only the final one
+    metrics = train(load_config([], tiny_overrides + [f"run.dir={short}", "trainer.max_steps=25",
+                                                      "trainer.val_check_interval=500",
+                                                      "logger.images_every_n_steps=500"]))
+    assert math.isfinite(metrics["val/elbo"])
+    assert [int(r["step"]) for r in read_metrics(short) if r.get("val/elbo")] == [24]
+    assert all((short / "images" / f"{k}_step0000025.png").is_file() for k in kinds)
+
+    every10 = tmp_path / "every10"  # validation and images every 10: steps 10, 20 and the last, 25
+    train(load_config([], tiny_overrides + [f"run.dir={every10}", "trainer.max_steps=25"]))
+    assert [int(r["step"]) for r in read_metrics(every10) if r.get("val/elbo")] == [9, 19, 24]
+    assert sorted(p.name for p in (every10 / "images").glob("samples_*")) == [
+        "samples_step0000010.png", "samples_step0000020.png", "samples_step0000025.png"]

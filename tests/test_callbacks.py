@@ -1,0 +1,25 @@
+"""Callbacks without a Trainer: image grids large enough to see."""
+import torch
+
+from pipeline.callbacks import image_grid
+
+
+def test_small_images_are_upscaled_nearest_neighbour_to_at_least_64_px():
+    digits = torch.rand(16, 1, 8, 8)  # the default dataset: 8x8
+    grid = image_grid(digits, nrow=8, pad=1)
+    # 8x upscaled: 2 rows x 8 columns of 64 px cells and 1 px padding
+    assert grid.shape == (2 * 65 + 1, 8 * 65 + 1, 3)
+    cell = grid[1:65, 1:65, 0]
+    assert (cell == cell[::8, ::8].repeat(8, 0).repeat(8, 1)).all()  # nearest: 8x8 blocks of one value
+    expected = (digits[0, 0] * 255).round().to(torch.uint8).numpy()
+    assert (cell[::8, ::8] == expected).all()
+
+    mnist = image_grid(torch.rand(4, 1, 28, 28), nrow=4)  # 28 px -> 3x = 84 px
+    assert mnist.shape == (85 + 1, 4 * 85 + 1, 3)
+    wide = image_grid(torch.rand(2, 3, 16, 40), nrow=2)  # the short side sets the factor: 16 -> 64
+    assert wide.shape == (64 + 2, 2 * (160 + 1) + 1, 3)
+
+
+def test_large_images_keep_their_size():
+    grid = image_grid(torch.rand(3, 3, 64, 64), nrow=3)
+    assert grid.shape == (66, 3 * 65 + 1, 3)
