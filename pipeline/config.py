@@ -36,6 +36,9 @@ Ramp = Literal["linear", "sigmoid", "cosine"]
 LRSchedule = Literal["constant", "cosine"]
 Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true"]
 WandbMode = Literal["online", "offline", "disabled"]
+Channels = Literal[1, 3]  # data.channels: images converted to grey or RGB
+Resize = Literal["center_crop", "stretch"]  # data.resize: how images reach data.image_size
+ImageFormat = Literal["npy", "png", "jpg"]  # how `prepare` stores images in shards (--format)
 
 
 def choices(alias) -> tuple:
@@ -67,6 +70,15 @@ class DataConfig:
     seed: Optional[int] = None  # default: the root `seed`
     binarize: Binarize = "none"  # dynamic: Bernoulli resample each time (MNIST-style); threshold: > 0.5
     pin_memory: bool = True
+    # Shards written by other tools: the image is the first of these members a sample has; the label comes
+    # from the first of label_keys present (ASCII integer), else from field label_field of a .json member.
+    image_keys: List[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp", "ppm", "npy"])
+    label_keys: List[str] = field(default_factory=lambda: ["cls", "label.cls"])
+    label_field: Optional[str] = "label"
+    # Converted in the loader workers before batching; set, they also fix the model's input shape.
+    channels: Optional[Channels] = None  # None: as stored (PIL images: grey stays 1, everything else 3)
+    image_size: Optional[int] = None  # None: as stored (all images must then share one size)
+    resize: Resize = "center_crop"  # center_crop: shorter side to image_size, then crop; stretch: ignore aspect
 
 
 @dataclass
