@@ -4,9 +4,11 @@ jpg / png / webp / npy members, .cls and .json labels, two image sizes and grey 
 it they stream; bad input fails naming the shard and the sample."""
 from __future__ import annotations
 
+import csv
 import dataclasses
 import io
 import json
+import math
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -212,7 +214,7 @@ def test_input_shape_comes_from_the_config_without_reading(tmp_path):
     cfg = data_cfg(tmp_path, train="pipe:exit 1", image_size=16, channels=1)  # unreadable if it were read
     assert ShardDataModule(cfg).input_shape == (1, 16, 16)
     with pytest.raises(DataSetupError, match="pipe:exit 1"):  # without both set, it must read a sample
-        ShardDataModule(data_cfg(tmp_path, train="pipe:exit 1", image_size=16)).input_shape
+        _ = ShardDataModule(data_cfg(tmp_path, train="pipe:exit 1", image_size=16)).input_shape
 
 
 def test_mixed_shapes_need_image_size(foreign):
@@ -273,7 +275,7 @@ def test_undecodable_image_raise_names_it_warn_skips_and_counts(tmp_path, capsys
     for workers in (0, 2):
         cfg = data_cfg(tmp_path, train=str(tmp_path / "manifest.json"), batch_size=8, num_workers=workers,
                        image_size=8, channels=3)
-        with pytest.raises(shards.ShardFormatError, match=rf"00000.tar: sample '000000013': undecodable .png"):
+        with pytest.raises(shards.ShardFormatError, match=r"00000.tar: sample '000000013': undecodable .png"):
             keys_of(module_for(cfg).train_dataloader())
     dm = module_for(data_cfg(tmp_path, train=str(tmp_path / "manifest.json"), batch_size=8, image_size=8,
                              channels=3, on_error="warn"))
@@ -282,3 +284,17 @@ def test_undecodable_image_raise_names_it_warn_skips_and_counts(tmp_path, capsys
     assert dm.skipped_samples == 1 and sum(b["skipped"] for b in batches) == 1
     for b in batches:
         check_batch(b)
+
+
+@pytest.mark.slow
+def test_pipeline_train_on_foreign_shards_after_index(foreign, tmp_path):
+    """`python -m pipeline.train data.train=INDEX ...` as a user runs it: trains, validates, checkpoints."""
+    from tests.conftest import TINY, run_train
+
+    _, idx = foreign
+    run_dir = tmp_path / "run"
+    proc = run_train(TINY + [f"data.train={idx}/manifest.json", f"data.val={idx}/manifest.json", "data.image_size=8",
+                             "data.channels=3", "data.batch_size=16", f"run.dir={run_dir}"])
+    assert "# done: step 30" in proc.stdout
+    val = [float(r["val/elbo"]) for r in csv.DictReader((run_dir / "metrics.csv").open()) if r.get("val/elbo")]
+    assert len(val) == 3 and all(math.isfinite(v) and v < 0 for v in val)
