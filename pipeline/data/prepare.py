@@ -112,7 +112,7 @@ def index_source(source: Optional[str], out: Path, *, split: str = "train", work
     if out.exists() and not out.is_dir():
         raise PrepareError(f"{out}: --out exists and is not a directory")
     try:
-        urls = shard_urls(source)
+        urls = shard_urls(source, split)
         return index.index_shards(urls, out, split=split, source=source, image_keys=image_keys,
                                   workers=workers, on_error=on_error, progress=progress,
                                   log=lambda m: print(m, file=sys.stderr))
