@@ -61,27 +61,32 @@ def scan_shard(url: str, image_keys: Sequence[str], on_error: str = "raise") -> 
     samples = unreadable = 0
     try:
         stream = wds.gopen(url, "rb")
-    except Exception as e:  # noqa: BLE001 -- missing file, failing command or download
-        raise IndexingError(f"{url}: cannot open: {e}") from None
-    try:
-        hashing = _Hashing(stream)
-        for raw in shards.iter_tar_samples(hashing, url):
-            samples += 1
-            members.update(k for k in raw if not k.startswith("__"))
+        hashing, read_all = _Hashing(stream), False
+        try:
+            for raw in shards.iter_tar_samples(hashing, url):
+                samples += 1
+                members.update(k for k in raw if not k.startswith("__"))
+                try:
+                    member = spec.image_member(raw)
+                    shapes["x".join(map(str, header_shape(member, raw[member])))] += 1
+                except SampleError as e:
+                    message = f"{url}: sample {raw['__key__']!r}: {e}"
+                    if on_error == "raise":
+                        raise IndexingError(message) from None
+                    unreadable += 1
+                    bad += [message][:10 - len(bad)]
+            hashing.drain()  # the end-of-archive blocks belong to the file's sha256 too
+            read_all = True
+        finally:
             try:
-                member = spec.image_member(raw)
-                shapes["x".join(map(str, header_shape(member, raw[member])))] += 1
-            except SampleError as e:
-                message = f"{url}: sample {raw['__key__']!r}: {e}"
-                if on_error == "raise":
-                    raise IndexingError(message) from None
-                unreadable += 1
-                bad += [message][:10 - len(bad)]
-        hashing.drain()  # the end-of-archive blocks belong to the file's sha256 too
+                stream.close()  # a pipe's exit status is checked here
+            except OSError:
+                if read_all:  # else an error is on its way already: it says more than the pipe's status
+                    raise
     except shards.ShardFormatError as e:
         raise IndexingError(str(e)) from None
-    finally:
-        stream.close()
+    except OSError as e:  # missing file, failing command or download
+        raise IndexingError(f"{url}: cannot read: {e}") from None
     return {"url": url, "samples": samples, "sha256": hashing.sha.hexdigest(), "bytes": hashing.bytes,
             "members": dict(members), "shapes": dict(shapes), "bad": bad, "unreadable": unreadable}
 
