@@ -298,3 +298,24 @@ def test_pipeline_train_on_foreign_shards_after_index(foreign, tmp_path):
     assert "# done: step 30" in proc.stdout
     val = [float(r["val/elbo"]) for r in csv.DictReader((run_dir / "metrics.csv").open()) if r.get("val/elbo")]
     assert len(val) == 3 and all(math.isfinite(v) and v < 0 for v in val)
+
+
+def test_resize_modes_and_channel_conversion():
+    """center_crop keeps the centre at full height; stretch keeps the whole width; grey is PIL's luma."""
+    from pipeline.data.decode import ImageSpec
+
+    rgb = np.zeros((8, 16, 3), np.uint8)
+    rgb[:, :4] = (255, 0, 0)  # a red left quarter, the rest blue
+    rgb[:, 4:] = (0, 0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    raw = {"__key__": "k", "png": buf.getvalue()}
+    crop = ImageSpec(size=8).decode(raw)[0]
+    stretch = ImageSpec(size=8, resize="stretch").decode(raw)[0]
+    assert crop.shape == stretch.shape == (3, 8, 8)
+    assert (crop[0] == 0).all() and (crop[2] == 255).all()  # the centre 8 columns: all blue
+    assert (stretch[0, :, 0] > 200).all() and (stretch[2, :, -1] > 200).all()  # red left, blue right
+    grey = ImageSpec(channels=1).decode(raw)[0]
+    assert grey.shape == (1, 8, 16) and grey[0, 0, 0] == 76 and grey[0, 0, -1] == 29  # 0.299 R, 0.114 B
+    hwc = {"__key__": "k", "npy": shards.npy_bytes(rgb)}  # the same pixels as H x W x C .npy
+    assert np.array_equal(ImageSpec(size=8).decode(hwc)[0], crop)

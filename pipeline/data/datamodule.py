@@ -88,7 +88,7 @@ class ShardDataModule(pl.LightningDataModule):
             return self._shapes[split]
         src, spec = self.source(split), self.spec
         shape = spec.fixed_shape
-        if shape is None and src.members is not None and not set(spec.image_keys) & set(src.members):
+        if src.members is not None and not set(spec.image_keys) & set(src.members):  # an index saw them
             raise DataSetupError(f"{src.origin}: its samples have members {', '.join(src.members)} and none of "
                                  f"data.image_keys [{', '.join(spec.image_keys)}]; add the image member to them")
         if shape is None and src.shapes:
