@@ -42,6 +42,9 @@ Ramp = Literal["linear", "sigmoid", "cosine"]
 LRSchedule = Literal["constant", "cosine"]
 Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true"]
 WandbMode = Literal["online", "offline", "disabled"]
+Channels = Literal[1, 3]  # data.channels: images converted to grey or RGB
+Resize = Literal["center_crop", "stretch"]  # data.resize: how images reach data.image_size
+ImageFormat = Literal["npy", "png", "jpg"]  # how `prepare` stores images in shards (--format)
 
 
 def choices(alias) -> tuple:
@@ -73,6 +76,14 @@ class DataConfig:
     seed: Optional[int] = None  # data order; default: the root `seed`
     binarize: Binarize = "none"  # dynamic: Bernoulli resample each time (MNIST-style); threshold: > 0.5
     pin_memory: bool = True  # page-locked batches for faster host-to-GPU copies (GPU only)
+    # Shards written by other tools (img2dataset, webdataset.ShardWriter): members looked up in order.
+    image_keys: List[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp", "ppm", "npy"])  # image member: the first present
+    label_keys: List[str] = field(default_factory=lambda: ["cls", "label.cls"])  # label member (ASCII integer): the first present
+    label_field: Optional[str] = "label"  # else the label is this field of a .json member; null: no json label
+    # Converted in the loader workers before batching; when set they also fix the model's input shape.
+    channels: Optional[Channels] = None  # 1 or 3; null: as stored (grey stays 1, other PIL images 3)
+    image_size: Optional[int] = None  # square side in pixels; null: as stored (all images one size)
+    resize: Resize = "center_crop"  # center_crop: shorter side to image_size, then crop; stretch: ignore aspect
 
 
 @dataclass

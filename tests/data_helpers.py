@@ -125,3 +125,46 @@ class KeyFileRecorder(KeyRecorder):
     def on_fit_end(self):
         Path(self.out, f"trainer_rank{self.global_rank}.json").write_text(json.dumps(
             {"train": self.train_keys, "val": self.val_keys, "world": self.trainer.world_size}))
+
+
+def foreign_rank_main(rank: int, world: int, init_file: str, cfg_json: str, out: str, stop: int) -> None:
+    """One gloo rank over the DataConfig data_cfg(out, **cfg_json) with 2 loader workers: a training epoch,
+    the same epoch interrupted after `stop` batches and resumed from the loader's state in a new loader,
+    and a validation pass; an all-reduce per training batch (unequal counts would hang, then time out)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from pipeline.data.datamodule import ShardDataModule
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+
+    def keys(batches) -> List[List[str]]:
+        got = []
+        for batch in batches:
+            dist.all_reduce(torch.ones(1))
+            got.append(list(batch["key"]))
+        return got
+
+    def module():
+        dm = ShardDataModule(data_cfg(Path(out), num_workers=2, **json.loads(cfg_json)))
+        dm.setup("fit")  # world size and rank from torch.distributed
+        return dm
+
+    try:
+        dm = module()
+        train = keys(dm.train_dataloader())
+        interrupted = module().train_dataloader()
+        it = iter(interrupted)
+        keys(next(it) for _ in range(stop))
+        state = interrupted.state_dict()
+        del it
+        resumed = module().train_dataloader()
+        resumed.load_state_dict(state)
+        rest = keys(resumed)
+        val = [list(b["key"]) for b in dm.val_dataloader()]
+        dist.barrier()
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"train": train, "resumed": rest, "val": val}))
+    finally:
+        dist.destroy_process_group()

@@ -5,6 +5,7 @@
     python -m pipeline.bench --presets digits --steps 50 --no-ddp   # a quick look
     python -m pipeline.bench --ablations                      # where the pipeline's time goes (see below)
     python -m pipeline.bench loader --root data/dsprites --batches 300   # the training loader alone, samples/s
+    python -m pipeline.bench images                           # loader on 64x64 JPEG shards vs PIL alone; formats
 
 Per preset (the repo's configs/digits.yaml and configs/dsprites_beta.yaml as they are: model, batch
 size, optimizer, loader settings), every figure is a ratio of two measurements taken here, now:
@@ -298,6 +299,64 @@ def measure_raw_read(root: Path, samples: int) -> dict[str, float]:
     return {"samples": count, "bytes": nbytes, "seconds": seconds, "samples_per_s": count / seconds}
 
 
+def image_loader_vs_pil(work: Path, samples: int = 4096, size: int = 64, batch_size: int = 128, workers: int = 2,
+                        batches: int = 64) -> dict[str, Any]:
+    """JPEG shards as img2dataset writes them (KEY.jpg + KEY.cls, `size` x `size`, 8 shards, crops of
+    scikit-learn's two bundled photos): samples/s of the training loader over them after `prepare index`
+    (data.image_size=size, data.channels=3, `workers` loader workers) against PIL decoding the same JPEG
+    bytes to uint8 arrays in this one process; and per shard format (npy, png, jpg at 95) the bytes and
+    the decode time per sample (pipeline.data.decode, one process)."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from pipeline.config import DataConfig
+    from pipeline.data import decode, index, shards
+
+    rng = np.random.default_rng(0)
+    photos = load_sample_images().images  # china.jpg and flower.jpg, 427 x 640 RGB, bundled: no download
+    distinct = []
+    for _ in range(min(samples, 512)):  # 512 distinct crops, cycled
+        p, s = photos[rng.integers(2)], int(rng.integers(96, 427))
+        y, x = int(rng.integers(0, p.shape[0] - s + 1)), int(rng.integers(0, p.shape[1] - s + 1))
+        im = Image.fromarray(p[y:y + s, x:x + s]).resize((size, size), Image.BICUBIC)
+        distinct.append(np.asarray(im).transpose(2, 0, 1).copy())
+    spec, formats = decode.ImageSpec(), {}
+    for fmt in ("npy", "png", "jpg"):
+        blobs = [shards.npy_bytes(a) if fmt == "npy" else shards.encode_image(a, fmt, 95) for a in distinct]
+        start = time.perf_counter()
+        for b in blobs:
+            spec.decode({"__key__": "k", fmt: b})
+        seconds = time.perf_counter() - start
+        formats[fmt] = {"bytes_per_sample": sum(map(len, blobs)) / len(blobs),
+                        "decode_us_per_sample": 1e6 * seconds / len(blobs)}
+    jpgs = [shards.encode_image(distinct[i % len(distinct)], "jpg", 95) for i in range(samples)]
+    urls = []
+    for s in range(8):
+        urls.append(str(work / f"{s:05d}.tar"))
+        with tarfile.open(urls[-1], "w") as tar:
+            for i in range(s, samples, 8):
+                for suffix, data in (("jpg", jpgs[i]), ("cls", str(i % 10).encode())):
+                    info = tarfile.TarInfo(f"{i:09d}.{suffix}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    index.index_shards(urls, work, workers=workers, progress=False, log=lambda m: None)
+    start = time.perf_counter()
+    for b in jpgs:
+        np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+    pil = samples / (time.perf_counter() - start)
+    cfg = DataConfig(train=str(work / shards.MANIFEST), image_size=size, channels=3, batch_size=batch_size,
+                     num_workers=workers, seed=0, pin_memory=False)
+    loader = loader_throughput(cfg, batches=batches)
+    return {"samples": samples, "size": size, "batch_size": batch_size, "num_workers": workers,
+            "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
+            "pil_decode_samples_per_s": pil, "loader_samples_per_s": loader["samples_per_s"],
+            "loader_vs_pil": loader["samples_per_s"] / pil, "formats": formats}
+
+
 def measure_ddp(preset: str, root: Path, devices: int, steps: int, warmup: int, work: Path) -> dict[str, float]:
     """Pipeline images/s (all ranks) with `devices` CPU ranks (ddp, gloo), in a fresh process tree."""
     out = work / f"ddp{devices}.json"
@@ -491,6 +550,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["loader"]:
         return loader_main(argv[1:])
+    if argv[:1] == ["images"]:  # python -m pipeline.bench images [--samples N] [--workers W]
+        q = argparse.ArgumentParser(prog="python -m pipeline.bench images", description=image_loader_vs_pil.__doc__)
+        q.add_argument("--samples", type=int, default=4096)
+        q.add_argument("--workers", type=int, default=2, help="loader workers (data.num_workers)")
+        a = q.parse_args(argv[1:])
+        with tempfile.TemporaryDirectory(prefix="vae-bench-images-") as work:
+            print(json.dumps(image_loader_vs_pil(Path(work), samples=a.samples, workers=a.workers), indent=2))
+        return 0
     p = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--device", default="cpu", help="cpu | cuda")

@@ -9,7 +9,6 @@ Batches are built inside the loader workers (pipeline.data.stream); the running 
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import warnings
 from pathlib import Path
@@ -18,11 +17,12 @@ import lightning.pytorch as pl
 import torch
 
 from pipeline.data import shards
+from pipeline.data.decode import ImageSpec, SampleError
 from pipeline.data.loader import ShardLoader
 from pipeline.data.sources import (
     DataSetupError,
     SplitSource,
-    peek_shape,
+    first_sample,
     resolve_source,
 )
 from pipeline.data.stream import ShardStream
@@ -45,6 +45,11 @@ class ShardDataModule(pl.LightningDataModule):
         self.world_size, self.rank = 1, 0
         self.steps_per_epoch: int | None = None
         self.seed = 0 if cfg.seed is None else int(cfg.seed)
+        try:
+            self.spec = ImageSpec.from_config(cfg)
+        except ValueError as e:
+            raise DataSetupError(str(e)) from None
+        self._shapes: dict[str, tuple[int, int, int]] = {}
 
     # ---- sources
     def source(self, split: str) -> SplitSource | None:
@@ -71,12 +76,39 @@ class ShardDataModule(pl.LightningDataModule):
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        src = self.source("train")
-        if src is None:
+        """(C, H, W) of the training batches: the model's input shape."""
+        if self.source("train") is None:
             raise DataSetupError(f"no train split in {self.cfg.train or self.cfg.root}")
-        if src.shape is None:
-            self._sources["train"] = src = dataclasses.replace(src, shape=peek_shape(src))
-        return tuple(src.shape)
+        return self.split_shape("train")
+
+    def split_shape(self, split: str) -> tuple[int, int, int]:
+        """(C, H, W) of `split`'s images after conversion: data.channels and data.image_size where set (both
+        set: no data is read), the rest from the manifest, else from the split's first sample."""
+        if split in self._shapes:
+            return self._shapes[split]
+        src, spec = self.source(split), self.spec
+        shape = spec.fixed_shape
+        if src.members is not None and not set(spec.image_keys) & set(src.members):  # an index saw them
+            raise DataSetupError(f"{src.origin}: its samples have members {', '.join(src.members)} and none of "
+                                 f"data.image_keys [{', '.join(spec.image_keys)}]; add the image member to them")
+        if shape is None and src.shapes:
+            seen = sorted({spec.target(s) for s in src.shapes})
+            if len(seen) > 1:
+                shown = ", ".join("x".join(map(str, s)) for s in seen[:4])
+                raise DataSetupError(f"{src.origin}: images come in {len(seen)} shapes after conversion ({shown}"
+                                     f"{', ...' if len(seen) > 4 else ''}); set data.image_size (and data.channels) "
+                                     "to bring them to one")
+            shape = seen[0]
+        if shape is None and src.shape is not None:
+            shape = spec.target(src.shape)
+        if shape is None:  # no manifest: decode the first sample
+            raw = first_sample(src)
+            try:
+                shape = tuple(spec.decode(raw)[0].shape)
+            except (SampleError, ValueError) as e:
+                raise DataSetupError(f"{src.urls[0]}: sample {raw['__key__']!r}: {e}") from None
+        self._shapes[split] = tuple(int(d) for d in shape)
+        return self._shapes[split]
 
     def prepare_data(self) -> None:
         if self.cfg.train is None:
@@ -95,7 +127,7 @@ class ShardDataModule(pl.LightningDataModule):
         if stage in (None, "fit"):
             self.steps_per_epoch = self._check_train()
         if stage in (None, "fit", "validate"):
-            self._check_eval("val")
+            self._check_eval("val", against_train=stage in (None, "fit"))
         if stage in (None, "test"):
             self._check_eval("test")
 
@@ -125,11 +157,18 @@ class ShardDataModule(pl.LightningDataModule):
                         self.cfg.steps_per_epoch, full, total, R, B)
         return int(self.cfg.steps_per_epoch or full)
 
-    def _check_eval(self, split: str) -> None:
+    def _check_eval(self, split: str, against_train: bool = False) -> None:
         src = self.source(split)
         if src is not None and src.total is not None and src.total < self.world_size:
             raise DataSetupError(f"{src.origin}: {src.total} {split} samples for {self.world_size} ranks: "
                                  f"every rank needs at least one; use fewer devices or a larger {split} split")
+        # a shape mismatch would otherwise surface as a matmul error at the first validation
+        if src is not None and against_train and self.input_shape != self.split_shape(split):
+            fmt = "x".join
+            raise DataSetupError(
+                f"{split} data {src.origin} has images of shape {fmt(map(str, self.split_shape(split)))}, training "
+                f"data {self.source('train').origin} {fmt(map(str, self.input_shape))}: set data.image_size and "
+                "data.channels to convert both to one shape, or use matching data")
 
     def _lanes(self) -> int:
         return max(1, self.cfg.num_workers)
@@ -142,7 +181,8 @@ class ShardDataModule(pl.LightningDataModule):
                              rank=self.rank, lanes=self._lanes(), seed=self.seed,
                              shuffle_buffer=self.cfg.shuffle_buffer,
                              num_batches=self.steps_per_epoch if train else None, on_error=self.cfg.on_error,
-                             verify_checksums=self.cfg.verify_checksums)
+                             verify_checksums=self.cfg.verify_checksums,
+                             spec=self.spec, shape=self.split_shape(split))
         trainer = getattr(self, "trainer", None)
         loader = ShardLoader(stream, num_workers=self.cfg.num_workers,
                              pin_memory=bool(self.cfg.pin_memory) and torch.cuda.is_available(),

@@ -4,9 +4,10 @@
     recipe = build("dsprites", limit=20000, seed=0)
     recipe = build("mnist", source="~/mnist")      # the four idx files, gzipped or not
     recipe = build("npz", source="x.npz")          # N x H x W, N x H x W x C or N x C x H x W
-    recipe = build("images", source="dir/", size=64)
+    recipe = build("images", source="dir/", size=64, workers=8)
 
-A `Recipe` fetches any chunk of source indices (so dSprites is rendered shard by shard, never held whole).
+A `Recipe` fetches any chunk of source indices (so dSprites is rendered and image folders decoded chunk by
+chunk, never held whole).
 Every check of the input happens in `build`, before anything is written; problems raise `RecipeError`
 naming the file and what is wrong.
 """
@@ -15,10 +16,13 @@ from __future__ import annotations
 import gzip
 import struct
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
+
+from pipeline.data.decode import channels_of_mode
 
 RECIPES = ("digits", "dsprites", "mnist", "npz", "images")
 SELF_CONTAINED = ("digits", "dsprites")  # need no --source: safe to prepare automatically
@@ -38,6 +42,7 @@ class Recipe:
     ids: Optional[np.ndarray] = None  # source index of each sample (keys); default arange(n)
     test_indices: Optional[np.ndarray] = None  # an official test split (MNIST's t10k), if any
     meta: Dict = field(default_factory=dict)  # extra manifest entries: classes, factors
+    close: Callable[[], None] = lambda: None  # releases worker processes; prepare calls it when done
 
     def key(self, i: int) -> str:
         return f"{int(self.ids[i] if self.ids is not None else i):07d}"
@@ -267,13 +272,62 @@ def npz(source: Optional[str]) -> Recipe:
 
 # -------------------------------------------------------------------------------------------- images
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
 
-def images(source: Optional[str], size: Optional[int] = None) -> Recipe:
+def _image_header(path: Path) -> Tuple[int, int, str]:
+    """(width, height, mode) of an image file, read from its header; PIL's verify() also checks the rest of
+    the file where the format allows it without decoding (PNG: every chunk's CRC, so truncation shows)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            (w, h), mode = im.size, im.mode
+            im.verify()
+    except Exception as e:  # noqa: BLE001 -- PIL raises many types (OSError, SyntaxError, ...) for bad files
+        raise RecipeError(f"{path}: not a readable image: {e}") from None
+    return w, h, mode
+
+
+def _load_image(path: Path, channels: int, size: Optional[int]) -> np.ndarray:
+    """Decode, convert and resize one file (runs in a worker process)."""
+    from pipeline.data.decode import load_pil
+
+    try:
+        return load_pil(path, channels, size, "center_crop")
+    except Exception as e:  # noqa: BLE001 -- as above: a file whose header read but whose pixels do not
+        raise RecipeError(f"{path}: not a readable image: {e}") from None
+
+
+class _Workers:
+    """An ordered map over `workers` forked processes (in-process for one): results arrive in input order,
+    so the output bytes do not depend on the worker count."""
+
+    def __init__(self, workers: int):
+        import multiprocessing
+
+        self.workers = max(1, workers)
+        self.pool = multiprocessing.get_context("fork").Pool(self.workers) if self.workers > 1 else None
+
+    def map(self, fn, items: List) -> Iterator:
+        if self.pool is None:
+            return map(fn, items)
+        return self.pool.imap(fn, items, chunksize=max(1, min(64, len(items) // (4 * self.workers))))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()  # every result was consumed (or an error stops the run)
+            self.pool.join()
+            self.pool = None
+
+
+def images(source: Optional[str], size: Optional[int] = None, workers: int = 1, progress: bool = False) -> Recipe:
     """A folder of PNG/JPEG files (recursive). Labels come from first-level subfolders when every
-    image sits in one (ImageFolder layout, at least two classes)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    image sits in one (ImageFolder layout, at least two classes).
+
+    Streams: `build` reads every file's header (in `workers` processes, checking each file), and `fetch`
+    decodes, converts and resizes only the chunk of files asked for, in the same processes; the recipe
+    never holds more than one chunk of decoded images."""
+    from tqdm import tqdm
 
     if not source:
         raise RecipeError("images needs --source DIR")
@@ -285,41 +339,45 @@ def images(source: Optional[str], size: Optional[int] = None) -> Recipe:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise RecipeError(f"{root}: empty folder: no .png/.jpg/.jpeg files found (searched recursively)")
-    loaded: List = []
-    for p in files:
-        try:
-            with Image.open(p) as im:
-                im.load()
-                loaded.append(im.copy())
-        except (UnidentifiedImageError, OSError) as e:
-            raise RecipeError(f"{p}: not a readable image: {e}") from None
+    pool = _Workers(min(workers, len(files)))
+    try:
+        headers = list(tqdm(pool.map(_image_header, files), total=len(files), unit="img", leave=False,
+                            desc=f"checking {root}", disable=not progress))
+    except BaseException:
+        pool.close()
+        raise
     if size is None:
-        sizes = {im.size for im in loaded}
+        sizes = {(w, h) for w, h, _ in headers}
         if len(sizes) > 1:
-            first = {im.size: p for im, p in zip(loaded, files)}
+            first = {(w, h): p for (w, h, _), p in zip(reversed(headers), reversed(files))}
             shown = ", ".join(f"{w}x{h} ({first[(w, h)].name})" for w, h in sorted(sizes)[:3])
+            pool.close()
             raise RecipeError(f"{root}: mixed image sizes ({shown}...); pass --size S to resize and centre-crop")
-    gray = all(im.mode in _GRAY_MODES for im in loaded)
-    arrays = []
-    for im in loaded:
-        im = im.convert("L" if gray else "RGB")
-        if size is not None:
-            im = ImageOps.fit(im, (size, size), method=Image.BICUBIC, centering=(0.5, 0.5))
-        a = np.asarray(im, dtype=np.uint8)
-        arrays.append(a[None] if gray else a.transpose(2, 0, 1))
-    stacked = np.stack(arrays)
+    channels = 1 if all(channels_of_mode(mode) == 1 for _, _, mode in headers) else 3
+    w, h, _ = headers[0]
+    shape = (channels, size or h, size or w)
+    load = partial(_load_image, channels=channels, size=size)
+
     rel = [p.relative_to(root).parts for p in files]
     classes = sorted({r[0] for r in rel}) if all(len(r) == 2 for r in rel) else []
     labels, meta = None, {}
     if len(classes) >= 2:
         index = {c: i for i, c in enumerate(classes)}
         labels, meta = np.array([index[r[0]] for r in rel], dtype=np.int64), {"classes": classes}
-    return _in_memory("images", str(root), stacked, labels, meta=meta)
+
+    def fetch(idx):
+        out = np.empty((len(idx), *shape), dtype=np.uint8)
+        for j, image in enumerate(pool.map(load, [files[i] for i in idx])):
+            out[j] = image
+        return out, (None if labels is None else labels[idx]), None
+
+    return Recipe("images", str(root), len(files), shape, fetch, meta=meta, close=pool.close)
 
 
 def build(name: str, *, source: Optional[str] = None, limit: Optional[int] = None,
-          size: Optional[int] = None, seed: int = 0) -> Recipe:
-    """The recipe `name` with every input check done; `limit` takes a seeded subset (any recipe)."""
+          size: Optional[int] = None, seed: int = 0, workers: int = 1, progress: bool = False) -> Recipe:
+    """The recipe `name` with every input check done; `limit` takes a seeded subset (any recipe).
+    `workers` processes decode image folders; call `recipe.close()` when done with it."""
     if name == "digits":
         recipe = digits()
     elif name == "dsprites":
@@ -329,11 +387,12 @@ def build(name: str, *, source: Optional[str] = None, limit: Optional[int] = Non
     elif name == "npz":
         recipe = npz(source)
     elif name == "images":
-        recipe = images(source, size)
+        recipe = images(source, size, workers, progress)
     else:
         raise RecipeError(f"unknown dataset {name!r}; expected one of: {', '.join(RECIPES)}")
     if limit is not None:
         if limit <= 0:
+            recipe.close()
             raise RecipeError(f"--limit must be positive, got {limit}")
         if limit < recipe.n:
             recipe = _subset(recipe, np.sort(np.random.default_rng([seed, 0x5B]).choice(recipe.n, limit, replace=False)))
@@ -346,4 +405,4 @@ def _subset(recipe: Recipe, keep: np.ndarray) -> Recipe:
     if recipe.test_indices is not None:
         test = np.flatnonzero(np.isin(keep, recipe.test_indices))
     return Recipe(recipe.name, recipe.source, len(keep), recipe.shape, lambda idx: inner(keep[idx]),
-                  ids=ids, test_indices=test, meta=recipe.meta)
+                  ids=ids, test_indices=test, meta=recipe.meta, close=recipe.close)

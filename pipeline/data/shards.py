@@ -5,7 +5,7 @@ Layout written by `write_dataset` (used by `python -m pipeline.prepare`):
     DIR/train-000000.tar ...  DIR/val-000000.tar ...  DIR/test-000000.tar ...  DIR/manifest.json
 
 A sample is a run of tar members sharing one key (no dots in keys: webdataset splits at the first dot):
-    KEY.npy          image, uint8 [C, H, W]
+    KEY.npy          image, uint8 [C, H, W]  (or KEY.png / KEY.jpg: `prepare --format`)
     KEY.label.cls    optional class label, ASCII integer
     KEY.factors.npy  optional ground-truth generative factors, float32 [F]
 so plain `wds.WebDataset(url).decode()` yields {"npy", "label.cls", "factors.npy"}.
@@ -49,18 +49,35 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 def encode_sample(key: str, image: np.ndarray, label: Optional[int] = None,
-                  factors: Optional[np.ndarray] = None) -> List[Tuple[str, bytes]]:
-    """(member name, bytes) pairs of one sample; `image` must be uint8 [C, H, W]."""
+                  factors: Optional[np.ndarray] = None, fmt: str = IMAGE, quality: int = 95) -> List[Tuple[str, bytes]]:
+    """(member name, bytes) pairs of one sample; `image` must be uint8 [C, H, W]; `fmt` npy, png or jpg."""
     if "." in key or "/" in key:
         raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
     if image.dtype != np.uint8 or image.ndim != 3:
         raise ValueError(f"sample {key}: image must be uint8 [C, H, W], got {image.dtype} {image.shape}")
-    members = [(f"{key}.{IMAGE}", npy_bytes(image))]
+    members = [(f"{key}.{fmt}", npy_bytes(image) if fmt == IMAGE else encode_image(image, fmt, quality))]
     if label is not None:
         members.append((f"{key}.{LABEL}", str(int(label)).encode()))
     if factors is not None:
         members.append((f"{key}.{FACTORS}", npy_bytes(np.asarray(factors, dtype=np.float32))))
     return members
+
+
+_PIL_FORMATS = {"png": "PNG", "jpg": "JPEG"}  # member suffix -> PIL format name (config.ImageFormat less npy)
+
+
+def encode_image(image: np.ndarray, fmt: str, quality: int = 95) -> bytes:
+    """uint8 [C, H, W], C 1 or 3 -> PNG or JPEG bytes (a .png / .jpg member); deterministic for given inputs
+    and Pillow version (no timestamps)."""
+    from PIL import Image  # only compressed shards need it
+
+    if fmt not in _PIL_FORMATS or image.shape[0] not in (1, 3):
+        raise ValueError(f"cannot store a {image.dtype} {image.shape} image as {fmt!r}: "
+                         f"expected one of npy, {', '.join(_PIL_FORMATS)} and 1 or 3 channels")
+    im = Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
+    buf = io.BytesIO()
+    im.save(buf, _PIL_FORMATS[fmt], **({"quality": quality} if fmt == "jpg" else {}))
+    return buf.getvalue()
 
 
 _NPY_HEADERS: Dict[bytes, Tuple[np.dtype, tuple, bool, int]] = {}  # raw header -> parsed; samples share one
@@ -222,26 +239,28 @@ FetchFn = Callable[[np.ndarray], Tuple[np.ndarray, Optional[np.ndarray], Optiona
 
 
 def _encoded(fetch: FetchFn, indices: np.ndarray, key_fn: Callable[[int], str], chunk: int,
-             progress) -> Iterator[List[Tuple[str, bytes]]]:
+             progress, fmt: str, quality: int) -> Iterator[List[Tuple[str, bytes]]]:
     for lo in range(0, len(indices), chunk):
         idx = indices[lo:lo + chunk]
         images, labels, factors = fetch(idx)
         for j, i in enumerate(idx):
             yield encode_sample(key_fn(int(i)), images[j],
                                 None if labels is None else int(labels[j]),
-                                None if factors is None else factors[j])
+                                None if factors is None else factors[j], fmt, quality)
         if progress is not None:
             progress.update(len(idx))
 
 
 def write_dataset(out_dir: Path, fetch: FetchFn, splits: Dict[str, np.ndarray], *, shard_size: int,
                   shape: Sequence[int], source: str, key_fn: Callable[[int], str],
-                  meta: Optional[dict] = None, progress: bool = True, chunk: int = 1024) -> dict:
+                  meta: Optional[dict] = None, progress: bool = True, chunk: int = 1024, fmt: str = IMAGE,
+                  quality: int = 95, unit: str = "sample") -> dict:
     """Write every split's shards, then the manifest; returns the manifest.
 
     `splits` maps split name -> source indices in write order. `meta` goes into the manifest top level
-    (dataset name, seed, classes, factor names, ...). Stale shards of an earlier run into the same
-    directory are removed once the new manifest is in place.
+    (dataset name, seed, classes, factor names, ...). `chunk` samples are fetched (held decoded) at a time.
+    Images are stored as `fmt` (npy, png, or jpg at `quality`). Stale shards of an earlier run into the
+    same directory are removed once the new manifest is in place.
     """
     from tqdm import tqdm  # only the writer needs it
 
@@ -254,8 +273,10 @@ def write_dataset(out_dir: Path, fetch: FetchFn, splits: Dict[str, np.ndarray], 
 
     manifest = {"format": FORMAT, "source": source, "shape": list(shape), "dtype": "uint8",
                 **(meta or {}), "splits": {}}
+    if fmt != IMAGE:  # npy manifests stay byte-identical to those written before formats existed
+        manifest["image_format"] = fmt if fmt == "png" else f"{fmt} quality {quality}"
     total = sum(len(v) for v in splits.values())
-    bar = tqdm(total=total, unit="sample", desc=f"writing {out_dir}", disable=not progress, leave=False)
+    bar = tqdm(total=total, unit=unit, desc=f"writing {out_dir}", disable=not progress, leave=False)
     written = set()
     with bar:
         for split, indices in splits.items():
@@ -263,7 +284,7 @@ def write_dataset(out_dir: Path, fetch: FetchFn, splits: Dict[str, np.ndarray], 
             for s, lo in enumerate(range(0, len(indices), shard_size)):
                 name = f"{split}-{s:06d}.tar"
                 count, digest = write_shard(out_dir / name, _encoded(
-                    fetch, indices[lo:lo + shard_size], key_fn, chunk, bar))
+                    fetch, indices[lo:lo + shard_size], key_fn, chunk, bar, fmt, quality))
                 shards.append({"name": name, "samples": count, "sha256": digest})
                 written.add(name)
             manifest["splits"][split] = {"total": int(len(indices)), "shape": list(shape), "dtype": "uint8",

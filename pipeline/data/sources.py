@@ -1,8 +1,9 @@
 """Where a split's shards are: a manifest.json, a directory, a brace pattern or any webdataset URL, resolved
 to the shard URLs in canonical order, their sample counts when known, and the sample shape.
 
-Counts come from the manifest, or from a manifest.json next to local shards that names every one of them;
-without counts (a URL or pattern with no manifest beside it) the loader streams (see pipeline.data.layout).
+Counts come from the manifest (ours, or the index `python -m pipeline.prepare index` writes for shards made by
+other tools), or from a manifest.json next to local shards that names every one of them; without counts (a
+URL or pattern with no manifest beside it) the loader streams (see pipeline.data.layout).
 """
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ class SplitSource:
     origin: str  # what the config said, for messages
     urls: tuple[str, ...]
     counts: tuple[int, ...] | None  # None: no manifest, counts unknown
-    shape: tuple[int, int, int] | None
+    shape: tuple[int, int, int] | None  # None: unknown, or several (see shapes)
     digests: tuple[str | None, ...] | None = None  # sha256 per shard from the manifest, checked while reading
+    shapes: tuple[tuple[int, int, int], ...] | None = None  # every stored image shape an index saw
+    members: tuple[str, ...] | None = None  # every member suffix an index saw
 
     @property
     def total(self) -> int | None:
@@ -42,8 +45,10 @@ def _from_manifest(path: Path, split: str, origin: str) -> SplitSource | None:
     names = [s["name"] for s in entry["shards"]]
     urls = tuple(n if "://" in n or n.startswith("pipe:") else str(path.parent / n) for n in names)
     shape = tuple(entry.get("shape") or manifest.get("shape") or ()) or None
+    shapes = tuple(tuple(int(d) for d in s.split("x")) for s in entry["shapes"]) if "shapes" in entry else None
+    members = tuple(entry["members"]) if "members" in entry else None
     return SplitSource(split, origin, urls, tuple(int(s["samples"]) for s in entry["shards"]), shape,
-                       tuple(s.get("sha256") for s in entry["shards"]))
+                       digests=tuple(s.get("sha256") for s in entry["shards"]), shapes=shapes, members=members)
 
 
 def _sibling_counts(urls: Sequence[str]) -> tuple[tuple[int, ...] | None, tuple | None, tuple | None]:
@@ -54,7 +59,7 @@ def _sibling_counts(urls: Sequence[str]) -> tuple[tuple[int, ...] | None, tuple 
     if not path.is_file():
         return None, None, None
     manifest = shards.load_manifest(path)
-    known = {s["name"]: s for e in manifest["splits"].values() for s in e["shards"]}
+    known = {Path(s["name"]).name: s for e in manifest["splits"].values() for s in e["shards"]}
     if not all(Path(u).name in known for u in urls):
         return None, None, None
     shape = tuple(manifest["shape"]) if manifest.get("shape") else None
@@ -62,42 +67,61 @@ def _sibling_counts(urls: Sequence[str]) -> tuple[tuple[int, ...] | None, tuple 
     return tuple(int(s["samples"]) for s in entries), shape, tuple(s.get("sha256") for s in entries)
 
 
+def is_remote(url: str) -> bool:
+    """pipe:, http:, s3:, ... (anything webdataset's gopen opens that is not a local path)."""
+    return ":" in url.split("/")[0]
+
+
+def shard_urls(spec: str, split: str | None = None) -> list[str]:
+    """The shards of a directory (its `{split}-*.tar`; failing those, every `*.tar`: the names other tools
+    write), a brace pattern or a URL, in canonical order; local ones must exist."""
+    import webdataset as wds
+
+    if os.path.isdir(spec):
+        tars = sorted(p for p in Path(spec).glob("*.tar") if not p.name.startswith("."))
+        if any(shards.SHARD_RE.match(p.name) for p in tars):  # our naming: only this split's shards
+            tars = [p for p in tars if split and p.name.startswith(f"{split}-")]
+            if not tars:
+                raise DataSetupError(f"{spec}: no manifest.json and no {split}-*.tar shards in this directory")
+        if not tars:
+            raise DataSetupError(f"{spec}: no manifest.json and no .tar shards in this directory")
+        return [str(p) for p in tars]
+    urls = list(wds.shardlists.expand_urls(spec))
+    if not urls:
+        raise DataSetupError(f"{spec}: the pattern expands to no shards")
+    missing = [u for u in urls if not is_remote(u) and not os.path.exists(u)]
+    if missing:
+        raise DataSetupError(f"{spec}: shard {missing[0]} does not exist")
+    return urls
+
+
 def resolve_source(spec: str | None, split: str, root: str) -> SplitSource | None:
     """A split's shards from a manifest.json, a directory, a brace pattern or any webdataset URL.
 
     None means `<root>/manifest.json`. Returns None when a manifest has no such split.
     """
-    import webdataset as wds
-
     origin = spec if spec is not None else str(Path(root) / shards.MANIFEST)
     if spec is None or spec.endswith(".json"):
         return _from_manifest(Path(origin), split, origin)
-    if os.path.isdir(spec):
-        if (Path(spec) / shards.MANIFEST).is_file():
-            return _from_manifest(Path(spec) / shards.MANIFEST, split, origin)
-        urls = sorted(str(p) for p in Path(spec).glob(f"{split}-*.tar"))
-        if not urls:
-            raise DataSetupError(f"{spec}: no manifest.json and no {split}-*.tar shards in this directory")
-    else:
-        urls = list(wds.shardlists.expand_urls(spec))
-        if not urls:
-            raise DataSetupError(f"{spec}: the pattern expands to no shards")
-        local = [u for u in urls if ":" not in u.split("/")[0]]
-        missing = [u for u in local if not os.path.exists(u)]
-        if missing:
-            raise DataSetupError(f"{spec}: shard {missing[0]} does not exist")
+    if os.path.isdir(spec) and (Path(spec) / shards.MANIFEST).is_file():
+        return _from_manifest(Path(spec) / shards.MANIFEST, split, origin)
+    urls = shard_urls(spec, split)
     counts, shape, digests = _sibling_counts(urls)
-    return SplitSource(split, origin, tuple(urls), counts, shape, digests)
+    return SplitSource(split, origin, tuple(urls), counts, shape, digests=digests)
 
 
-def peek_shape(source: SplitSource) -> tuple[int, int, int]:
-    """The image shape of the first sample of the first shard (for sources without a manifest)."""
+def first_sample(source: SplitSource) -> dict:
+    """The first raw sample of the first shard (for sources whose image shape is not in a manifest)."""
     import webdataset as wds
 
-    stream = wds.gopen(source.urls[0], "rb")
+    url = source.urls[0]
     try:
-        for raw in shards.iter_tar_samples(stream, source.urls[0]):
-            return tuple(shards.decode_sample(raw)[0].shape)
-    finally:
-        stream.close()
-    raise DataSetupError(f"{source.urls[0]}: first shard of {source.origin} holds no samples")
+        stream = wds.gopen(url, "rb")
+        try:
+            for raw in shards.iter_tar_samples(stream, url):
+                return raw
+        finally:
+            stream.close()
+    except (OSError, shards.ShardFormatError) as e:  # missing file, failing pipe or download, damaged tar
+        raise DataSetupError(f"{url}: cannot read the first sample of {source.origin}: {e}") from None
+    raise DataSetupError(f"{url}: first shard of {source.origin} holds no samples")

@@ -3,7 +3,8 @@ worker reads and decodes what pipeline.data.layout assigns to its lane, and asse
 
 Batches are dicts: "image" uint8 [B, C, H, W] (the model converts to float on its device), "label" int64 [B]
 and "factors" float32 [B, F] when the shards have them, "key" list[str], "skipped" int (samples of this batch
-that were unreadable and replaced, data.on_error=warn).
+that were unreadable and replaced, data.on_error=warn). Images are decoded (.npy, jpg, png, ...) and brought
+to the configured channels and size here, in the workers, by pipeline.data.decode.ImageSpec.
 
 Errors: data.on_error=raise stops with the shard's name. warn logs, counts (batch["skipped"]) and, in
 training, fills each lost sample with a repeat of a readable sample of the same shuffle block (a block with
@@ -20,6 +21,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.data import layout, shards
+from pipeline.data.decode import ImageSpec
 from pipeline.data.reader import Reader, ShardChecks
 from pipeline.data.sources import SplitSource
 
@@ -33,9 +35,14 @@ class ShardStream(IterableDataset):
 
     def __init__(self, source: SplitSource, *, train: bool, batch_size: int, world_size: int, rank: int,
                  lanes: int, seed: int, shuffle_buffer: int, num_batches: int | None, on_error: str,
-                 verify_checksums: bool = True):
+                 verify_checksums: bool = True, spec: ImageSpec | None = None,
+                 shape: tuple[int, int, int] | None = None):
+        """`spec`: how samples are decoded and converted; `shape`: the (C, H, W) every image must have after
+        conversion (default: the source's, when known); `verify_checksums`: hash shards against the manifest."""
         self.source, self.train, self.batch_size = source, train, batch_size
         self.checks = ShardChecks(source.counts, source.digests if verify_checksums else None)
+        self.spec = spec or ImageSpec()
+        self.shape = tuple(shape) if shape is not None else (tuple(source.shape) if source.shape else None)
         self.world_size, self.rank, self.lanes, self.seed = world_size, rank, lanes, seed
         self.on_error, self.num_batches = on_error, num_batches
         self.block = layout.block_size(batch_size, shuffle_buffer) if train else batch_size
@@ -71,16 +78,17 @@ class ShardStream(IterableDataset):
             reader.close()
 
     # ---- items and batches
-    def _decode(self, raw: dict | None) -> Item | None:
+    def _decode(self, raw: dict | None, url: str) -> Item | None:
         if raw is None:
             return None
         try:
-            image, label, factors = shards.decode_sample(raw)
-            if self.source.shape is not None and tuple(image.shape) != tuple(self.source.shape):
-                raise ValueError(f"image shape {tuple(image.shape)}, expected {tuple(self.source.shape)}")
+            image, label, factors = self.spec.decode(raw)
+            if self.shape is not None and tuple(image.shape) != self.shape:
+                raise ValueError(f"image shape {tuple(image.shape)} after conversion, expected {self.shape}; set "
+                                 "data.image_size and data.channels to bring every image to one shape")
             return raw["__key__"], image, label, factors
         except (ValueError, KeyError) as e:
-            message = f"sample {raw.get('__key__')!r}: {e}"
+            message = f"{url}: sample {raw.get('__key__')!r}: {e}"
             if self.on_error == "raise":
                 raise shards.ShardFormatError(message) from None
             log.warning("skipping sample: %s", message)
@@ -91,7 +99,11 @@ class ShardStream(IterableDataset):
                  "key": [it[0] for it in items], "skipped": skipped}
         if items[0][2] is not None:
             if any(it[2] is None for it in items):
-                raise shards.ShardFormatError(f"{self.source.origin}: some samples lack label.cls")
+                unlabelled = next(it[0] for it in items if it[2] is None)
+                raise shards.ShardFormatError(
+                    f"{self.source.origin}: sample {unlabelled!r} has no label "
+                    f"(data.label_keys {list(self.spec.label_keys)}, .json field {self.spec.label_field!r}) "
+                    "while others have one")
             batch["label"] = torch.tensor([it[2] for it in items], dtype=torch.int64)
         if items[0][3] is not None:
             batch["factors"] = torch.from_numpy(np.stack([it[3] for it in items]).astype(np.float32))
@@ -129,7 +141,7 @@ class ShardStream(IterableDataset):
         base, end = layout.lane_span(self.rank, lane, self.num_batches, self.lanes, self.batch_size)
 
         def read(lo: int, hi: int, rd: Reader = reader) -> list[Item | None]:
-            items = [self._decode(raw) for shard, a, b in layout.segments(counts, order, lo, hi)
+            items = [self._decode(raw, self.source.urls[shard]) for shard, a, b in layout.segments(counts, order, lo, hi)
                      for raw in rd.read(shard, a, b)]
             if hi == end:  # the lane's last read: finish verifying its shard before these samples go out
                 rd.finish()
@@ -155,7 +167,8 @@ class ShardStream(IterableDataset):
         order = np.arange(len(counts))
         batches = layout.eval_batches(*self.range, lane=lane, lanes=self.lanes, batch_size=self.batch_size)
         for j, (a, b) in enumerate(batches):
-            items = [self._decode(r) for s, x, y in layout.segments(counts, order, a, b) for r in reader.read(s, x, y)]
+            items = [self._decode(r, self.source.urls[s]) for s, x, y in layout.segments(counts, order, a, b)
+                     for r in reader.read(s, x, y)]
             if j == len(batches) - 1:  # the lane's last read: finish verifying its shard first
                 reader.finish()
             good = [it for it in items if it is not None]
@@ -163,8 +176,8 @@ class ShardStream(IterableDataset):
                 yield self._collate(good, len(items) - len(good))
 
     # ---- streaming (sample counts unknown)
-    def _stream_items(self, reader: Reader, lane: int) -> Iterator[dict | None]:
-        """This slot's raw samples, cycling through the epoch for training."""
+    def _stream_items(self, reader: Reader, lane: int) -> Iterator[tuple[dict | None, str]]:
+        """This slot's raw samples and their shards' URLs, cycling through the epoch for training."""
         slot = layout.slot_of(self.rank, lane, self.lanes)
         cycle = 0
         while True:
@@ -176,7 +189,7 @@ class ShardStream(IterableDataset):
                 for raw in reader.read(s, 0, None):
                     if i % stride == offset:
                         produced += 1
-                        yield raw
+                        yield raw, self.source.urls[s]
                     i += 1
             if not self.train:
                 return
@@ -189,8 +202,8 @@ class ShardStream(IterableDataset):
         stream = self._stream_items(reader, lane)
         if not self.train:
             items: list[Item] = []
-            for raw in stream:
-                it = self._decode(raw)
+            for raw, url in stream:
+                it = self._decode(raw, url)
                 if it is not None:
                     items.append(it)
                 if len(items) == self.batch_size:
@@ -202,8 +215,8 @@ class ShardStream(IterableDataset):
 
         def more(pos: int) -> list[Item]:  # donors for an unreadable block: the stream after it
             ahead = self._stream_items(Reader(self.source.urls, self.on_error, self.checks), lane)
-            for i, raw in enumerate(ahead):
-                if i >= pos and (it := self._decode(raw)) is not None:
+            for i, (raw, url) in enumerate(ahead):
+                if i >= pos and (it := self._decode(raw, url)) is not None:
                     return [it]
                 if i >= pos + 100 * self.block:
                     break
@@ -213,6 +226,6 @@ class ShardStream(IterableDataset):
         for blk in self._blocks(lane, key_base=layout.stream_key_base(self.rank, lane, self.lanes)):
             for _ in range(blk.lo - pos):  # resume: skip whole blocks undecoded
                 next(stream)
-            items = [self._decode(next(stream)) for _ in range(blk.hi - blk.lo)]
+            items = [self._decode(*next(stream)) for _ in range(blk.hi - blk.lo)]
             pos = blk.hi
             yield from self._emit_block(items, blk, lambda hi=blk.hi: more(hi))
