@@ -62,7 +62,7 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"  # recipe prepared into `root` on first use when no shard source is given
+    dataset: Optional[str] = None  # recipe prepared into `root` on first use (digits, dsprites); null: digits, at the default root only
     root: str = "data/digits"  # the recipe's output directory (shards and manifest.json)
     train: Optional[str] = None  # shards: a manifest.json, a directory, a brace pattern or a URL; null: root's
     val: Optional[str] = None  # validation shards, as data.train

@@ -165,7 +165,7 @@ def summary_lines(cfg, dm, module, trainer, wandb_mode: str, resume: Optional[st
     nodes = f" x {trainer.num_nodes} nodes" if trainer.num_nodes > 1 else ""
     changed = C.changed_keys(cfg)
     group = f", group {cfg.logger.wandb.group}" if cfg.logger.wandb.group else ""
-    data = cfg.data.train or f"{cfg.data.dataset} ({cfg.data.root})"
+    data = cfg.data.train or f"{cfg.data.dataset or 'digits'} ({cfg.data.root})"
     return [
         f"# run       {cfg.run.dir}  (full config: {cfg.run.dir}/config.yaml)",
         f"# data      {data}: {_size(counts['train'])} train / {_size(counts['val'])} val / {_size(counts['test'])} "

@@ -41,7 +41,7 @@ def digits_root(tmp_path_factory) -> Path:
     from pipeline.data.prepare import ensure_prepared
 
     root = tmp_path_factory.mktemp("data") / "digits"
-    ensure_prepared(load_config([], [f"data.root={root}"]).data)
+    ensure_prepared(load_config([], [f"data.root={root}", "data.dataset=digits"]).data)
     return root
 
 

@@ -252,3 +252,41 @@ def test_one_shard_for_two_ranks_and_two_workers(tmp_path):
         train += [k for b in batches for k in b]
         val += [k for b in keys_of(dm.val_dataloader()) for k in b]
     assert len(set(train)) == len(train) == 96 and sorted(val) == sorted(f"valx0x{i}" for i in range(9))
+
+
+# ---- which data a config means ----------------------------------------------------------------------
+def test_mistyped_root_is_an_error_not_a_fresh_digits_dataset(tmp_path):
+    from pipeline.config import DataConfig
+
+    typo = tmp_path / "data" / "digitz"
+    with pytest.raises(DataSetupError, match=r"data\.root=.*digitz: .*manifest\.json does not exist.*data\.dataset="):
+        ShardDataModule(DataConfig(root=str(typo))).source("train")
+    assert not (typo / shards.MANIFEST).exists()  # nothing was prepared there
+    # Naming the recipe says "prepare it here": that still works anywhere.
+    assert ShardDataModule(DataConfig(root=str(typo), dataset="digits")).source("train").total > 0
+
+
+def test_train_alone_never_validates_on_data_root(digits_root, tmp_path):
+    """data.train set, data.val not: the same source's val split, or none; data.root's manifest (the
+    default dataset, here a prepared digits root) must not be used."""
+    import shutil
+
+    from pipeline.config import DataConfig
+
+    only_train = tmp_path / "only_train"
+    only_train.mkdir()
+    for shard in digits_root.glob("train-*.tar"):
+        shutil.copy(shard, only_train)
+    dm = ShardDataModule(DataConfig(root=str(digits_root), train=str(only_train)))
+    assert dm.source("val") is None and dm.source("test") is None
+    with_val = tmp_path / "with_val"
+    shutil.copytree(only_train, with_val)
+    for shard in digits_root.glob("val-*.tar"):
+        shutil.copy(shard, with_val)
+    dm = ShardDataModule(DataConfig(root=str(digits_root), train=str(with_val)))
+    assert [u.rsplit("/", 2)[-2:] for u in dm.source("val").urls] == [["with_val", p.name]
+                                                                      for p in sorted(digits_root.glob("val-*.tar"))]
+    assert dm.source("test") is None
+    # A manifest given as data.train: its own val split.
+    dm = ShardDataModule(DataConfig(root=str(tmp_path / "elsewhere"), train=str(digits_root / shards.MANIFEST)))
+    assert dm.source("val").total == shards.load_manifest(digits_root / shards.MANIFEST)["splits"]["val"]["total"]

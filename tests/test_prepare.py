@@ -247,7 +247,7 @@ def test_ensure_prepared_one_writer(tmp_path):
         f"    open({str(log)!r}, 'a').write('x\\n')\n"
         "    return real(*a, **k)\n"
         "P.prepare = logged\n"
-        f"print(P.ensure_prepared(DataConfig(root={str(root)!r}, seed=0)))\n"
+        f"print(P.ensure_prepared(DataConfig(dataset='digits', root={str(root)!r}, seed=0)))\n"
     )
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True) for _ in range(2)]

@@ -35,6 +35,7 @@ class ShardDataModule(pl.LightningDataModule):
 
     With `cfg.train` None and no `<cfg.root>/manifest.json`, the first access to the manifest prepares
     `cfg.dataset` (digits or dsprites only) under a file lock: see `pipeline.data.prepare.ensure_prepared`.
+    With `cfg.train` set, val/test default to the same source's splits (or none), never data.root's.
     """
 
     def __init__(self, cfg):
@@ -54,25 +55,44 @@ class ShardDataModule(pl.LightningDataModule):
     # ---- sources
     def source(self, split: str) -> SplitSource | None:
         if split not in self._sources:
-            spec = getattr(self.cfg, split)
-            if spec is None and self.cfg.train is None:
-                from pipeline.data.prepare import PrepareError, ensure_prepared
-                try:
-                    ensure_prepared(self.cfg)
-                except PrepareError as e:
-                    raise DataSetupError(str(e)) from None
-            if spec is None and not (Path(self.cfg.root) / shards.MANIFEST).is_file():
-                if split != "train":  # train given explicitly, nothing at root: no such split
-                    log.info("data.%s not set and no %s: no %s split", split, Path(self.cfg.root) / shards.MANIFEST, split)
-                    self._sources[split] = None
-                    return None
-                raise DataSetupError(f"data.{split} is not set and {Path(self.cfg.root) / shards.MANIFEST} "
-                                     f"does not exist: set data.{split} or prepare data.root")
+            self._sources[split] = self._resolve(split)
+        return self._sources[split]
+
+    def _resolve(self, split: str) -> SplitSource | None:
+        spec, root_manifest = getattr(self.cfg, split), Path(self.cfg.root) / shards.MANIFEST
+        if spec is None and self.cfg.train is not None and split != "train":
+            return self._sibling_split(split)
+        if spec is None:  # nothing given: data.root's manifest, the default dataset prepared on first use
+            from pipeline.data.prepare import PrepareError, ensure_prepared
             try:
-                self._sources[split] = resolve_source(spec, split, self.cfg.root)
+                ensure_prepared(self.cfg)
+            except PrepareError as e:
+                raise DataSetupError(str(e)) from None
+            if not root_manifest.is_file():
+                raise DataSetupError(f"data.{split} is not set and {root_manifest} does not exist: set "
+                                     f"data.{split} or prepare data.root")
+        try:
+            return resolve_source(spec, split, self.cfg.root)
+        except shards.ShardFormatError as e:
+            raise DataSetupError(str(e)) from None
+
+    def _sibling_split(self, split: str) -> SplitSource | None:
+        """data.train given, data.<split> not: the same source's split (its manifest's, or `<split>-*.tar`
+        beside train's shards in its directory), or no such split. Never data.root's: validating on
+        another dataset than the one trained on would be silently wrong."""
+        train = self.cfg.train
+        directory = Path(train)
+        has_split = (train.endswith(".json") or (directory / shards.MANIFEST).is_file()
+                     or (directory.is_dir() and any(directory.glob(f"{split}-*.tar"))))
+        source = None
+        if has_split:
+            try:
+                source = resolve_source(train, split, self.cfg.root)
             except shards.ShardFormatError as e:
                 raise DataSetupError(str(e)) from None
-        return self._sources[split]
+        if source is None:
+            log.info("data.%s not set and %s has no %s split: no %s split", split, train, split, split)
+        return source
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

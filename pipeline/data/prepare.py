@@ -26,7 +26,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from pipeline.config import ImageFormat, OnError, choices
+from pipeline.config import DataConfig, ImageFormat, OnError, choices
 from pipeline.data import index, recipes, shards
 
 DEFAULT_SHARD_SIZE = 10_000  # samples; dSprites shards are then ~60 MB
@@ -120,9 +120,13 @@ def index_source(source: Optional[str], out: Path, *, split: str = "train", work
         raise PrepareError(str(e)) from None
 
 
+DEFAULT_DATASET = "digits"  # what `python -m pipeline.train` trains on with no data settings at all
+
+
 def ensure_prepared(cfg) -> Path:
     """Path of the manifest for `cfg` (a DataConfig), preparing `cfg.dataset` into `cfg.root` first
-    when `cfg.train` is None and `<root>/manifest.json` is missing.
+    when `cfg.train` is None and `<root>/manifest.json` is missing. With no data.dataset, only the
+    default dataset at the default root is prepared: anything else is a PrepareError naming the root.
 
     Only self-contained recipes (digits; dsprites limited to AUTO_DSPRITES_LIMIT samples) are prepared
     here. Safe when every rank calls it: one takes an fcntl lock at `<root>/.prepare.lock` and writes,
@@ -132,15 +136,23 @@ def ensure_prepared(cfg) -> Path:
     manifest = root / shards.MANIFEST
     if cfg.train is not None or manifest.is_file():
         return manifest
-    if cfg.dataset not in recipes.SELF_CONTAINED:
-        raise PrepareError(f"{manifest} is missing and dataset {cfg.dataset!r} needs a source: run "
-                           f"`python -m pipeline.prepare {cfg.dataset} --source ... --out {root}`")
+    dataset = cfg.dataset
+    if dataset is None:  # only the built-in default, at its own root: a mistyped data.root is an error
+        if root.resolve() != Path(DataConfig.root).resolve():
+            raise PrepareError(
+                f"data.root={cfg.root}: {manifest} does not exist. Point data.root at prepared shards, prepare "
+                f"them (`python -m pipeline.prepare RECIPE --out {root}`), or set data.dataset=digits|dsprites "
+                "to prepare that recipe there on first use")
+        dataset = DEFAULT_DATASET
+    if dataset not in recipes.SELF_CONTAINED:
+        raise PrepareError(f"{manifest} is missing and dataset {dataset!r} needs a source: run "
+                           f"`python -m pipeline.prepare {dataset} --source ... --out {root}`")
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".prepare.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
         if not manifest.is_file():  # a rank that waited finds it written
-            limit = AUTO_DSPRITES_LIMIT if cfg.dataset == "dsprites" else None
-            prepare(cfg.dataset, root, seed=cfg.seed or 0, limit=limit)
+            limit = AUTO_DSPRITES_LIMIT if dataset == "dsprites" else None
+            prepare(dataset, root, seed=cfg.seed or 0, limit=limit)
     return manifest
 
 
