@@ -11,10 +11,11 @@ from pipeline.analysis.report import main, report
 from pipeline.config import load_config, to_yaml
 
 
-def fake_run(root: Path, name: str, beta: float, metrics: list[dict], eval_json: dict | None = None) -> Path:
+def fake_run(root: Path, name: str, beta: float, metrics: list[dict], eval_json: dict | None = None,
+             extra: tuple = ()) -> Path:
     run = root / name
     (run / "checkpoints").mkdir(parents=True)
-    cfg = load_config([], [f"objective.beta={beta}", "logger.wandb.mode=disabled", f"run.dir={run}"])
+    cfg = load_config([], [f"objective.beta={beta}", "logger.wandb.mode=disabled", f"run.dir={run}", *extra])
     (run / "config.yaml").write_text(to_yaml(cfg))
     cols = sorted({k for m in metrics for k in m})
     lines = [",".join(cols)] + [",".join(str(m.get(c, "")) for c in cols) for m in metrics]
@@ -53,6 +54,18 @@ def test_report_writes_figures_and_table(two_runs, tmp_path):
     assert "| beta4 | 4.00 | 5.000 | 64.000 | -69.000 | -66.500 | 0.310 | eval.json (test, n=180) |" in md
     assert "No traversal grids" in md  # fake runs have no checkpoint: said, not crashed
     assert result["wandb"] == "disabled"
+
+
+def test_runs_on_different_data_are_refused_naming_both(two_runs, tmp_path, capsys):
+    val = [{"step": 10, "val/elbo": -60.0, "val/kl": 12.0, "val/recon": 48.0}]
+    other = fake_run(tmp_path, "faces", 2.0, val, extra=("data.root=data/faces",))
+    binarized = fake_run(tmp_path, "dyn", 2.0, val, extra=("data.binarize=dynamic",))
+    for odd in (other, binarized):
+        assert main([str(two_runs[0]), str(two_runs[1]), str(odd), "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "different data" in err
+        assert f"beta4, beta1 on {Path('data/digits') / 'manifest.json'}" in err and f"{odd.name} on " in err
+    assert not (tmp_path / "r" / "report.md").exists()
 
 
 def test_cli_errors_name_the_directory(tmp_path, capsys):

@@ -55,6 +55,28 @@ def last_logged(metrics_csv: Path) -> dict[str, float]:
     return last
 
 
+def training_data(cfg) -> tuple[str, str]:
+    """(identity, description) of what a run trained on. The identity is the training split's shard
+    checksums from its manifest when it can be read (the same data under another path matches), else the
+    source as configured; plus every conversion that changes the data the ELBO is measured on."""
+    import hashlib
+
+    from pipeline.data.shards import MANIFEST, load_manifest
+
+    d = cfg.data
+    source = d.train or str(Path(d.root) / MANIFEST)
+    manifest = Path(source) if source.endswith(".json") else Path(source) / MANIFEST
+    identity = source
+    try:
+        digests = [s.get("sha256") for s in load_manifest(manifest)["splits"]["train"]["shards"]]
+        if all(digests):
+            identity = "sha256:" + hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
+    except (OSError, ValueError, KeyError):  # moved or remote data: compare what the configs say
+        pass
+    conversions = f"binarize={d.binarize} channels={d.channels} image_size={d.image_size} resize={d.resize}"
+    return f"{identity} {conversions}", f"{source} ({conversions})"
+
+
 def load_run(run_dir: str | Path) -> dict[str, object]:
     """One row of the comparison: beta, rate (KL), distortion (recon), ELBO, IWAE, MIG in nats per example
     (MIG unitless). eval.json values win over the last validation metrics; `source` says which was used."""
@@ -65,7 +87,9 @@ def load_run(run_dir: str | Path) -> dict[str, object]:
     if not cfg_path.is_file():
         raise FileNotFoundError(f"not a run directory (no config.yaml): {run_dir}")
     cfg = load_config([cfg_path])
-    row: dict[str, object] = {"run": run_dir.name, "dir": str(run_dir), "beta": float(cfg.objective.beta)}
+    data, data_text = training_data(cfg)
+    row: dict[str, object] = {"run": run_dir.name, "dir": str(run_dir), "beta": float(cfg.objective.beta),
+                              "data": data, "data_text": data_text}
     ev = find_eval_json(run_dir)
     if ev is not None:
         e = json.loads(ev.read_text())
@@ -221,6 +245,12 @@ def report(run_dirs: Sequence[str | Path], out: Path | None = None, traverse: st
            traversals: bool = True, wandb_log: bool = True) -> dict[str, object]:
     """Build the report; returns {"rows", "files", "wandb"}. See the module docstring."""
     rows = [load_run(d) for d in run_dirs]
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["data"], []).append(r)
+    if len(groups) > 1:  # one rate-distortion curve across datasets would compare nothing
+        listed = "; ".join(f"{', '.join(r['run'] for r in g)} on {g[0]['data_text']}" for g in groups.values())
+        raise ValueError(f"these runs trained on different data, report each group separately: {listed}")
     out = Path(out) if out is not None else Path(run_dirs[0]).parent / "report"
     out.mkdir(parents=True, exist_ok=True)
     files = {"rate_distortion": plot_rate_distortion(rows, out / "rate_distortion.png"),
