@@ -181,7 +181,7 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), out: Optional[Pat
                   f"continue with the same command: {command or 'the command that started it'}", flush=True)
             return code
     print(f"# sweep {name}: {len(runs)} points done in {out}", flush=True)
-    from pipeline.report import report  # imported here: the report module may move (pipeline/analysis)
+    from pipeline.analysis.report import report  # matplotlib and the analysis code only when the sweep ends
 
     result = report([out / pname for pname, _, _ in runs], out=out / "report", traversals=False, wandb_log=False)
     print(result["table"], end="")
