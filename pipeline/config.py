@@ -9,11 +9,12 @@ This is the only module that imports omegaconf. Every component receives its own
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, List, Literal, Optional, Sequence, get_args
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, get_args
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -123,6 +124,10 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     deterministic: bool = False
     compile: bool = False  # torch.compile the model
+    # Stop when a logged training loss exceeds this (nats per example). Off by default: the loss scale
+    # spans orders of magnitude between datasets (~30 on digits, ~1e4 on 64x64 RGB Gaussian), so no
+    # fixed bound is both generous and useful; a diverging run is always warned about (LossWatch).
+    max_loss: Optional[float] = None
 
 
 @dataclass
@@ -175,6 +180,55 @@ NON_NEGATIVE = (
 )
 
 
+# What may differ when a run directory is resumed: how the run is executed, watched, saved or stopped,
+# never what is trained. Any other key that differs from RUN_DIR/config.yaml stops the resume with the
+# list of differences (identity_differences; pipeline/rundir.py). An entry ending in "." is a section.
+RESUME_MAY_CHANGE = (
+    "resume", "run.", "logger.", "checkpoint.", "objective.val_iwae_samples",
+    "trainer.max_steps",  # except when a schedule spans the run: see SPANS_MAX_STEPS
+    "trainer.max_loss", "trainer.val_check_interval", "trainer.log_every_n_steps", "trainer.limit_val_batches",
+    "trainer.enable_progress_bar", "trainer.devices", "trainer.num_nodes", "trainer.accelerator",
+    "trainer.strategy", "trainer.compile", "trainer.deterministic",
+    "data.num_workers", "data.pin_memory", "data.on_error",
+)
+# Schedules whose shape is stretched over trainer.max_steps: with them, max_steps is part of what is trained.
+SPANS_MAX_STEPS = {"optim.lr_schedule": ("cosine",), "objective.kl_schedule": ("cyclical",)}
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_saved(path: str | os.PathLike) -> DictConfig:
+    """A run's saved config.yaml over the schema, not re-validated (its `resume` path may be gone)."""
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as e:
+        raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+    return _merge(OmegaConf.structured(Config), loaded, str(path))
+
+
+def identity_differences(saved: DictConfig, new: DictConfig) -> List[Tuple[str, Any, Any]]:
+    """(key, saved value, new value) for each key that differs and changes what is trained."""
+    a, b = _flat(to_dict(saved)), _flat(to_dict(new))
+    spans = any(c.get(k) in v for c in (a, b) for k, v in SPANS_MAX_STEPS.items())
+    diffs = []
+    for key in sorted(a.keys() | b.keys()):
+        if a.get(key) == b.get(key):
+            continue
+        may_change = any(key == m or (m.endswith(".") and key.startswith(m)) for m in RESUME_MAY_CHANGE)
+        if may_change and not (key == "trainer.max_steps" and spans):
+            continue
+        diffs.append((key, a.get(key), b.get(key)))
+    return diffs
+
+
 def _all_keys(node: Any, prefix: str = "") -> List[str]:
     keys = []
     if isinstance(node, DictConfig):
@@ -216,12 +270,26 @@ def _get(cfg: DictConfig, dotted: str) -> Any:
 def validate(cfg: DictConfig) -> None:
     """Range and cross-field checks that the dataclass types cannot express (Literal types are
     checked by OmegaConf on every merge)."""
+    for key, value in _flat(to_dict(cfg)).items():  # inf passes `> 0` and fails at step 1
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"bad value for '{key}': {value!r}; must be a finite number")
     for key in POSITIVE:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"bad value for '{key}': {_get(cfg, key)!r}; must be > 0")
     for key in NON_NEGATIVE:
         if not _get(cfg, key) >= 0:
             raise ConfigError(f"bad value for '{key}': {_get(cfg, key)!r}; must be >= 0")
+    for key in ("model.hidden_dims", "model.conv_channels"):
+        if not all(w > 0 for w in _get(cfg, key)):
+            raise ConfigError(f"bad value for '{key}': {list(_get(cfg, key))}; every width must be > 0")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"bad value for 'optim.betas': {list(cfg.optim.betas)}; must be two numbers in [0, 1)")
+    for key in ("trainer.max_loss", "data.steps_per_epoch"):
+        if _get(cfg, key) is not None and not _get(cfg, key) > 0:
+            raise ConfigError(f"bad value for '{key}': {_get(cfg, key)!r}; must be > 0 (or null)")
+    if cfg.trainer.limit_val_batches is not None and cfg.trainer.limit_val_batches < 0:
+        raise ConfigError(f"bad value for 'trainer.limit_val_batches': {cfg.trainer.limit_val_batches}; must be >= 0")
     if not 0.0 < cfg.objective.cycle_ratio <= 1.0:
         raise ConfigError(f"bad value for 'objective.cycle_ratio': {cfg.objective.cycle_ratio}; must be in (0, 1]")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
@@ -274,6 +342,11 @@ def from_dict(d: dict) -> DictConfig:
     """Rebuild a validated config from `to_dict` output (e.g. a checkpoint's hyperparameters)."""
     cfg = _merge(OmegaConf.structured(Config), OmegaConf.create(d), "saved config")
     return cfg
+
+
+def merge_dict(cfg: DictConfig, d: dict) -> DictConfig:
+    """`cfg` with the nested values of plain dict `d` merged over it (typed, not re-validated)."""
+    return _merge(cfg, OmegaConf.create(d), "saved values")
 
 
 def section(d: dict, cls: type) -> DictConfig:
