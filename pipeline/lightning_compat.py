@@ -70,3 +70,10 @@ def resumable_csv_logger(run_dir: Path):
             return self._experiment
 
     return ResumableCSVLogger(save_dir=str(run_dir), name="", version="")
+
+
+def validates_after_this_batch(trainer) -> bool:
+    """Whether the fit loop runs validation right after the current training batch (asked from
+    on_train_batch_end). LastCheckpoint then takes its checkpoint after that validation. This is the loop's
+    own decision (val_check_interval, limit_val_batches=0, a stop request), which no public API exposes."""
+    return bool(trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))

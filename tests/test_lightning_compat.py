@@ -95,3 +95,33 @@ def test_resumable_csv_logger_keeps_earlier_rows_and_columns(tmp_path):
     with open(tmp_path / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["step"], r["a"], r["b"]) for r in rows] == [("0", "1.0", ""), ("1", "2.0", "3.0")]
+
+
+class Validated(Tiny):
+    """Records, at each training batch end, whether validation is about to run, and when it does run."""
+
+    def __init__(self):
+        super().__init__()
+        self.predicted, self.validated = [], []
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if compat.validates_after_this_batch(self.trainer):
+            self.predicted.append(self.global_step)
+
+    def validation_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            self.validated.append(self.global_step)
+
+    def val_dataloader(self):
+        return DataLoader(torch.randn(8, 2), batch_size=4)
+
+
+def test_validates_after_this_batch_predicts_the_fit_loops_validation(tmp_path):
+    m = Validated()
+    trainer(tmp_path, max_steps=12, val_check_interval=5, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+            enable_checkpointing=False).fit(m)
+    assert m.validated == [5, 10] and m.predicted == m.validated  # across the epoch boundary (10 batches)
+    m = Validated()
+    trainer(tmp_path, max_steps=6, val_check_interval=5, check_val_every_n_epoch=None, limit_val_batches=0,
+            enable_checkpointing=False).fit(m)
+    assert m.validated == [] and m.predicted == []  # validation switched off
