@@ -1,7 +1,8 @@
 """Callbacks the Trainer needs beyond Lightning's own: per-batch seeding (exact resume), image grids,
-step-consistent SLURM preemption, and data-error counters."""
+step-consistent SLURM preemption, data-error counters, and last.ckpt after validation."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import signal
@@ -11,8 +12,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import Checkpoint
 
-from pipeline.lightning_compat import batches_trained, hpc_save_path
+from pipeline.lightning_compat import batches_trained, hpc_save_path, validates_after_this_batch
 from pipeline.objectives import decoder_mean
 
 log = logging.getLogger(__name__)
@@ -189,3 +191,66 @@ class DataErrorCounter(Callback):
         skipped = getattr(trainer.datamodule, "skipped_samples", 0)
         if skipped:
             pl_module.log("data/skipped_samples", float(skipped), on_step=True, on_epoch=False)
+
+
+class LastCheckpoint(Checkpoint):
+    """`path` (RUN_DIR/checkpoints/last.ckpt) every `every_n_steps` optimizer steps and at the last step,
+    never ahead of what metrics.csv holds.
+
+    After the step's validation when one follows: a kill during it then resumes from the previous
+    checkpoint and runs it again. A checkpoint taken before it (Lightning's ModelCheckpoint) resumes past
+    it: Lightning counts it as done, so its val/* row, image grids and best checkpoint were lost for good.
+    Otherwise taken at the batch end, as Lightning's own restore expects, but committed (renamed into
+    place, AtomicCheckpointIO.staged) only at the next batch start or the end of training: after Lightning
+    has written the step's train/* row, which a kill in between would otherwise lose for good.
+    The last step inside the loop, not after fit: a checkpoint taken after fit returned restores
+    Lightning's logging step one ahead, so an extended run (trainer.max_steps raised) labelled every
+    later metric row step + 1.
+    A `Checkpoint`, so Lightning runs it after the other callbacks and after any ModelCheckpoint listed
+    before it: last.ckpt then records that validation's best checkpoint.
+    """
+
+    def __init__(self, path: Path, every_n_steps: int):
+        self.path = Path(path)
+        self.every_n_steps = every_n_steps
+        self._seen_step: Optional[int] = None
+        self._due: Optional[int] = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._seen_step, self._due = trainer.global_step, None  # the restored step is saved already
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._seen_step:  # no optimizer step on this batch (gradient accumulation)
+            return
+        self._seen_step = step
+        if step % self.every_n_steps and step < trainer.max_steps:
+            return
+        if validates_after_this_batch(trainer):
+            self._due = step
+            return
+        io = trainer.strategy.checkpoint_io
+        with io.staged() if hasattr(io, "staged") else contextlib.nullcontext():
+            self._save(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._due is not None and self._due == trainer.global_step:
+            self._due = None
+            self._save(trainer)  # the step's rows, train and val, are written: commit at once
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._commit(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._commit(trainer)
+
+    @staticmethod
+    def _commit(trainer: Trainer) -> None:
+        commit = getattr(trainer.strategy.checkpoint_io, "commit", None)
+        if commit is not None:
+            commit()
+
+    def _save(self, trainer: Trainer) -> None:
+        for logger in trainer.loggers:  # rows logged outside Lightning's connector (LearningRateMonitor)
+            logger.save()
+        trainer.save_checkpoint(self.path)  # every rank (it holds a barrier); rank zero writes

@@ -29,25 +29,6 @@ from pipeline.launch import describe
 log = logging.getLogger("pipeline.train")
 
 
-def find_resume_checkpoint(resume: str, run_dir: Path) -> Optional[str]:
-    """`never` -> None; a path -> that path; `auto` -> the newest of checkpoints/last.ckpt and
-    Lightning's SLURM `hpc_ckpt_N.ckpt` in RUN_DIR (None on a fresh run)."""
-    if resume == "never":
-        return None
-    if resume != "auto":
-        return resume
-    candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
-    if not candidates:
-        return None
-    return str(max(candidates, key=lambda p: (p.stat().st_mtime, p.name.startswith("hpc"))))
-
-
-def checkpoint_step(path: str) -> int:
-    # mmap: read the step without loading every tensor (Lightning loads the file for real next)
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    return int(ckpt.get("global_step", 0))
-
-
 def build_loggers(cfg, run_dir: Path, rank_zero: bool):
     from pipeline.lightning_compat import resumable_csv_logger
     from pipeline.tracking import resolve_wandb_mode, wandb_run_id
@@ -69,22 +50,20 @@ def build_loggers(cfg, run_dir: Path, rank_zero: bool):
 def build_callbacks(cfg, run_dir: Path):
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
-    from pipeline.callbacks import DataErrorCounter, DeferredRequeue, ImageLogger, StepSeed
+    from pipeline.callbacks import DataErrorCounter, DeferredRequeue, ImageLogger, LastCheckpoint, StepSeed
 
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
         StepSeed(cfg.seed),
-        # `last.ckpt` every N steps; Lightning writes through an fsspec transaction (temp file, then
-        # move), so a kill mid-write leaves the previous last.ckpt intact.
-        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
-                        every_n_train_steps=cfg.checkpoint.every_n_steps, save_top_k=0, save_last=True),
         LearningRateMonitor(logging_interval="step"),
         DataErrorCounter(),
         DeferredRequeue(),
     ]
-    if cfg.checkpoint.save_best:
+    if cfg.checkpoint.save_best:  # before LastCheckpoint: last.ckpt records the best of its step
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best-step{step:07d}", monitor="val/elbo",
-                                         mode="max", save_top_k=1, auto_insert_metric_name=False))
+                                         mode="max", save_top_k=1, auto_insert_metric_name=False,
+                                         enable_version_counter=False))  # a redone step rewrites its file
+    callbacks.append(LastCheckpoint(ckpt_dir / "last.ckpt", cfg.checkpoint.every_n_steps))
     if cfg.logger.images_every_n_steps > 0:
         callbacks.append(ImageLogger(run_dir / "images", cfg.logger.images_every_n_steps, cfg.logger.num_images))
     if cfg.trainer.enable_progress_bar and not sys.stdout.isatty():
@@ -92,12 +71,12 @@ def build_callbacks(cfg, run_dir: Path):
     return callbacks
 
 
-def build_trainer(cfg, run_dir: Path, loggers, callbacks):
+def build_trainer(cfg, run_dir: Path, loggers, callbacks, checkpoint_io):
     import lightning.pytorch as pl
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     t = cfg.trainer
-    plugins = []
+    plugins = [checkpoint_io]  # every save (last, best, SLURM's hpc_ckpt_N) is atomic and checksummed
     if SLURMEnvironment.detect():
         # Lightning saves hpc_ckpt_N.ckpt and requeues on USR1 (sbatch --signal=USR1@90);
         # DeferredRequeue moves that to a batch boundary.
@@ -112,29 +91,76 @@ def build_trainer(cfg, run_dir: Path, loggers, callbacks):
         log_every_n_steps=t.log_every_n_steps,
         gradient_clip_val=t.gradient_clip_val or None, accumulate_grad_batches=t.accumulate_grad_batches,
         enable_progress_bar=t.enable_progress_bar, deterministic=t.deterministic,
-        logger=loggers, callbacks=callbacks, plugins=plugins or None,
+        logger=loggers, callbacks=callbacks, plugins=plugins,
     )
 
 
 def train(cfg) -> dict:
-    """Run (or resume) training for a loaded config; returns the final logged metrics (floats)."""
-    import lightning.pytorch as pl
+    """Run (or resume) training for a loaded config; returns the final logged metrics (floats).
+    A run directory that cannot be used (unwritable or damaged checkpoints) stops with SystemExit and a
+    one-line message."""
     from lightning.pytorch.utilities import rank_zero_only
 
-    from pipeline.datamodule import ShardDataModule
-    from pipeline.module import VAEModule
-    from pipeline.prepare import ensure_prepared
-    from pipeline.tracking import truncate_metrics_csv
+    from pipeline.checkpointing import CheckpointError
 
     rank_zero = rank_zero_only.rank == 0
     run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create run directory {run_dir}: {e.strerror or e}") from None
+    try:
+        return _train(cfg, run_dir, rank_zero)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def prepare_run_dir(cfg, run_dir: Path, rank_zero: bool):
+    """Everything done to RUN_DIR before training: fail now if checkpoints cannot be written; clear what a
+    killed writer left; pick the checkpoint to resume from; save config.yaml; drop metric rows and best
+    checkpoints from work lost after that checkpoint. Returns (checkpoint path, its verified contents) or None."""
+    from pipeline.checkpointing import atomic_save, choose_resume, ensure_writable, remove_later_best, remove_temp_files
+    from pipeline.tracking import truncate_metrics_csv
+
+    def say(text: str) -> None:
+        if rank_zero:
+            print(text, flush=True)
+
+    ckpt_dir = run_dir / "checkpoints"
+    if rank_zero:
+        ensure_writable(ckpt_dir)  # now, not at the first save hours in
+        remove_temp_files(run_dir, ckpt_dir)
+    resume = choose_resume(cfg.resume, run_dir, say)
+    if resume and cfg.resume == "auto" and Path(resume[0]).name.startswith("best-"):
+        # The fallback when last.ckpt and hpc_ckpt_N do not load: continue from a copy at last.ckpt, so
+        # that Lightning, which never deletes the checkpoint it resumed from, can drop this best later.
+        if rank_zero:
+            atomic_save(resume[1], ckpt_dir / "last.ckpt")
+            say(f"# {ckpt_dir / 'last.ckpt'} replaced by a copy of {resume[0]}")
+        resume = str(ckpt_dir / "last.ckpt"), resume[1]
     if rank_zero:
         print(f"# resolved config (saved to {run_dir / 'config.yaml'})\n{C.to_yaml(cfg)}", flush=True)
         tmp = run_dir / "config.yaml.tmp"
         tmp.write_text(C.to_yaml(cfg))
         os.replace(tmp, run_dir / "config.yaml")
+    if resume and rank_zero:
+        step = int(resume[1].get("global_step", 0))
+        dropped = truncate_metrics_csv(run_dir / "metrics.csv", step)
+        remove_later_best(run_dir, step)
+        print(f"# resuming from {resume[0]} (step {step}); dropped {dropped} metric rows logged after it", flush=True)
+    return resume
 
+
+def _train(cfg, run_dir: Path, rank_zero: bool) -> dict:
+    import lightning.pytorch as pl
+
+    from pipeline.checkpointing import AtomicCheckpointIO, CheckpointError
+    from pipeline.datamodule import ShardDataModule
+    from pipeline.module import VAEModule
+    from pipeline.prepare import ensure_prepared
+
+    ckpt_dir = run_dir / "checkpoints"
+    resume = prepare_run_dir(cfg, run_dir, rank_zero)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # model init; per-batch noise: StepSeed
     ensure_prepared(cfg.data)
     dm = ShardDataModule(cfg.data)
@@ -144,24 +170,17 @@ def train(cfg) -> dict:
     if cfg.trainer.compile:
         module.vae.compile()  # in place: checkpoint keys stay unprefixed
 
-    ckpt_path = find_resume_checkpoint(cfg.resume, run_dir)
-    if ckpt_path and rank_zero:
-        step = checkpoint_step(ckpt_path)
-        dropped = truncate_metrics_csv(run_dir / "metrics.csv", step)
-        print(f"# resuming from {ckpt_path} (step {step}); dropped {dropped} metric rows logged after it", flush=True)
-
     loggers, wandb_mode = build_loggers(cfg, run_dir, rank_zero)
-    trainer = build_trainer(cfg, run_dir, loggers, build_callbacks(cfg, run_dir))
+    trainer = build_trainer(cfg, run_dir, loggers, build_callbacks(cfg, run_dir), AtomicCheckpointIO(preloaded=resume))
     started = time.time()
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=dm, ckpt_path=resume[0] if resume else None)
     except FloatingPointError as e:
-        raise SystemExit(f"error: {e}. The last good checkpoint is kept in {run_dir / 'checkpoints'}.") from None
+        raise SystemExit(f"error: {e}. The last good checkpoint is kept in {ckpt_dir}.") from None
+    except CheckpointError:
+        _end_started_ranks(trainer)  # rank zero's save failed; the others wait in its barrier
+        raise
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
-    if trainer.global_step >= cfg.trainer.max_steps and not trainer.interrupted:
-        # `last.ckpt` at the very end too (every_n_steps need not divide max_steps). Every rank calls
-        # it (it holds a barrier); rank zero writes.
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     if rank_zero:
         elbo = metrics.get("val/elbo")
         print(f"# done: step {trainer.global_step} in {time.time() - started:.1f}s; "
@@ -170,6 +189,14 @@ def train(cfg) -> dict:
         if wandb_mode == "offline":
             print(f"# upload later with: wandb sync {run_dir / 'wandb'}/offline-run-*", flush=True)
     return metrics
+
+
+def _end_started_ranks(trainer) -> None:
+    """Kill the ranks Lightning started from this process (one node, trainer.devices > 1), as Lightning
+    does on Ctrl-C; under srun, --kill-on-bad-exit ends the others."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if trainer.is_global_zero and hasattr(launcher, "kill"):
+        launcher.kill(signal.SIGKILL)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
