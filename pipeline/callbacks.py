@@ -1,5 +1,5 @@
 """Callbacks the Trainer needs beyond Lightning's own: per-batch seeding (exact resume), image grids,
-step-consistent SLURM preemption, data-error counters, and last.ckpt after validation."""
+step-consistent SLURM preemption, data-error counters, last.ckpt after validation, and a loss watch."""
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 
-from pipeline.lightning_compat import batches_trained, hpc_save_path, validates_after_this_batch
+from pipeline.lightning_compat import batches_trained, hpc_save_path, logs_written_this_step, validates_after_this_batch
 from pipeline.objectives import decoder_mean
 
 log = logging.getLogger(__name__)
@@ -254,3 +254,47 @@ class LastCheckpoint(Checkpoint):
         for logger in trainer.loggers:  # rows logged outside Lightning's connector (LearningRateMonitor)
             logger.save()
         trainer.save_checkpoint(self.path)  # every rank (it holds a barrier); rank zero writes
+
+
+class LossBoundExceeded(RuntimeError):
+    """The training loss went over trainer.max_loss."""
+
+
+class LossWatch(Callback):
+    """Warns once when the training loss diverges (over DIVERGENCE times the first batch's loss in this
+    process), and stops the run when a loss exceeds `max_loss` (trainer.max_loss; None: never).
+
+    The loss is read on the host only on the first batch (the baseline) and on the steps whose metrics
+    Lightning writes (every trainer.log_every_n_steps), where the logger fetches it to the host anyway:
+    no extra GPU sync on other steps. Under DDP the stop is decided together (one boolean all-reduce on
+    those steps) so that no rank is left waiting. Listed before LastCheckpoint, which runs in the same
+    hook: an exploded state is never saved as last.ckpt.
+    """
+
+    DIVERGENCE = 10.0
+
+    def __init__(self, max_loss: Optional[float] = None):
+        self.max_loss = max_loss
+        self._first: Optional[float] = None
+        self._warned = False
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        first = self._first is None
+        if not first and not logs_written_this_step(trainer):
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not torch.is_tensor(loss):
+            return
+        value = float(loss)
+        if first:
+            self._first = value
+        elif not self._warned and value > self.DIVERGENCE * max(abs(self._first), 1.0):
+            self._warned = True
+            if trainer.is_global_zero:
+                log.warning("warning: training loss %.4g after %d steps is over %g times the first batch's (%.4g): "
+                            "training is diverging (optim.lr too high?). trainer.max_loss=<nats> stops such a run.",
+                            value, trainer.global_step, self.DIVERGENCE, self._first)
+        if self.max_loss is not None and logs_written_this_step(trainer):
+            if trainer.strategy.reduce_boolean_decision(value > self.max_loss, all=False):
+                raise LossBoundExceeded(f"training loss {value:.4g} after {trainer.global_step} steps exceeds "
+                                        f"trainer.max_loss={self.max_loss:g}")

@@ -50,7 +50,7 @@ def build_loggers(cfg, run_dir: Path, rank_zero: bool):
 def build_callbacks(cfg, run_dir: Path):
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
-    from pipeline.callbacks import DataErrorCounter, DeferredRequeue, ImageLogger, LastCheckpoint, StepSeed
+    from pipeline.callbacks import DataErrorCounter, DeferredRequeue, ImageLogger, LastCheckpoint, LossWatch, StepSeed
 
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
@@ -58,6 +58,7 @@ def build_callbacks(cfg, run_dir: Path):
         LearningRateMonitor(logging_interval="step"),
         DataErrorCounter(),
         DeferredRequeue(),
+        LossWatch(cfg.trainer.max_loss),  # before LastCheckpoint: an exploded state is never saved
     ]
     if cfg.checkpoint.save_best:  # before LastCheckpoint: last.ckpt records the best of its step
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best-step{step:07d}", monitor="val/elbo",
@@ -154,6 +155,7 @@ def prepare_run_dir(cfg, run_dir: Path, rank_zero: bool):
 def _train(cfg, run_dir: Path, rank_zero: bool) -> dict:
     import lightning.pytorch as pl
 
+    from pipeline.callbacks import LossBoundExceeded
     from pipeline.checkpointing import AtomicCheckpointIO, CheckpointError
     from pipeline.datamodule import ShardDataModule
     from pipeline.module import VAEModule
@@ -175,7 +177,7 @@ def _train(cfg, run_dir: Path, rank_zero: bool) -> dict:
     started = time.time()
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=resume[0] if resume else None)
-    except FloatingPointError as e:
+    except (FloatingPointError, LossBoundExceeded) as e:
         raise SystemExit(f"error: {e}. The last good checkpoint is kept in {ckpt_dir}.") from None
     except CheckpointError:
         _end_started_ranks(trainer)  # rank zero's save failed; the others wait in its barrier
