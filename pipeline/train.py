@@ -8,7 +8,8 @@
 
 Positional arguments ending in .yaml/.yml are config files, merged in order over the dataclass
 defaults (pipeline/config.py); `key=value` arguments override them. Outputs in RUN_DIR (`run.dir`,
-default runs/<run.name>): config.yaml, metrics.csv, checkpoints/{last,best-*}.ckpt, images/, wandb/.
+default runs/<run.name>): config.yaml, metrics.csv, checkpoints/{last,best-*}.ckpt, images/, wandb/,
+run.lock (held while training: one writer per run directory, pipeline/rundir.py).
 """
 from __future__ import annotations
 
@@ -98,11 +99,12 @@ def build_trainer(cfg, run_dir: Path, loggers, callbacks, checkpoint_io):
 
 def train(cfg) -> dict:
     """Run (or resume) training for a loaded config; returns the final logged metrics (floats).
-    A run directory that cannot be used (unwritable or damaged checkpoints) stops with SystemExit and a
-    one-line message."""
+    A run directory that cannot be used (held by another training, a different config, unwritable or
+    damaged checkpoints) stops with SystemExit and a one-line message."""
     from lightning.pytorch.utilities import rank_zero_only
 
     from pipeline.checkpointing import CheckpointError
+    from pipeline.rundir import RunDirError, RunLock
 
     rank_zero = rank_zero_only.rank == 0
     run_dir = Path(cfg.run.dir)
@@ -110,17 +112,25 @@ def train(cfg) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SystemExit(f"error: cannot create run directory {run_dir}: {e.strerror or e}") from None
+    lock = None
     try:
+        # Global rank zero only: the other ranks start after it holds the lock, or end with it (rundir.py).
+        lock = RunLock(run_dir).acquire() if rank_zero else None
         return _train(cfg, run_dir, rank_zero)
-    except CheckpointError as e:
+    except (RunDirError, CheckpointError, C.ConfigError) as e:
         raise SystemExit(f"error: {e}") from None
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def prepare_run_dir(cfg, run_dir: Path, rank_zero: bool):
-    """Everything done to RUN_DIR before training: fail now if checkpoints cannot be written; clear what a
-    killed writer left; pick the checkpoint to resume from; save config.yaml; drop metric rows and best
-    checkpoints from work lost after that checkpoint. Returns (checkpoint path, its verified contents) or None."""
+    """Everything done to RUN_DIR before training (rank zero holds the run lock): fail now if checkpoints
+    cannot be written; clear what a killed writer left; pick the checkpoint to resume from and check that
+    it continues the same run; save config.yaml; drop metric rows and best checkpoints from work lost
+    after that checkpoint. Returns (checkpoint path, its verified contents) or None."""
     from pipeline.checkpointing import atomic_save, choose_resume, ensure_writable, remove_later_best, remove_temp_files
+    from pipeline.rundir import check_same_run, start_over
     from pipeline.tracking import truncate_metrics_csv
 
     def say(text: str) -> None:
@@ -131,7 +141,11 @@ def prepare_run_dir(cfg, run_dir: Path, rank_zero: bool):
     if rank_zero:
         ensure_writable(ckpt_dir)  # now, not at the first save hours in
         remove_temp_files(run_dir, ckpt_dir)
+        if cfg.resume == "never" and (removed := start_over(run_dir)):
+            say(f"# resume=never: starting over in {run_dir}; removed {', '.join(p.name for p in removed)}")
     resume = choose_resume(cfg.resume, run_dir, say)
+    if resume and rank_zero:
+        check_same_run(run_dir, cfg, resume[1].get("hyper_parameters"))
     if resume and cfg.resume == "auto" and Path(resume[0]).name.startswith("best-"):
         # The fallback when last.ckpt and hpc_ckpt_N do not load: continue from a copy at last.ckpt, so
         # that Lightning, which never deletes the checkpoint it resumed from, can drop this best later.
