@@ -49,7 +49,11 @@ def start(args, prelude: str = "", env_extra=None) -> subprocess.Popen:
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300):
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # never leave a training behind
+        raise
     return proc.returncode, out, err
 
 
