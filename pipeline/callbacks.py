@@ -1,7 +1,9 @@
 """Callbacks the Trainer needs beyond Lightning's own: per-batch seeding (exact resume), image grids, a
-final validation, step-consistent SLURM preemption and Ctrl-C, and data-error counters."""
+final validation, step-consistent SLURM preemption and Ctrl-C, data-error counters, last.ckpt after
+validation, and a loss watch."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -13,8 +15,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import Checkpoint
 
-from pipeline.lightning_compat import batches_trained, hpc_save_path
+from pipeline.lightning_compat import align_log_step, batches_trained, hpc_save_path, logs_written_this_step, validates_after_this_batch
 from pipeline.objectives import decoder_mean
 
 log = logging.getLogger(__name__)
@@ -153,6 +156,15 @@ class ImageLogger(Callback):
             if hasattr(logger, "log_image"):  # WandbLogger
                 for name, grid in grids.items():
                     logger.log_image(key=f"images/{name}", images=[grid], step=step)
+
+
+class StepLabels(Callback):
+    """Every logged row is labelled with the optimizer step it belongs to, however the run was resumed
+    (lightning_compat.align_log_step): an extended run continues its metrics.csv without a gap or a
+    step twice."""
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        align_log_step(trainer)
 
 
 class FinalValidation(Callback):
@@ -299,3 +311,110 @@ class DataErrorCounter(Callback):
         skipped = getattr(trainer.datamodule, "skipped_samples", 0)
         if skipped:
             pl_module.log("data/skipped_samples", float(skipped), on_step=True, on_epoch=False)
+
+
+class LastCheckpoint(Checkpoint):
+    """`path` (RUN_DIR/checkpoints/last.ckpt) every `every_n_steps` optimizer steps and at the last step,
+    never ahead of what metrics.csv holds.
+
+    After the step's validation when one follows: a kill during it then resumes from the previous
+    checkpoint and runs it again. A checkpoint taken before it (Lightning's ModelCheckpoint) resumes past
+    it: Lightning counts it as done, so its val/* row, image grids and best checkpoint were lost for good.
+    Otherwise taken at the batch end, as Lightning's own restore expects, but committed (renamed into
+    place, AtomicCheckpointIO.staged) only at the next batch start or the end of training: after Lightning
+    has written the step's train/* row, which a kill in between would otherwise lose for good.
+    The last step inside the loop, not after fit: a checkpoint taken after fit returned restores
+    Lightning's logging step one ahead, so an extended run (trainer.max_steps raised) labelled every
+    later metric row step + 1.
+    A `Checkpoint`, so Lightning runs it after the other callbacks and after any ModelCheckpoint listed
+    before it: last.ckpt then records that validation's best checkpoint.
+    """
+
+    def __init__(self, path: Path, every_n_steps: int):
+        self.path = Path(path)
+        self.every_n_steps = every_n_steps
+        self._seen_step: Optional[int] = None
+        self._due: Optional[int] = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._seen_step, self._due = trainer.global_step, None  # the restored step is saved already
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._seen_step:  # no optimizer step on this batch (gradient accumulation)
+            return
+        self._seen_step = step
+        if step % self.every_n_steps and step < trainer.max_steps:
+            return
+        if validates_after_this_batch(trainer):
+            self._due = step
+            return
+        io = trainer.strategy.checkpoint_io
+        with io.staged() if hasattr(io, "staged") else contextlib.nullcontext():
+            self._save(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._due is not None and self._due == trainer.global_step:
+            self._due = None
+            self._save(trainer)  # the step's rows, train and val, are written: commit at once
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._commit(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._commit(trainer)
+
+    @staticmethod
+    def _commit(trainer: Trainer) -> None:
+        commit = getattr(trainer.strategy.checkpoint_io, "commit", None)
+        if commit is not None:
+            commit()
+
+    def _save(self, trainer: Trainer) -> None:
+        for logger in trainer.loggers:  # rows logged outside Lightning's connector (LearningRateMonitor)
+            logger.save()
+        trainer.save_checkpoint(self.path, weights_only=False)  # every rank (it holds a barrier); rank zero writes
+
+
+class LossBoundExceeded(RuntimeError):
+    """The training loss went over trainer.max_loss."""
+
+
+class LossWatch(Callback):
+    """Warns once when the training loss diverges (over DIVERGENCE times the first batch's loss in this
+    process), and stops the run when a loss exceeds `max_loss` (trainer.max_loss; None: never).
+
+    The loss is read on the host only on the first batch (the baseline) and on the steps whose metrics
+    Lightning writes (every trainer.log_every_n_steps), where the logger fetches it to the host anyway:
+    no extra GPU sync on other steps. Under DDP the stop is decided together (one boolean all-reduce on
+    those steps) so that no rank is left waiting. Listed before LastCheckpoint, which runs in the same
+    hook: an exploded state is never saved as last.ckpt.
+    """
+
+    DIVERGENCE = 10.0
+
+    def __init__(self, max_loss: Optional[float] = None):
+        self.max_loss = max_loss
+        self._first: Optional[float] = None
+        self._warned = False
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        first = self._first is None
+        if not first and not logs_written_this_step(trainer):
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not torch.is_tensor(loss):
+            return
+        value = float(loss)
+        if first:
+            self._first = value
+        elif not self._warned and value > self.DIVERGENCE * max(abs(self._first), 1.0):
+            self._warned = True
+            if trainer.is_global_zero:
+                log.warning("warning: training loss %.4g after %d steps is over %g times the first batch's (%.4g): "
+                            "training is diverging (optim.lr too high?). trainer.max_loss=<nats> stops such a run.",
+                            value, trainer.global_step, self.DIVERGENCE, self._first)
+        if self.max_loss is not None and logs_written_this_step(trainer):
+            if trainer.strategy.reduce_boolean_decision(value > self.max_loss, all=False):
+                raise LossBoundExceeded(f"training loss {value:.4g} after {trainer.global_step} steps exceeds "
+                                        f"trainer.max_loss={self.max_loss:g}")

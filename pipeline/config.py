@@ -14,6 +14,7 @@ import difflib
 import functools
 import hashlib
 import io
+import math
 import os
 import re
 import tokenize
@@ -140,6 +141,9 @@ class TrainerConfig:
     enable_progress_bar: bool = True  # one bar on a terminal, a line every few steps otherwise
     deterministic: bool = False  # torch deterministic algorithms (slower)
     compile: bool = False  # torch.compile the model
+    # Off by default: the loss scale spans orders of magnitude between datasets (~30 on digits, ~1e4 on
+    # 64x64 RGB Gaussian), so no fixed bound is both generous and useful; divergence is always warned about.
+    max_loss: Optional[float] = None  # stop when a logged training loss exceeds this (nats per example)
 
 
 @dataclass
@@ -262,14 +266,17 @@ NON_NEGATIVE = (
 )
 
 
-# Keys that say how, where or how long a run goes, not what it trains (a trailing "." covers a section).
-# They stay out of the run name derived from the config (derived_run_name), so extending a run
-# (trainer.max_steps) or changing loader workers, devices, cadences or tracking resumes the same directory.
+# Keys that say how a run is executed, watched, saved, stopped or how long it goes, never what it trains
+# (a trailing "." covers a section). One list serves two rules: they stay out of the run name derived from
+# the config (derived_run_name), and they alone may differ when a run directory is resumed
+# (identity_differences; any other difference from RUN_DIR/config.yaml stops the resume, pipeline/rundir.py).
 OPERATIONAL_KEYS = (
-    "resume", "run.", "data.root", "data.num_workers", "data.pin_memory", "trainer.max_steps",
-    "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.val_check_interval",
-    "trainer.log_every_n_steps", "trainer.limit_val_batches", "trainer.enable_progress_bar", "trainer.deterministic",
-    "trainer.compile", "checkpoint.", "logger.",
+    "resume", "run.", "logger.", "checkpoint.", "objective.val_iwae_samples",
+    "trainer.max_steps",  # except on resume when a schedule spans the run: see SPANS_MAX_STEPS
+    "trainer.max_loss", "trainer.val_check_interval", "trainer.log_every_n_steps", "trainer.limit_val_batches",
+    "trainer.enable_progress_bar", "trainer.devices", "trainer.num_nodes", "trainer.accelerator",
+    "trainer.strategy", "trainer.compile", "trainer.deterministic",
+    "data.num_workers", "data.pin_memory", "data.on_error", "data.verify_checksums",
 )
 RUN_NAME_MAX = 80  # characters: a directory name that stays readable in `ls` and W&B
 
@@ -301,6 +308,43 @@ def derived_run_name(files: Sequence[str | os.PathLike] = (), overrides: Sequenc
     base, full = load_config(files, []), load_config(files, overrides)
     return run_name([stems, *(f"{k}={v}" for k, v in sorted(last.items())
                               if not is_operational(k) and _get(base, k) != _get(full, k))])
+
+
+# Schedules whose shape is stretched over trainer.max_steps: with them, max_steps is part of what is trained.
+SPANS_MAX_STEPS = {"optim.lr_schedule": ("cosine",), "objective.kl_schedule": ("cyclical",)}
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_saved(path: str | os.PathLike) -> DictConfig:
+    """A run's saved config.yaml over the schema, not re-validated (its `resume` path may be gone)."""
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as e:
+        raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+    return _merge(OmegaConf.structured(Config), loaded, str(path))
+
+
+def identity_differences(saved: DictConfig, new: DictConfig) -> List[Tuple[str, Any, Any]]:
+    """(key, saved value, new value) for each key that differs and changes what is trained."""
+    a, b = _flat(to_dict(saved)), _flat(to_dict(new))
+    spans = any(c.get(k) in v for c in (a, b) for k, v in SPANS_MAX_STEPS.items())
+    diffs = []
+    for key in sorted(a.keys() | b.keys()):
+        if a.get(key) == b.get(key):
+            continue
+        if is_operational(key) and not (key == "trainer.max_steps" and spans):
+            continue
+        diffs.append((key, a.get(key), b.get(key)))
+    return diffs
 
 
 def _all_keys(node: Any, prefix: str = "") -> List[str]:
@@ -344,12 +388,26 @@ def _get(cfg: DictConfig, dotted: str) -> Any:
 def validate(cfg: DictConfig) -> None:
     """Range and cross-field checks that the dataclass types cannot express (Literal types are
     checked by OmegaConf on every merge)."""
+    for key, value in _flat(to_dict(cfg)).items():  # inf passes `> 0` and fails at step 1
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"bad value for '{key}': {value!r}; must be a finite number")
     for key in POSITIVE:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"bad value for '{key}': {_get(cfg, key)!r}; must be > 0")
     for key in NON_NEGATIVE:
         if not _get(cfg, key) >= 0:
             raise ConfigError(f"bad value for '{key}': {_get(cfg, key)!r}; must be >= 0")
+    for key in ("model.hidden_dims", "model.conv_channels"):
+        if not all(w > 0 for w in _get(cfg, key)):
+            raise ConfigError(f"bad value for '{key}': {list(_get(cfg, key))}; every width must be > 0")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"bad value for 'optim.betas': {list(cfg.optim.betas)}; must be two numbers in [0, 1)")
+    for key in ("trainer.max_loss", "data.steps_per_epoch"):
+        if _get(cfg, key) is not None and not _get(cfg, key) > 0:
+            raise ConfigError(f"bad value for '{key}': {_get(cfg, key)!r}; must be > 0 (or null)")
+    if cfg.trainer.limit_val_batches is not None and cfg.trainer.limit_val_batches < 0:
+        raise ConfigError(f"bad value for 'trainer.limit_val_batches': {cfg.trainer.limit_val_batches}; must be >= 0")
     if not 0.0 < cfg.objective.cycle_ratio <= 1.0:
         raise ConfigError(f"bad value for 'objective.cycle_ratio': {cfg.objective.cycle_ratio}; must be in (0, 1]")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
@@ -402,6 +460,11 @@ def from_dict(d: dict) -> DictConfig:
     """Rebuild a validated config from `to_dict` output (e.g. a checkpoint's hyperparameters)."""
     cfg = _merge(OmegaConf.structured(Config), OmegaConf.create(d), "saved config")
     return cfg
+
+
+def merge_dict(cfg: DictConfig, d: dict) -> DictConfig:
+    """`cfg` with the nested values of plain dict `d` merged over it (typed, not re-validated)."""
+    return _merge(cfg, OmegaConf.create(d), "saved values")
 
 
 def section(d: dict, cls: type) -> DictConfig:

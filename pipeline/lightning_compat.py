@@ -19,6 +19,17 @@ def batches_trained(trainer) -> int:
     return trainer.fit_loop.epoch_loop.total_batch_idx
 
 
+def align_log_step(trainer) -> None:
+    """Make Lightning's logging step (the `step` of metrics.csv rows and W&B) the optimizer step count.
+
+    Lightning saves its logging counter one behind and adds one on restore, except when the checkpoint was
+    taken after a validation that the restored loop does not see as scheduled (the final validation of a
+    run ended by max_steps): a run extended from it then labelled every later row one step early. The
+    counter is, by definition, optimizer steps taken (one optimizer here), so it is set rather than patched.
+    """
+    trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+
+
 def logs_written_this_step(trainer) -> bool:
     """Whether Lightning writes step metrics after the current training batch (every
     trainer.log_every_n_steps). Skipping `self.log` on other steps saves ~2.7 ms per step (bench).
@@ -85,3 +96,10 @@ def wandb_logger(**kwargs):
     if logger._wandb_init.get("anonymous", False) is None:
         del logger._wandb_init["anonymous"]
     return logger
+
+
+def validates_after_this_batch(trainer) -> bool:
+    """Whether the fit loop runs validation right after the current training batch (asked from
+    on_train_batch_end). LastCheckpoint then takes its checkpoint after that validation. This is the loop's
+    own decision (val_check_interval, limit_val_batches=0, a stop request), which no public API exposes."""
+    return bool(trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))

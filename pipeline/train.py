@@ -11,8 +11,9 @@ Positional arguments ending in .yaml/.yml are config files, merged in order over
 defaults (pipeline/config.py); `key=value` arguments override them. A run not named by `run.name` is
 named after its config files and the overrides that change what is trained. Outputs in RUN_DIR
 (`run.dir`, default runs/<run.name>): config.yaml, metrics.csv, checkpoints/{last,best-*}.ckpt, images/,
-wandb/. Ctrl-C checkpoints at the end of the current batch and exits with status 130 (a second Ctrl-C
-stops at once); the same command resumes.
+wandb/, run.lock (held while training: one writer per run directory, pipeline/rundir.py). Ctrl-C
+checkpoints at the end of the current batch and exits with status 130 (a second Ctrl-C stops at once);
+the same command resumes.
 """
 from __future__ import annotations
 
@@ -35,25 +36,6 @@ log = logging.getLogger("pipeline.train")
 INTERRUPTED_EXIT = 130  # Ctrl-C: 128 + SIGINT, what a shell reports for a program ended by it
 
 
-def find_resume_checkpoint(resume: str, run_dir: Path) -> Optional[str]:
-    """`never` -> None; a path -> that path; `auto` -> the newest of checkpoints/last.ckpt and
-    Lightning's SLURM `hpc_ckpt_N.ckpt` in RUN_DIR (None on a fresh run)."""
-    if resume == "never":
-        return None
-    if resume != "auto":
-        return resume
-    candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
-    if not candidates:
-        return None
-    return str(max(candidates, key=lambda p: (p.stat().st_mtime, p.name.startswith("hpc"))))
-
-
-def checkpoint_step(path: str) -> int:
-    # mmap: read the step without loading every tensor (Lightning loads the file for real next)
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    return int(ckpt.get("global_step", 0))
-
-
 def build_loggers(cfg, run_dir: Path, rank_zero: bool):
     from pipeline.lightning_compat import resumable_csv_logger, wandb_logger
     from pipeline.tracking import resolve_wandb_mode, wandb_run_id
@@ -73,23 +55,24 @@ def build_loggers(cfg, run_dir: Path, rank_zero: bool):
 def build_callbacks(cfg, run_dir: Path):
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from pipeline.callbacks import DataErrorCounter, DeferredSignals, FinalValidation, ImageLogger, StepSeed
+    from pipeline.callbacks import (DataErrorCounter, DeferredSignals, FinalValidation, ImageLogger, LastCheckpoint,
+                                    LossWatch, StepLabels, StepSeed)
 
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
         StepSeed(cfg.seed),
-        # `last.ckpt` every N steps; Lightning writes through an fsspec transaction (temp file, then
-        # move), so a kill mid-write leaves the previous last.ckpt intact.
-        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
-                        every_n_train_steps=cfg.checkpoint.every_n_steps, save_top_k=0, save_last=True),
+        StepLabels(),
         LearningRateMonitor(logging_interval="step"),
         DataErrorCounter(),
         DeferredSignals(ckpt_dir / "last.ckpt"),
         FinalValidation(),
+        LossWatch(cfg.trainer.max_loss),  # before LastCheckpoint: an exploded state is never saved
     ]
-    if cfg.checkpoint.save_best:
+    if cfg.checkpoint.save_best:  # before LastCheckpoint: last.ckpt records the best of its step
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best-step{step:07d}", monitor="val/elbo",
-                                         mode="max", save_top_k=1, auto_insert_metric_name=False))
+                                         mode="max", save_top_k=1, auto_insert_metric_name=False,
+                                         enable_version_counter=False))  # a redone step rewrites its file
+    callbacks.append(LastCheckpoint(ckpt_dir / "last.ckpt", cfg.checkpoint.every_n_steps))
     if cfg.logger.images_every_n_steps > 0:
         callbacks.append(ImageLogger(run_dir / "images", cfg.logger.images_every_n_steps, cfg.logger.num_images))
     if cfg.trainer.enable_progress_bar:
@@ -99,12 +82,12 @@ def build_callbacks(cfg, run_dir: Path):
     return callbacks
 
 
-def build_trainer(cfg, run_dir: Path, loggers, callbacks):
+def build_trainer(cfg, run_dir: Path, loggers, callbacks, checkpoint_io):
     import lightning.pytorch as pl
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     t = cfg.trainer
-    plugins = []
+    plugins = [checkpoint_io]  # every save (last, best, SLURM's hpc_ckpt_N) is atomic and checksummed
     if SLURMEnvironment.detect():
         # Lightning saves hpc_ckpt_N.ckpt and requeues on USR1 (sbatch --signal=USR1@90);
         # DeferredSignals moves that to a batch boundary.
@@ -120,45 +103,109 @@ def build_trainer(cfg, run_dir: Path, loggers, callbacks):
         gradient_clip_val=t.gradient_clip_val or None, accumulate_grad_batches=t.accumulate_grad_batches,
         enable_progress_bar=t.enable_progress_bar, deterministic=t.deterministic,
         enable_model_summary=False,  # the start-up summary gives the parameter count
-        logger=loggers, callbacks=callbacks, plugins=plugins or None,
+        logger=loggers, callbacks=callbacks, plugins=plugins,
     )
 
 
 def report_interrupt(stop, run_dir: Path, command: Optional[str]) -> None:
     """Where a Ctrl-C left the run and how to continue it (`stop`: None when it stopped at once)."""
+    from pipeline.checkpointing import resume_candidates
+
     if stop is not None:
         print(f"# interrupted at step {stop.step}: checkpoint saved to {stop.path}", flush=True)
     else:
-        last = find_resume_checkpoint("auto", run_dir)
-        print("# stopped at once (Ctrl-C); " + (f"the last checkpoint is {last} (step {checkpoint_step(last)})"
-                                               if last else "no checkpoint yet: the run starts over"), flush=True)
+        last = next(iter(resume_candidates(run_dir)), None)
+        print("# stopped at once (Ctrl-C); " + (f"the newest checkpoint is {last}" if last
+                                               else "no checkpoint yet: the run starts over"), flush=True)
     print(f"# continue with the same command: {command or 'the command that started it'}", flush=True)
 
 
 def train(cfg, command: Optional[str] = None) -> dict:
     """Run (or resume) training for a loaded config; returns the final logged metrics (floats).
-
-    Ctrl-C raises SystemExit(INTERRUPTED_EXIT) after saying how to continue (`command`, the command
-    line that started the run)."""
-    import lightning.pytorch as pl
+    A run directory that cannot be used (held by another training, a different config, unwritable or
+    damaged checkpoints) stops with SystemExit and a one-line message. Ctrl-C raises
+    SystemExit(INTERRUPTED_EXIT) after saying how to continue (`command`: the command line that started it)."""
     from lightning.pytorch.utilities import rank_zero_only
 
-    from pipeline.callbacks import DeferredSignals, RunInterrupted
-    from pipeline.console import quiet_known_noise, summary_lines
-    from pipeline.data.datamodule import ShardDataModule
-    from pipeline.module import VAEModule
-    from pipeline.data.prepare import ensure_prepared
-    from pipeline.tracking import truncate_metrics_csv
+    from pipeline.checkpointing import CheckpointError
+    from pipeline.rundir import RunDirError, RunLock
+
+    from pipeline.console import quiet_known_noise
 
     quiet_known_noise()
     rank_zero = rank_zero_only.rank == 0
     run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create run directory {run_dir}: {e.strerror or e}") from None
+    lock = None
+    try:
+        # Global rank zero only: the other ranks start after it holds the lock, or end with it (rundir.py).
+        lock = RunLock(run_dir).acquire() if rank_zero else None
+        return _train(cfg, run_dir, rank_zero, command)
+    except (RunDirError, CheckpointError, C.ConfigError) as e:
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def prepare_run_dir(cfg, run_dir: Path, rank_zero: bool):
+    """Everything done to RUN_DIR before training (rank zero holds the run lock): fail now if checkpoints
+    cannot be written; clear what a killed writer left; pick the checkpoint to resume from and check that
+    it continues the same run; save config.yaml; drop metric rows and best checkpoints from work lost
+    after that checkpoint. Returns ((checkpoint path, its verified contents) or None, what the start-up
+    summary says about it)."""
+    from pipeline.checkpointing import atomic_save, choose_resume, ensure_writable, remove_later_best, remove_temp_files
+    from pipeline.rundir import check_same_run, start_over
+    from pipeline.tracking import truncate_metrics_csv
+
+    def say(text: str) -> None:
+        if rank_zero:
+            print(text, flush=True)
+
+    ckpt_dir = run_dir / "checkpoints"
+    if rank_zero:
+        ensure_writable(ckpt_dir)  # now, not at the first save hours in
+        remove_temp_files(run_dir, ckpt_dir)
+        if cfg.resume == "never" and (removed := start_over(run_dir)):
+            say(f"# resume=never: starting over in {run_dir}; removed {', '.join(p.name for p in removed)}")
+    resume = choose_resume(cfg.resume, run_dir, say)
+    if resume and rank_zero:
+        check_same_run(run_dir, cfg, resume[1].get("hyper_parameters"))
+    if resume and cfg.resume == "auto" and Path(resume[0]).name.startswith("best-"):
+        # The fallback when last.ckpt and hpc_ckpt_N do not load: continue from a copy at last.ckpt, so
+        # that Lightning, which never deletes the checkpoint it resumed from, can drop this best later.
+        if rank_zero:
+            atomic_save(resume[1], ckpt_dir / "last.ckpt")
+            say(f"# {ckpt_dir / 'last.ckpt'} replaced by a copy of {resume[0]}")
+        resume = str(ckpt_dir / "last.ckpt"), resume[1]
     if rank_zero:
         tmp = run_dir / "config.yaml.tmp"
         tmp.write_text(C.to_yaml(cfg))
         os.replace(tmp, run_dir / "config.yaml")
+    said = None
+    if resume and rank_zero:
+        step = int(resume[1].get("global_step", 0))
+        dropped = truncate_metrics_csv(run_dir / "metrics.csv", step)
+        remove_later_best(run_dir, step)
+        said = f"resuming from {resume[0]} (step {step}); dropped {dropped} metric rows logged after it"
+    return resume, said
 
+
+def _train(cfg, run_dir: Path, rank_zero: bool, command: Optional[str]) -> dict:
+    import lightning.pytorch as pl
+
+    from pipeline.callbacks import DeferredSignals, LossBoundExceeded, RunInterrupted
+    from pipeline.checkpointing import AtomicCheckpointIO, CheckpointError
+    from pipeline.console import summary_lines
+    from pipeline.data.datamodule import ShardDataModule
+    from pipeline.data.prepare import ensure_prepared
+    from pipeline.module import VAEModule
+
+    ckpt_dir = run_dir / "checkpoints"
+    resume, resume_said = prepare_run_dir(cfg, run_dir, rank_zero)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # model init; per-batch noise: StepSeed
     ensure_prepared(cfg.data)
     dm = ShardDataModule(cfg.data)
@@ -168,22 +215,20 @@ def train(cfg, command: Optional[str] = None) -> dict:
     if cfg.trainer.compile:
         module.vae.compile()  # in place: checkpoint keys stay unprefixed
 
-    ckpt_path, resume = find_resume_checkpoint(cfg.resume, run_dir), None
-    if ckpt_path and rank_zero:
-        step = checkpoint_step(ckpt_path)
-        dropped = truncate_metrics_csv(run_dir / "metrics.csv", step)
-        resume = f"resuming from {ckpt_path} (step {step}); dropped {dropped} metric rows logged after it"
-
     loggers, wandb_mode = build_loggers(cfg, run_dir, rank_zero)
     callbacks = build_callbacks(cfg, run_dir)
-    trainer = build_trainer(cfg, run_dir, loggers, callbacks)
+    trainer = build_trainer(cfg, run_dir, loggers, callbacks, AtomicCheckpointIO(preloaded=resume))
     if rank_zero:
-        print("\n".join(summary_lines(cfg, dm, module, trainer, wandb_mode, resume)), flush=True)
+        print("\n".join(summary_lines(cfg, dm, module, trainer, wandb_mode, resume_said)), flush=True)
     started = time.time()
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    except FloatingPointError as e:
-        raise SystemExit(f"error: {e}. The last good checkpoint is kept in {run_dir / 'checkpoints'}.") from None
+        # weights_only=False: our own checkpoints, checksum-verified (AtomicCheckpointIO); also no notice
+        trainer.fit(module, datamodule=dm, ckpt_path=resume[0] if resume else None, weights_only=False)
+    except (FloatingPointError, LossBoundExceeded) as e:
+        raise SystemExit(f"error: {e}. The last good checkpoint is kept in {ckpt_dir}.") from None
+    except CheckpointError:
+        _end_started_ranks(trainer)  # rank zero's save failed; the others wait in its barrier
+        raise
     except (RunInterrupted, SystemExit) as e:  # Ctrl-C; Lightning exits 1 after a KeyboardInterrupt
         signals = next(c for c in callbacks if isinstance(c, DeferredSignals))
         if isinstance(e, SystemExit) and not signals.stopped_at_once:
@@ -192,10 +237,6 @@ def train(cfg, command: Optional[str] = None) -> dict:
             report_interrupt(e if isinstance(e, RunInterrupted) else None, run_dir, command)
         raise SystemExit(INTERRUPTED_EXIT) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
-    if trainer.global_step >= cfg.trainer.max_steps and not trainer.interrupted:
-        # `last.ckpt` at the very end too (every_n_steps need not divide max_steps). Every rank calls
-        # it (it holds a barrier); rank zero writes.
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     if rank_zero:
         elbo = metrics.get("val/elbo")
         print(f"# done: step {trainer.global_step} in {time.time() - started:.1f}s; "
@@ -204,6 +245,14 @@ def train(cfg, command: Optional[str] = None) -> dict:
         if wandb_mode == "offline":
             print(f"# upload later with: wandb sync {run_dir / 'wandb'}/offline-run-*", flush=True)
     return metrics
+
+
+def _end_started_ranks(trainer) -> None:
+    """Kill the ranks Lightning started from this process (one node, trainer.devices > 1), as Lightning
+    does on Ctrl-C; under srun, --kill-on-bad-exit ends the others."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if trainer.is_global_zero and hasattr(launcher, "kill"):
+        launcher.kill(signal.SIGKILL)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,7 +1,7 @@
 """Config: YAML + overrides merge in order; bad keys, types and values name the key."""
 import pytest
 
-from pipeline.config import ConfigError, load_config, to_dict, from_dict
+from pipeline.config import ConfigError, from_dict, identity_differences, load_config, to_dict
 from pipeline.cli import split_argv
 from pipeline.train import main
 from tests.conftest import REPO
@@ -30,6 +30,14 @@ def test_defaults_then_files_then_overrides(tmp_path):
     ("data.batch_size=0", ["'data.batch_size'", "> 0"]),
     ("objective.cycle_ratio=1.5", ["'objective.cycle_ratio'"]),
     ("resume=/no/such.ckpt", ["'resume'"]),
+    ("optim.lr=inf", ["'optim.lr'", "finite"]),                        # passes `> 0`, fails at step 1
+    ("objective.beta=inf", ["'objective.beta'", "finite"]),
+    ("optim.betas=[0.9,inf]", ["'optim.betas'", "finite"]),
+    ("model.hidden_dims=[64,0]", ["'model.hidden_dims'", "> 0"]),     # not a PyTorch shape error
+    ("model.conv_channels=[32,-1]", ["'model.conv_channels'", "> 0"]),
+    ("optim.betas=[0.9,1.5]", ["'optim.betas'", "[0, 1)"]),
+    ("trainer.max_loss=-1", ["'trainer.max_loss'", "> 0"]),
+    ("trainer.limit_val_batches=-1", ["'trainer.limit_val_batches'"]),
 ])
 def test_bad_config_names_the_key(override, expected):
     with pytest.raises(ConfigError) as e:
@@ -95,3 +103,21 @@ def test_help_lists_every_config_key_with_type_default_and_meaning(capsys):
         assert meaning, f"{key} has no one-line meaning (its comment in pipeline/config.py): {line}"
     assert "kl_schedule = constant" in out and "constant|linear|sigmoid|cosine|cyclical|capacity" in out
     assert "python -m pipeline.train configs/dsprites_beta.yaml objective.beta=8" in out  # examples
+
+
+def test_resume_identity_lists_what_changes_the_training_and_allows_the_rest():
+    saved = load_config([], ["trainer.max_steps=100"])
+    same_run = load_config([], [
+        "trainer.max_steps=200", "trainer.devices=2", "trainer.num_nodes=2", "data.num_workers=8",
+        "checkpoint.every_n_steps=7", "trainer.val_check_interval=9", "trainer.log_every_n_steps=3",
+        "logger.wandb.mode=offline", "logger.wandb.tags=[a]", "logger.images_every_n_steps=0",
+        "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false", "run.name=other", "resume=never",
+        "trainer.max_loss=1e4"])
+    assert identity_differences(saved, same_run) == []
+    changed = load_config([], ["trainer.max_steps=200", "optim.lr=0.01", "model.hidden_dims=[8]", "seed=1"])
+    assert identity_differences(saved, changed) == [
+        ("data.seed", 0, 1), ("model.hidden_dims", [256, 128], [8]), ("optim.lr", 0.001, 0.01), ("seed", 0, 1)]
+    # A schedule stretched over max_steps makes max_steps part of what is trained.
+    cosine = load_config([], ["optim.lr_schedule=cosine", "trainer.max_steps=100"])
+    longer = load_config([], ["optim.lr_schedule=cosine", "trainer.max_steps=200"])
+    assert identity_differences(cosine, longer) == [("trainer.max_steps", 100, 200)]

@@ -104,3 +104,47 @@ def test_wandb_logger_leaves_out_the_anonymous_argument_lightning_always_passes(
     assert WandbLogger(**kw)._wandb_init["anonymous"] is None  # what wandb warns about on every run
     logger = compat.wandb_logger(**kw)
     assert "anonymous" not in logger._wandb_init and logger._wandb_init["project"] == "p"
+
+
+class Validated(Tiny):
+    """Records, at each training batch end, whether validation is about to run, and when it does run."""
+
+    def __init__(self):
+        super().__init__()
+        self.predicted, self.validated = [], []
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if compat.validates_after_this_batch(self.trainer):
+            self.predicted.append(self.global_step)
+
+    def validation_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            self.validated.append(self.global_step)
+
+    def val_dataloader(self):
+        return DataLoader(torch.randn(8, 2), batch_size=4)
+
+
+def test_validates_after_this_batch_predicts_the_fit_loops_validation(tmp_path):
+    m = Validated()
+    trainer(tmp_path, max_steps=12, val_check_interval=5, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+            enable_checkpointing=False).fit(m)
+    assert m.validated == [5, 10] and m.predicted == m.validated  # across the epoch boundary (10 batches)
+    m = Validated()
+    trainer(tmp_path, max_steps=6, val_check_interval=5, check_val_every_n_epoch=None, limit_val_batches=0,
+            enable_checkpointing=False).fit(m)
+    assert m.validated == [] and m.predicted == []  # validation switched off
+
+
+def test_align_log_step_labels_rows_with_the_optimizer_step(tmp_path):
+    class Misaligned(Tiny):
+        def on_train_batch_start(self, batch, batch_idx):
+            self.trainer.fit_loop.epoch_loop._batches_that_stepped = 100 + batch_idx  # what a bad restore leaves
+            compat.align_log_step(self.trainer)
+
+    m = Misaligned()
+    t = trainer(tmp_path, max_steps=4, log_every_n_steps=1, enable_checkpointing=False,
+                logger=compat.resumable_csv_logger(tmp_path))
+    t.fit(m)
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f) if r.get("loss")] == [0, 1, 2, 3]

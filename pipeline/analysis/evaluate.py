@@ -66,6 +66,7 @@ def resolve_checkpoint(target: str | os.PathLike) -> tuple[Path, Path | None]:
 def load_module(ckpt: Path, device: torch.device):
     """(VAEModule in eval mode on `device`, the checkpoint's global step). EvalError naming the file when
     it is not a readable checkpoint, lacks the VAEModule hyperparameters, or its weights do not fit them."""
+    from pipeline.checkpointing import checksum_problem
     from pipeline.module import VAEModule
 
     try:  # plain containers only (VAEModule saves no omegaconf objects): no code runs on load
@@ -85,6 +86,8 @@ def load_module(ckpt: Path, device: torch.device):
         detail = " ".join(str(e).split())[:300]
         raise EvalError(f"incompatible checkpoint {ckpt}: its weights do not fit its model config "
                         f"({type(e).__name__}: {detail if len(first) < 60 else first[:300]})") from None
+    if (problem := checksum_problem(state)) is not None:
+        raise EvalError(f"corrupt checkpoint {ckpt}: {problem}")
     return module.eval().to(device), int(state.get("global_step", -1))
 
 

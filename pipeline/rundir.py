@@ -1,0 +1,150 @@
+"""The run directory's two rules: one writer at a time (`RunLock`), and one run per directory
+(`check_same_run`: a resume continues the run that config.yaml describes, or stops).
+
+The lock is `flock` on RUN_DIR/run.lock, so it dies with its process: a job restarted after a crash,
+a kill or a SLURM preemption takes it again at once. Only global rank zero takes it (train.py): on shared
+storage every node sees the same file, so a lock per node would fail against itself; if rank zero is
+refused, the other ranks never start (Lightning starts them after this point) or are ended with it
+(`srun --kill-on-bad-exit=1` in slurm/train.sh; torchrun stops the whole group).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Mapping, Optional, Set
+
+from pipeline import config as C
+
+LOCK_FILE = "run.lock"
+
+
+class RunDirError(Exception):
+    """The run directory cannot be used by this training; the message says why and what to do."""
+
+
+# Forked children (loader workers) inherit the lock's descriptor; an inherited copy would keep the lock
+# alive after the training process is killed, until the orphaned workers exit. Children drop it.
+_held: Set[int] = set()
+
+
+def _drop_in_child() -> None:
+    for fd in _held:
+        try:
+            os.close(fd)  # closes the child's copy only: the parent still holds the lock
+        except OSError:
+            pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_drop_in_child)
+
+
+def holder_info(env: Mapping[str, str] = os.environ) -> dict:
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if env.get("SLURM_JOB_ID"):
+        info["slurm_job_id"] = env["SLURM_JOB_ID"]
+    return info
+
+
+def describe_holder(info: Optional[dict]) -> str:
+    if not info:
+        return "another process (it has not written its host and pid yet)"
+    text = f"pid {info.get('pid')} on host {info.get('host')}"
+    if info.get("slurm_job_id"):
+        text += f" (SLURM job {info['slurm_job_id']})"
+    return text + f", since {info.get('since')}"
+
+
+class RunLock:
+    """Exclusive, non-blocking lock on RUN_DIR/run.lock, held until release() or process exit."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> RunLock:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise RunDirError(f"cannot write to run directory {self.run_dir}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._read_holder(fd)
+            os.close(fd)
+            raise RunDirError(
+                f"run directory {self.run_dir} is in use by {describe_holder(holder)}: one training per run "
+                "directory. Wait for it to end, or train under another run.name") from None
+        _held.add(fd)
+        self._fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode(), 0)
+        return self
+
+    @staticmethod
+    def _read_holder(fd: int, wait_s: float = 1.0) -> Optional[dict]:
+        deadline = time.monotonic() + wait_s  # the holder writes its details right after locking
+        while True:
+            try:
+                return json.loads(os.pread(fd, 4096, 0).decode())
+            except ValueError:
+                if time.monotonic() > deadline:
+                    return None
+                time.sleep(0.05)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            _held.discard(fd)
+            os.ftruncate(fd, 0)  # a stale description would mislead the next reader
+            os.close(fd)  # releases the flock
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def check_same_run(run_dir: str | os.PathLike, cfg, checkpoint_hparams: Optional[dict] = None) -> None:
+    """Before resuming in `run_dir`: RunDirError listing every key that differs from the run's saved
+    config.yaml and changes what is trained (config.OPERATIONAL_KEYS lists what may differ). Without a
+    config.yaml (a checkpoint from elsewhere), the sections the checkpoint carries (model, objective,
+    optim, max_steps) are compared instead. So a setting the checkpoint would override (optim.lr: the
+    restored optimizer keeps the old one) is never recorded in config.yaml while not applied."""
+    saved_path = Path(run_dir) / "config.yaml"
+    if saved_path.is_file():
+        saved, source = C.load_saved(saved_path), f"saved in {saved_path}"
+    elif isinstance(checkpoint_hparams, dict) and all(k in checkpoint_hparams for k in ("model", "objective", "optim")):
+        carried = {k: checkpoint_hparams[k] for k in ("model", "objective", "optim")}
+        carried["trainer"] = {"max_steps": checkpoint_hparams.get("max_steps", cfg.trainer.max_steps)}
+        saved, source = C.merge_dict(cfg, carried), "carried by the checkpoint"
+    else:
+        return
+    diffs = C.identity_differences(saved, cfg)
+    if diffs:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diffs)
+        raise RunDirError(
+            f"cannot resume {run_dir} with a different config ({listed}; old values {source}): these keys "
+            "change what is trained. Train a new run (run.name=<new name>), or start this one over in place "
+            "(resume=never)")
+
+
+def start_over(run_dir: str | os.PathLike) -> list:
+    """resume=never in a directory that holds a run: remove its checkpoints (else a later resume=auto, or
+    Lightning's own SLURM resume from hpc_ckpt_N.ckpt, would continue the old run under the new config)
+    and its metric rows. Returns what was removed."""
+    from pipeline.tracking import truncate_metrics_csv
+
+    run_dir = Path(run_dir)
+    removed = [p for p in [*run_dir.glob("hpc_ckpt_*.ckpt"), *(run_dir / "checkpoints").glob("*.ckpt")] if p.is_file()]
+    for p in removed:
+        p.unlink()
+    if truncate_metrics_csv(run_dir / "metrics.csv", 0):
+        removed.append(run_dir / "metrics.csv")
+    return removed
