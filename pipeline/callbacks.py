@@ -17,7 +17,13 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 
-from pipeline.lightning_compat import align_log_step, batches_trained, hpc_save_path, logs_written_this_step, validates_after_this_batch
+from pipeline.lightning_compat import (
+    align_log_step,
+    batches_trained,
+    hpc_save_path,
+    logs_written_this_step,
+    validates_after_this_batch,
+)
 from pipeline.objectives import decoder_mean
 
 log = logging.getLogger(__name__)

@@ -31,6 +31,8 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from pipeline.files import fsync_dir
+
 CHECKSUM_KEY = "pipeline_checksum"
 TEMP_SUFFIX = ".tmp"  # temporary files are `.<name>.<pid>-<random>.tmp` beside their checkpoint
 _TEMP = re.compile(r"^\..+\.\d+-[0-9a-f]{8}\.tmp$")
@@ -122,14 +124,6 @@ def load_verified(path: str | os.PathLike, **load_kwargs) -> dict:
 
 
 # ------------------------------------------------------------------------------------- writing
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _check_archive(path: Path) -> None:
     """Raise unless `path` is a complete torch checkpoint archive (its zip directory, at the end of the
     file, lists the pickled object): cheap, and fails on a truncated or empty file."""
@@ -172,7 +166,7 @@ def commit_temp(tmp: Path, path: str | os.PathLike) -> None:
     path = Path(path)
     try:
         os.replace(tmp, path)
-        _fsync_dir(path.parent)  # the rename itself survives a power loss
+        fsync_dir(path.parent)  # the rename itself survives a power loss
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing right after it was written")
     except OSError as e:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Optional, Tuple
 
 # Job names Lightning treats as "not a SLURM launch" (SLURMEnvironment.detect()): an interactive
 # `srun --pty bash` or `salloc` shell where processes are started by hand.

@@ -129,9 +129,9 @@ def point_args(sweep: Dict[str, Any], params: Dict[str, Any], name: str, run_dir
 
 def _finished(args: Sequence[str]) -> Optional[int]:
     """The step of a point's last.ckpt when it has reached trainer.max_steps, else None."""
+    from pipeline.checkpointing import checkpoint_step
     from pipeline.cli import split_argv
     from pipeline.config import load_config
-    from pipeline.checkpointing import checkpoint_step
 
     cfg = load_config(*split_argv(args))
     last = Path(cfg.run.dir) / "checkpoints" / "last.ckpt"

@@ -55,8 +55,16 @@ def build_loggers(cfg, run_dir: Path, rank_zero: bool):
 def build_callbacks(cfg, run_dir: Path):
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from pipeline.callbacks import (DataErrorCounter, DeferredSignals, FinalValidation, ImageLogger, LastCheckpoint,
-                                    LossWatch, StepLabels, StepSeed)
+    from pipeline.callbacks import (
+        DataErrorCounter,
+        DeferredSignals,
+        FinalValidation,
+        ImageLogger,
+        LastCheckpoint,
+        LossWatch,
+        StepLabels,
+        StepSeed,
+    )
 
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
@@ -128,9 +136,8 @@ def train(cfg, command: Optional[str] = None) -> dict:
     from lightning.pytorch.utilities import rank_zero_only
 
     from pipeline.checkpointing import CheckpointError
-    from pipeline.rundir import RunDirError, RunLock
-
     from pipeline.console import quiet_known_noise
+    from pipeline.rundir import RunDirError, RunLock
 
     quiet_known_noise()
     rank_zero = rank_zero_only.rank == 0

@@ -59,3 +59,10 @@ def run_train(args, env_extra=None, timeout=300, check=True) -> subprocess.Compl
     if check and proc.returncode != 0:
         raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test on the real SLURM cluster is slow too (it installs and starts one): `-m "not slow"` skips it."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slow)

@@ -9,8 +9,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from pipeline.data import shards
 from pipeline.config import DataConfig
+from pipeline.data import shards
 
 UNEVEN = (13, 200, 57, 31, 120, 88, 44)  # 7 shards, 553 samples
 

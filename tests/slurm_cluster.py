@@ -106,7 +106,7 @@ class Job:
     """A submitted job; `log` is its (first) output file."""
     id: str
     log: Path
-    cluster: "SlurmCluster"
+    cluster: SlurmCluster
 
     def info(self) -> Dict[str, str]:
         return self.cluster.job_info(self.id)
@@ -128,7 +128,7 @@ class SlurmCluster:
 
     # ----------------------------------------------------------------- start / stop
     @classmethod
-    def start(cls, root: Path, timeout_s: float = 60) -> "SlurmCluster":
+    def start(cls, root: Path, timeout_s: float = 60) -> SlurmCluster:
         root = Path(root)
         for d in ("munge", "state", "spool", "daemon-logs", "logs"):
             (root / d).mkdir(parents=True, exist_ok=True)
@@ -274,7 +274,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
                 continue
         return pids
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         return self
 
     def __exit__(self, *exc) -> None:

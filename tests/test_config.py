@@ -1,8 +1,8 @@
 """Config: YAML + overrides merge in order; bad keys, types and values name the key."""
 import pytest
 
-from pipeline.config import ConfigError, from_dict, identity_differences, load_config, to_dict
 from pipeline.cli import split_argv
+from pipeline.config import ConfigError, from_dict, identity_differences, load_config, to_dict
 from pipeline.train import main
 from tests.conftest import REPO
 

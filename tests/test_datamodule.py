@@ -219,7 +219,7 @@ def test_set_up_checks_say_what_to_change(uneven):
     with pytest.raises(DataSetupError, match="5 test samples for 6 ranks"):
         module_for(data_cfg(uneven, batch_size=8), world_size=6, stage="test")
     with pytest.raises(DataSetupError, match="dataset 'npz' needs a source"):
-        ShardDataModule(data_cfg(uneven / "nowhere", dataset="npz")).input_shape
+        _ = ShardDataModule(data_cfg(uneven / "nowhere", dataset="npz")).input_shape
 
 
 def test_pipe_urls_stream(tmp_path):

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from slurm_cluster import ClusterError, SlurmCluster, free_port, install_packages, missing_binaries
+
 from tests.conftest import TINY as CONFTEST_TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,8 +222,9 @@ def test_grid_array_trains_one_beta_per_task(slurm_cluster, job_env, digits_root
 @pytest.mark.slurm
 def test_wandb_agent_command_trains_its_beta(slurm_cluster, job_env, digits_root, tmp_path, monkeypatch):
     """The exact command wandb's agent builds for a point of configs/sweep.yaml, run as a job."""
-    from pipeline.sweep import load_sweep, point
     from test_sweep import wandb_agent_command
+
+    from pipeline.sweep import load_sweep, point
 
     sweep = load_sweep(SWEEP_FILE)
     # Fixed config goes before ${args_no_hyphens}, as configs/sweep.yaml says; here: shrink the run.

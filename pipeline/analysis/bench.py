@@ -480,7 +480,8 @@ def run(args) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
     result = {
         "device": args.device,
-        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine(),
+        "device_name": (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                        else platform.processor() or platform.machine()),
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "lightning": lightning.__version__,
         "python": platform.python_version(), "repeats": args.repeats, "seconds": round(time.time() - started, 1),
         "load_average_1min": os.getloadavg()[0],

@@ -171,6 +171,19 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(payload, dtype=np.uint8).reshape(dims)
 
 
+def source_path(source: Optional[str], missing: str, directory: bool, hint: str = "") -> Path:
+    """--source as an existing directory or file; RecipeError `missing` when none was given, or one line
+    naming the path when it is not there."""
+    if not source:
+        raise RecipeError(missing)
+    path = Path(source).expanduser()
+    if directory and not path.is_dir():
+        raise RecipeError(f"{path}: not a directory{hint}")
+    if not directory and not path.is_file():
+        raise RecipeError(f"{path}: file not found")
+    return path
+
+
 def _find_mnist(root: Path, names: Tuple[str, ...]) -> Path:
     for name in names:
         for candidate in (root / name, root / f"{name}.gz"):
@@ -180,11 +193,8 @@ def _find_mnist(root: Path, names: Tuple[str, ...]) -> Path:
 
 
 def mnist(source: Optional[str]) -> Recipe:
-    if not source:
-        raise RecipeError("mnist needs --source DIR holding the four idx files (no download here)")
-    root = Path(source).expanduser()
-    if not root.is_dir():
-        raise RecipeError(f"{root}: not a directory (expected the folder with the MNIST idx files)")
+    root = source_path(source, "mnist needs --source DIR holding the four idx files (no download here)",
+                       directory=True, hint=" (expected the folder with the MNIST idx files)")
     arrays = {k: (read_idx(p := _find_mnist(root, names)), p) for k, names in _MNIST_FILES.items()}
     for split in ("train", "test"):
         (images, ipath), (labels, lpath) = arrays[f"{split}_images"], arrays[f"{split}_labels"]
@@ -238,11 +248,7 @@ def to_uint8_nchw(arr: np.ndarray, what: str) -> np.ndarray:
 
 
 def npz(source: Optional[str]) -> Recipe:
-    if not source:
-        raise RecipeError("npz needs --source FILE (.npz or .npy)")
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise RecipeError(f"{path}: file not found")
+    path = source_path(source, "npz needs --source FILE (.npz or .npy)", directory=False)
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
@@ -329,11 +335,7 @@ def images(source: Optional[str], size: Optional[int] = None, workers: int = 1, 
     never holds more than one chunk of decoded images."""
     from tqdm import tqdm
 
-    if not source:
-        raise RecipeError("images needs --source DIR")
-    root = Path(source).expanduser()
-    if not root.is_dir():
-        raise RecipeError(f"{root}: not a directory")
+    root = source_path(source, "images needs --source DIR", directory=True)
     if size is not None and size <= 0:
         raise RecipeError(f"--size must be positive, got {size}")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())

@@ -324,7 +324,7 @@ def verify_dataset(out_dir: Path) -> List[str]:
     out_dir = Path(out_dir)
     manifest = load_manifest(out_dir / MANIFEST)
     problems = []
-    for split, entry in manifest["splits"].items():
+    for entry in manifest["splits"].values():
         for shard in entry["shards"]:
             path = out_dir / shard["name"]
             if not path.is_file():
