@@ -90,12 +90,15 @@ def build_callbacks(cfg, run_dir: Path):
     return callbacks
 
 
-def build_trainer(cfg, run_dir: Path, loggers, callbacks, checkpoint_io):
+def build_trainer(cfg, run_dir: Path, loggers, callbacks, checkpoint_io=None):
     import lightning.pytorch as pl
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     t = cfg.trainer
-    plugins = [checkpoint_io]  # every save (last, best, SLURM's hpc_ckpt_N) is atomic and checksummed
+    from pipeline.checkpointing import AtomicCheckpointIO
+
+    # every save (last, best, SLURM's hpc_ckpt_N) is atomic and checksummed
+    plugins = [checkpoint_io if checkpoint_io is not None else AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         # Lightning saves hpc_ckpt_N.ckpt and requeues on USR1 (sbatch --signal=USR1@90);
         # DeferredSignals moves that to a batch boundary.
