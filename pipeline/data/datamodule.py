@@ -26,6 +26,7 @@ from pipeline.data.sources import (
     resolve_source,
 )
 from pipeline.data.stream import ShardStream
+from pipeline.lightning_compat import shutdown_loader_workers
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,13 @@ class ShardDataModule(pl.LightningDataModule):
 
     def test_dataloader(self):
         return self.loader("test", train=False) if self.source("test") is not None else []
+
+    def teardown(self, stage: str | None = None) -> None:
+        """End of fit/validate/test: stop the loaders' persistent workers now. Left to the garbage
+        collector, which finds Lightning's objects in reference cycles, PyTorch's shutdown can wait 5 s
+        per worker (its queues may be finalized first)."""
+        for loader in self._loaders:
+            shutdown_loader_workers(loader)
 
     @property
     def skipped_samples(self) -> int:
