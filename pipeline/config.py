@@ -140,6 +140,7 @@ class TrainerConfig:
     enable_progress_bar: bool = True  # one bar on a terminal, a line every few steps otherwise
     deterministic: bool = False  # torch deterministic algorithms (slower)
     compile: bool = False  # torch.compile the model
+    signal_every_n_steps: int = 10  # DDP: ranks agree on USR1/Ctrl-C/TERM every N batches (one all-reduce)
 
 
 @dataclass
@@ -253,6 +254,7 @@ POSITIVE = (
     "data.batch_size", "model.latent_dim", "trainer.max_steps", "trainer.val_check_interval",
     "trainer.log_every_n_steps", "trainer.accumulate_grad_batches", "checkpoint.every_n_steps",
     "objective.cycles", "optim.lr", "model.gaussian_sigma", "trainer.num_nodes",
+    "trainer.signal_every_n_steps",
 )
 NON_NEGATIVE = (
     "data.num_workers", "data.shuffle_buffer", "objective.beta", "objective.warmup_steps",
@@ -270,6 +272,7 @@ OPERATIONAL_KEYS = (
     "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.val_check_interval",
     "trainer.log_every_n_steps", "trainer.limit_val_batches", "trainer.enable_progress_bar", "trainer.deterministic",
     "trainer.compile", "checkpoint.", "logger.",
+    "trainer.signal_every_n_steps",
 )
 RUN_NAME_MAX = 80  # characters: a directory name that stays readable in `ls` and W&B
 

@@ -84,7 +84,7 @@ def build_callbacks(cfg, run_dir: Path):
                         every_n_train_steps=cfg.checkpoint.every_n_steps, save_top_k=0, save_last=True),
         LearningRateMonitor(logging_interval="step"),
         DataErrorCounter(),
-        DeferredSignals(ckpt_dir / "last.ckpt"),
+        DeferredSignals(ckpt_dir / "last.ckpt", cfg.trainer.signal_every_n_steps),
         FinalValidation(),
     ]
     if cfg.checkpoint.save_best:
