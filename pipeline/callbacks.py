@@ -22,6 +22,7 @@ from pipeline.lightning_compat import (
     batches_trained,
     hpc_save_path,
     logs_written_this_step,
+    skip_per_step_sigterm_broadcast,
     validates_after_this_batch,
 )
 from pipeline.objectives import decoder_mean
@@ -206,8 +207,11 @@ class DeferredSignals(Callback):
     Lightning's USR1 handler saves the checkpoint inside the signal handler, i.e. at whatever bytecode
     the main thread was on: possibly after `optimizer.step()` but before the step counter moves, which
     would train that step twice on resume; a bare Ctrl-C loses everything since the last checkpoint.
-    Here a handler only records the signal; at the end of each training batch all ranks agree on what
-    was received (one all-reduce of two flags; none on a single device) and then:
+    Here a handler only records the signal; at the end of a training batch the ranks agree on what was
+    received and then act, all at the same batch. On a single device that is every batch (a Python flag,
+    no sync); under DDP every `every_n_steps` batches (trainer.signal_every_n_steps: one all-reduce of
+    three flags there, none in between), so a signal waits at most that many batches: keep it well below
+    the 90 s of `--signal=USR1@90` divided by the step time. Then:
 
     - USR1: Lightning's own SLURM handler saves `hpc_ckpt_N.ckpt`, requeues the job (rank zero) and
       finalizes loggers; without it (no SLURM) the same checkpoint is written. Training then stops.
@@ -215,12 +219,18 @@ class DeferredSignals(Callback):
       validation (after this step's metrics are written); never a requeue. At the last step the run
       simply finishes. A second Ctrl-C, or one before training starts, stops at once
       (KeyboardInterrupt); `stopped_at_once` tells train.py.
+    - TERM, under DDP only: Lightning's SIGTERM handler runs on every rank at once (it broadcasts, so it
+      cannot run inside a signal handler on one rank without the others), Lightning stops after that batch.
+      Lightning's own per-step SIGTERM broadcast is switched off (lightning_compat). On a single device
+      Lightning's handler stays as it is (no collective involved).
     """
 
-    def __init__(self, last_ckpt: Path):
+    def __init__(self, last_ckpt: Path, every_n_steps: int = 1):
         self.last_ckpt = Path(last_ckpt)
-        self._received = {signal.SIGUSR1: False, signal.SIGINT: False}
+        self.every_n_steps = max(1, int(every_n_steps))
+        self._received = {signal.SIGUSR1: False, signal.SIGINT: False, signal.SIGTERM: False}
         self._lightning_usr1 = None
+        self._lightning_term = None
         self._previous: dict = {}
         self._training = False
         self._rank_zero = True
@@ -237,6 +247,11 @@ class DeferredSignals(Callback):
         if callable(current) and current != self._on_signal:
             self._lightning_usr1 = current
         self._install(signal.SIGUSR1)
+        term = signal.getsignal(signal.SIGTERM)
+        if trainer.world_size > 1 and callable(term) and term != self._on_signal:
+            self._lightning_term = term
+            self._install(signal.SIGTERM)
+            skip_per_step_sigterm_broadcast(trainer)
         self._training, self._rank_zero = True, trainer.is_global_zero
 
     def _install(self, sig: int) -> None:
@@ -268,34 +283,42 @@ class DeferredSignals(Callback):
                 raise KeyboardInterrupt
             self._say("Ctrl-C: saving a checkpoint at the end of this batch, then stopping "
                       "(Ctrl-C again: stop at once)")
+        elif signum == signal.SIGTERM:
+            log.warning("received SIGTERM: stopping on every rank within %d batches", self.every_n_steps)
         else:
             log.warning("received signal %s: will checkpoint and requeue at the end of this batch", signum)
         self._received[signum] = True
 
-    def _agree(self, trainer: Trainer, pl_module: LightningModule) -> tuple:
-        """(USR1, INT) received on any rank since the last batch end."""
-        local = (self._received[signal.SIGUSR1], self._received[signal.SIGINT])
+    def _agree(self, trainer: Trainer, pl_module: LightningModule) -> Optional[tuple]:
+        """(USR1, INT, TERM) received on any rank since the last agreement, or None when the ranks do not
+        agree after this batch (DDP: only every `every_n_steps` batches, counted from the run's start)."""
+        local = (self._received[signal.SIGUSR1], self._received[signal.SIGINT], self._received[signal.SIGTERM])
         if trainer.world_size == 1:
             return local
-        flags = trainer.strategy.reduce(torch.tensor(local, dtype=torch.float32, device=pl_module.device),
-                                        reduce_op="sum")
+        if (batches_trained(trainer) + 1) % self.every_n_steps:
+            return None
+        flags = torch.tensor(local, dtype=torch.float32, device=pl_module.device)
+        torch.distributed.all_reduce(flags)  # one collective: Strategy.reduce would add a barrier
         return tuple(bool(f) for f in flags.tolist())
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
-        usr1, interrupt = self._agree(trainer, pl_module)
-        if not (usr1 or interrupt):
+        agreed = self._agree(trainer, pl_module)
+        if agreed is None or not any(agreed):
             return
+        usr1, interrupt, term = agreed
         self._received = dict.fromkeys(self._received, False)
         if interrupt:
             if trainer.global_step < trainer.max_steps:  # at the last step the run ends normally anyway
                 trainer.save_checkpoint(self.last_ckpt, weights_only=False)
                 self._stop = RunInterrupted(trainer.global_step, self.last_ckpt)
-        elif self._lightning_usr1 is not None:
+        elif usr1 and self._lightning_usr1 is not None:
             self._lightning_usr1(signal.SIGUSR1, None)
             trainer.should_stop = True
-        else:  # not under Lightning's SLURM handling: still leave a resumable checkpoint
+        elif usr1:  # not under Lightning's SLURM handling: still leave a resumable checkpoint
             trainer.save_checkpoint(hpc_save_path(trainer), weights_only=False)
             trainer.should_stop = True
+        if term and self._lightning_term is not None:
+            self._lightning_term(signal.SIGTERM, None)  # every rank at once; Lightning stops after this batch
 
     def _stop_here(self) -> None:
         if self._stop is not None:
@@ -387,12 +410,12 @@ class LossBoundExceeded(RuntimeError):
 
 
 class LossWatch(Callback):
-    """Warns once when the training loss diverges (over DIVERGENCE times the first batch's loss in this
+    """Warns once when the training loss diverges (over DIVERGENCE times the first logged loss in this
     process), and stops the run when a loss exceeds `max_loss` (trainer.max_loss; None: never).
 
-    The loss is read on the host only on the first batch (the baseline) and on the steps whose metrics
-    Lightning writes (every trainer.log_every_n_steps), where the logger fetches it to the host anyway:
-    no extra GPU sync on other steps. Under DDP the stop is decided together (one boolean all-reduce on
+    The loss is read on the host only on the steps whose metrics Lightning writes (every
+    trainer.log_every_n_steps; the first of them is the baseline), where the logger fetches it to the host
+    anyway: no extra GPU sync on other steps. Under DDP the stop is decided together (one boolean all-reduce on
     those steps) so that no rank is left waiting. Listed before LastCheckpoint, which runs in the same
     hook: an exploded state is never saved as last.ckpt.
     """
@@ -405,9 +428,9 @@ class LossWatch(Callback):
         self._warned = False
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
-        first = self._first is None
-        if not first and not logs_written_this_step(trainer):
+        if not logs_written_this_step(trainer):  # the loss reaches the host only on these steps anyway
             return
+        first = self._first is None
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not torch.is_tensor(loss):
             return
@@ -417,7 +440,7 @@ class LossWatch(Callback):
         elif not self._warned and value > self.DIVERGENCE * max(abs(self._first), 1.0):
             self._warned = True
             if trainer.is_global_zero:
-                log.warning("warning: training loss %.4g after %d steps is over %g times the first batch's (%.4g): "
+                log.warning("warning: training loss %.4g after %d steps is over %g times the first logged one (%.4g): "
                             "training is diverging (optim.lr too high?). trainer.max_loss=<nats> stops such a run.",
                             value, trainer.global_step, self.DIVERGENCE, self._first)
         if self.max_loss is not None and logs_written_this_step(trainer):

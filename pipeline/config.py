@@ -144,6 +144,7 @@ class TrainerConfig:
     # Off by default: the loss scale spans orders of magnitude between datasets (~30 on digits, ~1e4 on
     # 64x64 RGB Gaussian), so no fixed bound is both generous and useful; divergence is always warned about.
     max_loss: Optional[float] = None  # stop when a logged training loss exceeds this (nats per example)
+    signal_every_n_steps: int = 10  # DDP: ranks agree on USR1/Ctrl-C/TERM every N batches (one all-reduce)
 
 
 @dataclass
@@ -257,6 +258,7 @@ POSITIVE = (
     "data.batch_size", "model.latent_dim", "trainer.max_steps", "trainer.val_check_interval",
     "trainer.log_every_n_steps", "trainer.accumulate_grad_batches", "checkpoint.every_n_steps",
     "objective.cycles", "optim.lr", "model.gaussian_sigma", "trainer.num_nodes",
+    "trainer.signal_every_n_steps",
 )
 NON_NEGATIVE = (
     "data.num_workers", "data.shuffle_buffer", "objective.beta", "objective.warmup_steps",
@@ -277,6 +279,7 @@ OPERATIONAL_KEYS = (
     "trainer.enable_progress_bar", "trainer.devices", "trainer.num_nodes", "trainer.accelerator",
     "trainer.strategy", "trainer.compile", "trainer.deterministic",
     "data.num_workers", "data.pin_memory", "data.on_error", "data.verify_checksums",
+    "trainer.signal_every_n_steps",
 )
 RUN_NAME_MAX = 80  # characters: a directory name that stays readable in `ls` and W&B
 

@@ -38,6 +38,21 @@ def logs_written_this_step(trainer) -> bool:
     return bool(getattr(connector, "should_update_logs", True))
 
 
+def skip_per_step_sigterm_broadcast(trainer) -> bool:
+    """Switch off Lightning's per-step SIGTERM broadcast for this trainer's fit; True if there was one.
+
+    Under DDP, Lightning (2.5+) broadcasts a SIGTERM flag from rank zero before every training batch and
+    reads it on the host (`_TrainingEpochLoop._broadcast_sigterm_tensor`): a collective and a device sync
+    per step, with no public switch. DeferredSignals agrees on SIGTERM (with USR1 and INT) every
+    trainer.signal_every_n_steps batches instead and then runs Lightning's SIGTERM handler on every rank
+    at once (its broadcast pairs up across ranks; Lightning stops after that batch as usual)."""
+    loop = trainer.fit_loop.epoch_loop
+    if not callable(getattr(type(loop), "_broadcast_sigterm_tensor", None)):
+        return False
+    loop._broadcast_sigterm_tensor = lambda: None  # shadows the method on this instance only
+    return True
+
+
 def hpc_save_path(trainer) -> str:
     """The next `RUN_DIR/hpc_ckpt_N.ckpt`: the name Lightning's SLURM requeue writes and resumes from,
     used when DeferredSignals saves without Lightning's SLURM handler."""

@@ -9,6 +9,8 @@ Images become float in [0, 1] here, on the device, not in the loader.
 
 Logged (all in nats per example unless named otherwise):
   train/{loss, elbo, recon, kl, kl_weight, bits_per_dim[, capacity_nats]}   every step, no syncs
+A non-finite training loss stops the run (FloatingPointError naming its step) without a host read per step:
+see `_note_non_finite`.
   {val,test}/{loss, elbo, recon, kl, bits_per_dim, active_units, kl_dim_<d>[, iwae]}
       at epoch end, exact averages over all examples of all ranks (summed states, one sync)
 """
@@ -157,6 +159,8 @@ class VAEModule(pl.LightningModule):
             raise ValueError("objective.kl_schedule=cyclical needs max_steps > 0")
         self.vae = VAE(self.model_cfg, self.input_shape)
         self.sums = nn.ModuleDict({stage: ExactSums(self.model_cfg.latent_dim) for stage in STAGES})
+        self._bad_step: Optional[torch.Tensor] = None  # first step with a non-finite loss (-1: none), on the device
+        self._bad_loss: Optional[torch.Tensor] = None  # that loss
 
     # ---- data -------------------------------------------------------------------------------
     def to_float(self, image: torch.Tensor) -> torch.Tensor:
@@ -193,10 +197,9 @@ class VAEModule(pl.LightningModule):
         terms = self._terms(x)
         penalty, weight, capacity = self._kl_penalty(terms["kl_per_dim"])
         loss = terms["recon"].mean() + penalty
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at global_step {self.global_step}"
-            )
+        self._note_non_finite(loss)
+        if self._writes_logs_this_step():  # the loggers read this step's values anyway: no extra stall
+            self._raise_if_non_finite()
         logged = {
             "loss": loss,
             "elbo": terms["elbo"].mean(),
@@ -269,6 +272,46 @@ class VAEModule(pl.LightningModule):
             optimizer, lambda step: schedules.lr_factor(step, cfg, self.max_steps)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # ---- non-finite loss, without a host read per step ---------------------------------------
+    # `if not torch.isfinite(loss)` waits for the device every step. Instead the first non-finite loss and
+    # its step are kept on the device and read where the host waits anyway or must know: on steps whose
+    # metrics are written, before a validation and before any checkpoint is written (so none holds weights
+    # trained after a non-finite loss: the last good one stays).
+    def _note_non_finite(self, loss: torch.Tensor) -> None:
+        if self._bad_step is None or self._bad_step.device != loss.device:
+            self._bad_step = torch.full((), -1, dtype=torch.int64, device=loss.device)
+            self._bad_loss = torch.zeros((), dtype=loss.dtype, device=loss.device)
+        keep = torch.isfinite(loss) | (self._bad_step >= 0)
+        self._bad_step = torch.where(keep, self._bad_step, self.global_step)
+        self._bad_loss = torch.where(keep, self._bad_loss, loss.detach())
+
+    def _raise_if_non_finite(self, agree: bool = False) -> None:
+        """FloatingPointError naming the first step with a non-finite loss, if there was one (one host read).
+        agree: under DDP all ranks take part (one all-reduce) and raise together, at the first such step of any."""
+        distributed = agree and self._trainer is not None and self.trainer.world_size > 1
+        if self._bad_step is None and not distributed:
+            return
+        step = self._bad_step if self._bad_step is not None else torch.full((), -1, device=self.device)
+        if distributed:
+            first = torch.where(step < 0, torch.iinfo(torch.int64).max, step).to(self.device)
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+            at = int(first)
+            if at == torch.iinfo(torch.int64).max:
+                return
+        else:
+            at = int(step)
+            if at < 0:
+                return
+        value = f"{float(self._bad_loss)}" if at == int(step) else "on another rank"
+        raise FloatingPointError(f"non-finite training loss ({value}) at global_step {at}")
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "fit":
+            self._raise_if_non_finite(agree=True)
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        self._raise_if_non_finite(agree=True)  # every rank writes (dumps) a checkpoint: all take part
 
     def _writes_logs_this_step(self) -> bool:
         """Whether Lightning writes step metrics after this batch (every trainer.log_every_n_steps)."""

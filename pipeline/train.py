@@ -72,7 +72,7 @@ def build_callbacks(cfg, run_dir: Path):
         StepLabels(),
         LearningRateMonitor(logging_interval="step"),
         DataErrorCounter(),
-        DeferredSignals(ckpt_dir / "last.ckpt"),
+        DeferredSignals(ckpt_dir / "last.ckpt", cfg.trainer.signal_every_n_steps),
         FinalValidation(),
         LossWatch(cfg.trainer.max_loss),  # before LastCheckpoint: an exploded state is never saved
     ]

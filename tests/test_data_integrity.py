@@ -37,6 +37,15 @@ def append_sample(path, key: str) -> None:
             tar.addfile(info, io.BytesIO(blob))
 
 
+@pytest.fixture(params=["index", "parser"])
+def read_path(request, monkeypatch):
+    """Local shards read through their member index (the default) or by the tar parser (what remote shards
+    take): the checks must hold on both."""
+    if request.param == "parser":
+        monkeypatch.setattr(shards, "index_tar", lambda path: None)
+    return request.param
+
+
 @pytest.fixture
 def corrupt(tmp_path):
     """Train shards of 60 and 20 samples; shard 0's 11th image flipped. Batch 10, 2 lanes of 40 positions:
@@ -46,13 +55,13 @@ def corrupt(tmp_path):
     return tmp_path
 
 
-def test_flipped_bytes_stop_the_run_naming_the_shard(corrupt):
+def test_flipped_bytes_stop_the_run_naming_the_shard(corrupt, read_path):
     loader = module_for(data_cfg(corrupt, batch_size=10)).train_dataloader()
     with pytest.raises(shards.ShardFormatError, match=r"train-000000\.tar: sha256 .* differs from the manifest"):
         keys_of(loader)
 
 
-def test_flipped_bytes_under_warn_skip_the_shard_from_then_on(corrupt):
+def test_flipped_bytes_under_warn_skip_the_shard_from_then_on(corrupt, read_path):
     """Each worker learns the shard is corrupt during its first pass over it (the samples it read before
     that were used); from then on every position of the shard is skipped, counted and filled."""
     loader = module_for(data_cfg(corrupt, batch_size=10, on_error="warn")).train_dataloader()
@@ -65,7 +74,7 @@ def test_flipped_bytes_under_warn_skip_the_shard_from_then_on(corrupt):
     assert loader.skipped_samples == 120
 
 
-def test_verification_off_reads_the_flipped_shard(corrupt):
+def test_verification_off_reads_the_flipped_shard(corrupt, read_path):
     loader = module_for(data_cfg(corrupt, batch_size=10, verify_checksums=False)).train_dataloader()
     for _ in range(2):
         batches = list(loader)
@@ -75,7 +84,7 @@ def test_verification_off_reads_the_flipped_shard(corrupt):
 
 
 @pytest.mark.parametrize("verify", [True, False])
-def test_an_extra_sample_is_an_error_naming_the_shard(tmp_path, verify):
+def test_an_extra_sample_is_an_error_naming_the_shard(tmp_path, verify, read_path):
     write_dataset(tmp_path, {"train": (40, 40, 40)})
     append_sample(tmp_path / "train-000001.tar", "extra")
     loader = module_for(data_cfg(tmp_path, batch_size=10, verify_checksums=verify)).train_dataloader()

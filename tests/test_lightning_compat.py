@@ -148,3 +148,27 @@ def test_align_log_step_labels_rows_with_the_optimizer_step(tmp_path):
     t.fit(m)
     with open(tmp_path / "metrics.csv", newline="") as f:
         assert [int(r["step"]) for r in csv.DictReader(f) if r.get("loss")] == [0, 1, 2, 3]
+
+
+def test_skip_per_step_sigterm_broadcast_silences_the_loops_broadcast(tmp_path, monkeypatch):
+    """Lightning's training loop broadcasts a SIGTERM flag before every batch under DDP (a collective and a
+    host read per step); the compat switch turns that into a no-op for one trainer. The full DDP run with it
+    is tests/test_sync.py; SIGTERM handled at agreed batches instead: tests/test_signals.py."""
+    import inspect
+
+    import torch.distributed as dist
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    advance = inspect.getsource(_TrainingEpochLoop.advance)
+    assert "self._broadcast_sigterm_tensor()" in advance and "world_size > 1" in advance  # DDP, every batch
+    calls = []
+    monkeypatch.setattr(dist, "broadcast", lambda *a, **k: calls.append(a))
+    t = trainer(tmp_path, max_steps=1)
+    t.fit_loop.epoch_loop._broadcast_sigterm_tensor()
+    assert len(calls) == 1  # what runs per step under DDP
+    assert compat.skip_per_step_sigterm_broadcast(t)
+    t.fit_loop.epoch_loop._broadcast_sigterm_tensor()
+    assert len(calls) == 1  # silenced on this trainer
+    other = trainer(tmp_path, max_steps=1)
+    other.fit_loop.epoch_loop._broadcast_sigterm_tensor()
+    assert len(calls) == 2  # and only on it

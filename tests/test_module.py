@@ -104,6 +104,29 @@ def test_non_finite_loss_raises_naming_the_step():
         module.training_step(batch, 0)
 
 
+def test_non_finite_loss_between_checks_stops_before_the_next_checkpoint_naming_its_step(tmp_path):
+    """No host read per step: a non-finite loss is noted on the device and read where the host reads anyway
+    (written metrics) or must know (before a validation or a checkpoint). The error still names the step it
+    happened at, and no checkpoint holds weights trained after it: the last good one stays."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Poison(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                with torch.no_grad():
+                    pl_module.vae.to_mu_logvar.bias.fill_(float("nan"))
+
+    module = VAEModule(MODEL, {}, {}, SHAPE, max_steps=20)
+    every_2 = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    with pytest.raises(FloatingPointError, match=r"^non-finite training loss \(nan\) at global_step 3$"):
+        trainer(max_steps=20, log_every_n_steps=50, enable_checkpointing=True,
+                callbacks=[Poison(), every_2]).fit(module, loader(64, 4))
+    assert module.trainer.global_step == 4  # it trained on after step 3 (no check there) ...
+    assert [p.name for p in tmp_path.glob("*.ckpt")] == ["step=2.ckpt"]  # ... and the step-4 save stopped it
+    saved = torch.load(tmp_path / "step=2.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in saved.values())
+
+
 def test_binarize_modes():
     batch = next(iter(loader(8, 8)))
     image = batch["image"]

@@ -8,6 +8,7 @@ exits 130; a second Ctrl-C stops at once.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -76,6 +77,26 @@ def wait_for_workers(proc: subprocess.Popen, n: int, timeout: float = 120) -> li
     raise AssertionError(f"no {n} loader workers after {timeout}s:\n{proc.stdout.read()[-6000:]}")
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(pid: int, quiet: float = 1.0, timeout: float = 60) -> None:
+    """Until `pid` has used no CPU for `quiet` seconds (blocked, e.g. waiting for a batch): on a busy machine
+    the batches a loader had buffered can take a while to use up."""
+    deadline = time.monotonic() + timeout
+    last, since = cpu_seconds(pid), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = cpu_seconds(pid)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+    raise AssertionError(f"process {pid} still busy after {timeout}s")
+
+
 @pytest.mark.parametrize("launch", ["local", "slurm"])
 def test_usr1_to_loader_workers_neither_kills_them_nor_stops_the_run(launch, tiny_overrides, tmp_path):
     """`kill -USR1 <worker>` (what SLURM does to every process of the step): the run goes on to the end."""
@@ -137,7 +158,7 @@ def test_second_ctrl_c_stops_at_once(tiny_overrides, tmp_path):
     try:
         for w in workers:
             os.kill(w, signal.SIGSTOP)
-        time.sleep(1.0)  # the batches already loaded are used up: the training process waits for the next
+        wait_idle(proc.pid)  # the batches already loaded are used up: the training process waits for the next
         ctrl_c(proc)
         time.sleep(2.0)
         assert proc.poll() is None, proc.stdout.read()[-6000:]  # the first Ctrl-C waits for the batch end
@@ -155,3 +176,60 @@ def test_second_ctrl_c_stops_at_once(tiny_overrides, tmp_path):
     assert "# stopped at once (Ctrl-C); no checkpoint yet" in out, out[-6000:]
     assert "# continue with the same command: python -m pipeline.train" in out, out[-6000:]
     assert not (run_dir / "checkpoints" / "last.ckpt").exists()
+
+
+def rank_process(proc: subprocess.Popen, rank: int, timeout: float = 120) -> int:
+    """The pid of DDP rank `rank` (> 0) that Lightning launched from the training process `proc`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-6000:]
+        for pid in children(proc.pid):
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except FileNotFoundError:
+                continue
+            if f"LOCAL_RANK={rank}".encode() in env:
+                return pid
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no rank {rank} after {timeout}s:\n{proc.stdout.read()[-6000:]}")
+
+
+def ended(pid: int, timeout: float = 30) -> bool:
+    """Whether `pid` exits (or is a zombie: exited, not yet reaped) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sigterm_to_one_ddp_rank_stops_every_rank(rank, tiny_overrides, tmp_path):
+    """`kill <pid>` of one rank of a 2-rank DDP run: the ranks agree on it at their next agreement step
+    (trainer.signal_every_n_steps; Lightning's own per-step SIGTERM broadcast is off) and stop there together,
+    with no hang and no step half-done."""
+    never = "100000"
+    run_dir = tmp_path / "run"
+    proc = start_train(tiny_overrides + ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=32",
+                                         f"trainer.max_steps={never}", f"trainer.val_check_interval={never}",
+                                         "checkpoint.every_n_steps=20", "logger.images_every_n_steps=0"])
+    other = rank_process(proc, 1)
+    wait_for_file(proc, run_dir / "checkpoints" / "last.ckpt")  # under way
+    os.kill(proc.pid if rank == 0 else other, signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # the hang this guards against (Lightning's broadcast in the handler)
+        for kill, pid in ((os.killpg, proc.pid), (os.kill, other)):
+            with contextlib.suppress(ProcessLookupError):
+                kill(pid, signal.SIGKILL)
+        raise
+    assert "received SIGTERM: stopping on every rank" in out, out[-6000:]
+    assert "Traceback" not in out and "# done" not in out, out[-6000:]
+    assert ended(other), "rank 1 still runs"
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert 20 <= ckpt["global_step"] < int(never)

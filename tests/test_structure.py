@@ -104,7 +104,7 @@ def test_every_third_party_import_is_declared():
 # Private Lightning / DataLoader names seen in this code base; lightning_compat.py is their only home.
 PRIVATE = ("_checkpoint_connector", "_logger_connector", "_iterator", "_check_log_dir_exists", "fit_loop",
            "_shutdown_workers", "_active_loop", "_experiment", "_fs", "_wandb_init", "_should_check_val_fx",
-           "_data_fetcher")
+           "_data_fetcher", "_broadcast_sigterm_tensor")
 
 
 def test_private_lightning_names_only_in_lightning_compat():

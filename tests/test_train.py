@@ -124,10 +124,14 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tiny_overrides, tm
     proc = run_train(tiny_overrides + ["optim.lr=1e30", "checkpoint.every_n_steps=1",
                                        "model.likelihood=gaussian"], check=False)
     assert proc.returncode != 0
-    assert re.search(r"non-finite training loss \(\S+\) at global_step \d+", proc.stderr), proc.stderr[-3000:]
+    stop = re.search(r"non-finite training loss \(\S+\) at global_step (\d+)", proc.stderr)
+    assert stop, proc.stderr[-3000:]
     assert "last good checkpoint" in proc.stderr
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] >= 1  # the latest checkpoint is intact and loadable
+    # and holds no weights trained on that loss (step s trains the weights saved as step s + 1)
+    assert ckpt["global_step"] <= int(stop.group(1))
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
 
 
 def test_corrupt_shard_is_skipped_and_counted_under_warn(digits_root, tiny_overrides, tmp_path):

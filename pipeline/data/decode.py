@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -121,6 +121,91 @@ def header_shape(member: str, data: bytes) -> Shape:
         raise SampleError(f"undecodable .{member} member: {e}") from None
 
 
+Item = Tuple[str, np.ndarray, Optional[int], Optional[np.ndarray]]  # key, image, label, factors
+
+
+@dataclass
+class Columns:
+    """Decoded samples as arrays: keys [n], image uint8 [n, C, H, W], label int64 [n] or None, factors float32
+    [n, F] or None. What a batch is made of when every sample of a read decoded the same way."""
+
+    keys: List[str]
+    image: np.ndarray
+    label: Optional[np.ndarray] = None
+    factors: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def items(self) -> List[Item]:
+        labels = [None] * len(self) if self.label is None else self.label.tolist()
+        factors = [None] * len(self) if self.factors is None else list(self.factors)
+        return list(zip(self.keys, list(self.image), labels, factors))
+
+    @staticmethod
+    def concat(parts: Sequence[Columns]) -> Optional[Columns]:
+        """One Columns of several, or None when they do not fit together (shapes, labels or factors differ)."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        if any(p.image.shape[1:] != first.image.shape[1:] or (p.label is None) != (first.label is None)
+               or (p.factors is None) != (first.factors is None)
+               or (p.factors is not None and p.factors.shape[1:] != first.factors.shape[1:]) for p in parts):
+            return None
+        cat = np.concatenate
+        return Columns([k for p in parts for k in p.keys], cat([p.image for p in parts]),
+                       None if first.label is None else cat([p.label for p in parts]),
+                       None if first.factors is None else cat([p.factors for p in parts]))
+
+
+def _npy_columns(block: shards.RawBlock, suffix: str) -> Optional[np.ndarray]:
+    """[n, *shape] array of a .npy member every sample of the block has, all with one header (dtype, shape),
+    or None (absent from some, several headers, Fortran order: left to the per-sample decoder)."""
+    found = block.member(suffix)
+    if found is None:
+        return None
+    offs, sizes = found
+    if (offs < 0).any() or (sizes != sizes[0]).any():
+        return None
+    first = block.buf[offs[0]:offs[0] + sizes[0]].tobytes()
+    if len(first) < 10 or first[:6] != b"\x93NUMPY":
+        return None
+    hlen_size = 2 if first[6] == 1 else 4
+    start = 8 + hlen_size + int.from_bytes(first[8:8 + hlen_size], "little")
+    if start > len(first):
+        return None
+    headers = block.gather(offs, start)
+    if not (headers == headers[0]).all():
+        return None
+    try:
+        arr = shards.decode_npy(first)
+    except ValueError:
+        return None
+    if arr.dtype.hasobject or (arr.ndim > 1 and np.isfortran(arr)):
+        return None
+    data = block.gather(offs + start, int(sizes[0]) - start)
+    return data.copy().view(arr.dtype).reshape((len(offs), *arr.shape))
+
+
+def _cls_columns(block: shards.RawBlock, suffix: str) -> Optional[np.ndarray]:
+    """int64 [n] labels of an ASCII-digits member every sample has, or None (left to the per-sample decoder,
+    which also reports bad ones)."""
+    found = block.member(suffix)
+    if found is None:
+        return None
+    offs, sizes = found
+    if (offs < 0).any() or (sizes < 1).any() or (sizes > 18).any():
+        return None
+    width = int(sizes.max())
+    digits = block.gather(offs, width).astype(np.int64) - 48
+    pos = np.arange(width)
+    inside = pos < sizes[:, None]
+    if not ((digits >= 0) & (digits <= 9) | ~inside).all():
+        return None
+    scale = np.where(inside, 10 ** np.maximum(sizes[:, None] - 1 - pos, 0), 0)
+    return (digits * scale).sum(axis=1)
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     """What the loader makes of a raw sample (see DataConfig: image_keys ... resize)."""
@@ -179,6 +264,49 @@ class ImageSpec:
         if factors is not None:
             factors = shards.decode_npy(factors).astype(np.float32, copy=False)
         return image, self.label(raw), factors
+
+    def decode_block(self, block: shards.RawBlock, shape: Optional[Shape]) -> Optional[Columns]:
+        """The samples of a block as Columns, with a few numpy operations over its bytes, when every sample
+        takes the same path: one .npy image member with one header and nothing to convert (channels, size),
+        labels from one ASCII-digits member or none, factors in all or none. Else None: the caller decodes
+        sample by sample (`decode`), which also reports what is wrong with a sample. `shape`: the (C, H, W)
+        the images must have (None: any)."""
+        present = [k for k in self.image_keys if block.member(k) is not None]
+        if not present or not _is_npy(present[0]):
+            return None
+        image = _npy_columns(block, present[0])  # None unless every sample has it (then it is each one's first)
+        if image is None or image.dtype != np.uint8:
+            return None
+        if image.ndim == 3:
+            image = image[:, None]  # H x W
+        elif image.ndim == 4:
+            c, h, w = image.shape[1:]
+            if c not in (1, 3, 4) and w in (1, 3, 4):
+                image = image.transpose(0, 3, 1, 2)  # H x W x C
+            elif c not in (1, 3, 4):
+                return None
+        else:
+            return None
+        c, h, w = image.shape[1:]
+        if c == 4 or (self.channels or c) != c or (self.size is not None and (h, w) != (self.size, self.size)):
+            return None  # conversion through PIL, per sample
+        if shape is not None and (c, h, w) != tuple(shape):
+            return None  # the per-sample decoder names the sample
+        label = None
+        has = [k for k in self.label_keys if block.member(k) is not None]
+        if has:
+            label = _cls_columns(block, has[0])
+            if label is None:
+                return None
+        elif self.label_field and block.member("json") is not None:
+            return None
+        factors = None
+        if block.member(shards.FACTORS) is not None:
+            factors = _npy_columns(block, shards.FACTORS)
+            if factors is None:
+                return None
+            factors = factors.astype(np.float32, copy=False)
+        return Columns(block.keys(), np.ascontiguousarray(image), label, factors)
 
     def label(self, raw: Dict[str, bytes]) -> Optional[int]:
         for k in self.label_keys:

@@ -15,6 +15,8 @@ import signal
 import warnings
 from collections.abc import Iterator
 
+import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from pipeline.data.stream import ShardStream
@@ -99,6 +101,9 @@ class ShardLoader(DataLoader):
     def _count(self, batches: Iterator[dict]) -> Iterator[dict]:
         try:
             for batch in batches:
+                for k, v in batch.items():  # arrays that came by value (stream.BY_VALUE_MAX_BYTES): no copy
+                    if isinstance(v, np.ndarray):
+                        batch[k] = torch.from_numpy(v)
                 self.skipped_samples += batch.get("skipped", 0)
                 self.batches_done += 1
                 yield batch

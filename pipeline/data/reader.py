@@ -10,14 +10,24 @@ before its end (its lane's range ends inside the shard) reads on to the end firs
 shard a process reads is verified by it once. A shard found not to match (under warn) is skipped by that
 process from then on: its positions come back as None. Samples read before the end was reached have
 been handed out by then; under raise the run stops at the end of the shard.
+
+Local shards are read through an index of their members' offsets (shards.index_tar, built once per process
+and shard from the headers alone, used only when it holds the manifest's sample count): `block` reads a run
+of positions with one read for the loader to decode with a few numpy operations, hashing the bytes in file
+order as the parser would, with the same checks at the same points. Remote shards, and any shard whose
+index does not match, go through the tar parser (`read`).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Iterator, Sequence
 
+import numpy as np
+
 from pipeline.data import shards
+from pipeline.data.sources import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +42,7 @@ class ShardChecks:
         self.counts, self.digests = counts, digests
         self.verified: set[int] = set()
         self.bad: set[int] = set()
+        self.indexes: dict[int, shards.TarIndex | None] = {}  # local shards' member offsets, built once
 
     def count(self, shard: int) -> int | None:
         return None if self.counts is None else self.counts[shard]
@@ -75,20 +86,57 @@ class Reader:
         self.broken = False
         self.stream = None
         self.expected: str | None = None  # sha256 the open shard must have, while it is being verified
+        # the index path (`block`) verifying the open shard: its file, the hash so far and how far it got
+        self.fd: int | None = None
+        self.sha = None
+        self.hashed = 0
 
     def close(self) -> None:
         if self.stream is not None:
             self.stream.close()
+        if self.fd is not None:
+            os.close(self.fd)
         self.shard, self.it, self.stream, self.pos, self.broken = None, None, None, 0, False
-        self.expected = None
+        self.expected, self.fd, self.sha, self.hashed = None, None, None, 0
 
     def finish(self) -> None:
         """Leave the open shard: one still being verified is read on to its end (parsed, so a sample past
-        the manifest's count is caught too) and its hash compared. Call before handing out the samples of
-        a lane's last read, so an error is raised before they go out."""
-        if self.expected is not None:
-            while self._next() is not None:
-                self.pos += 1
+        the manifest's count is caught too; through the index, whose count matched the manifest's, hashed)
+        and its hash compared. Call before handing out the samples of a lane's last read, so an error is
+        raised before they go out."""
+        if self.expected is None:
+            return
+        if self.fd is not None:
+            try:
+                self._hash_to(None)
+            except OSError as e:
+                self._fail(f"{self.urls[self.shard]}: unreadable after its last sample: {e}")
+                return
+            self._compare(self.sha.hexdigest())
+            return
+        while self._next() is not None:
+            self.pos += 1
+
+    def _hash_to(self, end: int | None) -> None:
+        """Feed the open shard's bytes from where hashing got to up to `end` (None: the end of the file)."""
+        while end is None or self.hashed < end:
+            n = 1 << 20 if end is None else min(1 << 20, end - self.hashed)
+            data = os.pread(self.fd, n, self.hashed)
+            if not data:
+                if end is not None:
+                    raise OSError(f"file ends at byte {self.hashed}, expected {end}")
+                return
+            self.sha.update(data)
+            self.hashed += len(data)
+
+    def _compare(self, digest: str) -> None:
+        url = self.urls[self.shard]
+        if digest != self.expected:
+            self._fail(f"{url}: sha256 {digest[:16]}... differs from the manifest's {self.expected[:16]}...: "
+                       "the file is corrupt or was changed after the manifest was written", mismatch=True)
+        else:
+            self.checks.verified.add(self.shard)
+        self.expected = None
 
     def _open(self, shard: int) -> None:
         import webdataset as wds
@@ -129,11 +177,7 @@ class Reader:
             except OSError as e:  # the bytes after the end-of-archive block, e.g. a download cut short
                 self._fail(f"{url}: unreadable after its last sample: {e}")
                 return
-            if digest != self.expected:
-                self._fail(f"{url}: sha256 {digest[:16]}... differs from the manifest's {self.expected[:16]}...: "
-                           "the file is corrupt or was changed after the manifest was written", mismatch=True)
-            else:
-                self.checks.verified.add(self.shard)
+            self._compare(digest)
         self.expected = None
 
     def _next(self) -> dict | None:
@@ -154,6 +198,66 @@ class Reader:
                        "(the shard was changed after the manifest was written)", mismatch=True)
             return None
         return raw
+
+    def block(self, shard: int, lo: int, hi: int) -> shards.RawBlock | None:
+        """Positions lo .. hi-1 of a local shard with one read, through the shard's index (its members'
+        offsets, built from its headers the first time this process reads it), or None where the tar parser
+        (`read`) must read them: a remote shard, one the parser has open, one whose index does not hold the
+        manifest's count (the parser reports what is wrong), one changed since it was indexed, a failed read.
+
+        The checks are those of `read`: a shard not verified yet is hashed as it is read (the bytes skipped
+        to reach `lo` too) and compared on leaving it (`finish`, or opening another shard) or when a read
+        reaches its last sample, so the same errors come at the same points."""
+        checks, url = self.checks, self.urls[shard]
+        count = checks.count(shard)
+        if hi <= lo or shard in checks.bad or count is None or is_remote(url):
+            return None
+        if self.shard == shard and self.fd is None:
+            return None  # the parser is on this shard: it carries on
+        if shard not in checks.indexes:
+            index = shards.index_tar(url)
+            checks.indexes[shard] = index if index is not None and len(index) == count else None
+        index = checks.indexes[shard]
+        if index is None:
+            return None
+        if self.shard is not None and self.shard != shard:
+            self.finish()  # leaving a shard: finish verifying it, as opening the next one in `read` does
+            self.close()
+        start, end = int(index.start[lo]), int(index.end[hi - 1])
+        fd = self.fd if self.shard == shard else None
+        try:
+            if fd is None:
+                fd = os.open(url, os.O_RDONLY)
+                st = os.fstat(fd)
+                if (st.st_size, st.st_mtime_ns) != (index.size, index.mtime_ns):
+                    os.close(fd)
+                    checks.indexes[shard] = None  # changed since indexed: the parser reads what is there now
+                    return None
+                verify = checks.to_verify(shard)
+                if verify is not None:  # keep it open, hashing from byte 0, until the shard is left
+                    self.shard, self.fd, self.expected, self.sha, self.hashed = shard, fd, verify, hashlib.sha256(), 0
+            verifying = self.fd == fd
+            try:
+                if verifying and self.hashed < start:
+                    self._hash_to(start)  # the bytes skipped to reach lo are part of the file's hash
+                data = os.pread(fd, end - start, start)
+                if len(data) != end - start:
+                    raise OSError(f"short read at byte {start}")
+                if verifying and end > self.hashed:
+                    self.sha.update(memoryview(data)[self.hashed - start:])
+                    self.hashed = end
+            finally:
+                if not verifying:
+                    os.close(fd)
+        except OSError:
+            if self.shard == shard:
+                self.close()  # verification starts over in the parser
+            checks.indexes[shard] = None  # the parser reads it from now on and reports what it finds
+            return None
+        if verifying and hi == count:  # its last sample read: compare now, before these samples go out
+            self.finish()
+            self.close()
+        return shards.RawBlock(np.frombuffer(data, dtype=np.uint8), start, index, lo, hi)
 
     def read(self, shard: int, lo: int, hi: int | None) -> Iterator[dict | None]:
         """Raw samples at positions lo .. hi-1 of `shard`, skipped to without decoding. With hi given

@@ -21,13 +21,39 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.data import layout, shards
-from pipeline.data.decode import ImageSpec
+from pipeline.data.decode import Columns, ImageSpec, Item
 from pipeline.data.reader import Reader, ShardChecks
 from pipeline.data.sources import SplitSource
 
 log = logging.getLogger(__name__)
 
-Item = tuple[str, np.ndarray, int | None, np.ndarray | None]  # key, image, label, factors
+Read = Columns | list[Item | None]  # what a read of positions gives: arrays, or per-sample items (None: lost)
+# Arrays up to this size leave a loader worker by value (pickled through its pipe): for small batches that
+# costs the training process ~5x less than a tensor in shared memory (a file descriptor and a mapping per
+# tensor, ~0.3 ms each); larger ones go as shared-memory tensors. See ShardLoader, which makes tensors of both.
+BY_VALUE_MAX_BYTES = 1 << 20
+
+
+def as_items(read: Read) -> list[Item | None]:
+    return read.items() if isinstance(read, Columns) else read
+
+
+def join(parts: list[Read]) -> Read:
+    """The reads of consecutive segments as one: arrays when every part is, else items."""
+    if parts and all(isinstance(p, Columns) for p in parts):
+        joined = Columns.concat(parts)
+        if joined is not None:
+            return joined
+    return [it for p in parts for it in as_items(p)]
+
+
+def for_transfer(batch: dict) -> dict:
+    """In a loader worker: arrays above BY_VALUE_MAX_BYTES become tensors (shared memory); the rest travel
+    by value."""
+    for k, v in batch.items():
+        if isinstance(v, np.ndarray) and v.nbytes > BY_VALUE_MAX_BYTES:
+            batch[k] = torch.from_numpy(v)
+    return batch
 
 
 class ShardStream(IterableDataset):
@@ -69,11 +95,13 @@ class ShardStream(IterableDataset):
         reader = Reader(self.source.urls, self.on_error, self.checks)
         try:
             if self.source.counts is None:
-                yield from self._batches_streaming(reader, lane)
+                batches = self._batches_streaming(reader, lane)
             elif self.train:
-                yield from self._train_batches(reader, lane)
+                batches = self._train_batches(reader, lane)
             else:
-                yield from self._eval_batches(reader, lane)
+                batches = self._eval_batches(reader, lane)
+            for batch in batches:
+                yield for_transfer(batch) if info is not None else batch
         finally:
             reader.close()
 
@@ -94,8 +122,31 @@ class ShardStream(IterableDataset):
             log.warning("skipping sample: %s", message)
             return None
 
+    def _read(self, reader: Reader, shard: int, lo: int, hi: int) -> Read:
+        """Positions lo .. hi-1 of a shard: as arrays through the shard's index where that works, else
+        decoded sample by sample (from the indexed bytes, or parsed from the tar stream)."""
+        url = self.source.urls[shard]
+        block = reader.block(shard, lo, hi)
+        if block is None:
+            return [self._decode(raw, url) for raw in reader.read(shard, lo, hi)]
+        columns = self.spec.decode_block(block, self.shape)
+        return columns if columns is not None else [self._decode(raw, url) for raw in block.raws()]
+
+    @staticmethod
+    def _collate_columns(cols: Columns, idx: np.ndarray | None = None) -> dict:
+        """A batch (numpy arrays; the loader makes tensors) of rows `idx` of `cols` (None: all, in order)."""
+        if idx is None:
+            batch = {"image": cols.image, "key": list(cols.keys), "skipped": 0}
+        else:
+            batch = {"image": cols.image[idx], "key": [cols.keys[i] for i in idx.tolist()], "skipped": 0}
+        for name in ("label", "factors"):
+            value = getattr(cols, name)
+            if value is not None:
+                batch[name] = value if idx is None else value[idx]
+        return batch
+
     def _collate(self, items: list[Item], skipped: int) -> dict:
-        batch = {"image": torch.from_numpy(np.stack([it[1] for it in items])),
+        batch = {"image": np.stack([it[1] for it in items]),
                  "key": [it[0] for it in items], "skipped": skipped}
         if items[0][2] is not None:
             if any(it[2] is None for it in items):
@@ -104,9 +155,9 @@ class ShardStream(IterableDataset):
                     f"{self.source.origin}: sample {unlabelled!r} has no label "
                     f"(data.label_keys {list(self.spec.label_keys)}, .json field {self.spec.label_field!r}) "
                     "while others have one")
-            batch["label"] = torch.tensor([it[2] for it in items], dtype=torch.int64)
+            batch["label"] = np.array([it[2] for it in items], dtype=np.int64)
         if items[0][3] is not None:
-            batch["factors"] = torch.from_numpy(np.stack([it[3] for it in items]).astype(np.float32))
+            batch["factors"] = np.stack([it[3] for it in items]).astype(np.float32)
         return batch
 
     def _fill(self, items: list[Item | None], more: Callable[[], list[Item]]) -> tuple[list[Item], list[bool]]:
@@ -123,8 +174,11 @@ class ShardStream(IterableDataset):
             out.append(it)
         return out, filled
 
-    def _emit_block(self, items: list[Item | None], block: layout.Block,
-                    more: Callable[[], list[Item]]) -> Iterator[dict]:
+    def _emit_block(self, items: Read, block: layout.Block, more: Callable[[], list[Item]]) -> Iterator[dict]:
+        if isinstance(items, Columns):  # every sample read and decoded: nothing to fill
+            for idx in block.batches:
+                yield self._collate_columns(items, idx)
+            return
         items, filled = self._fill(items, more)
         for idx in block.batches:
             yield self._collate([items[i] for i in idx], sum(filled[i] for i in idx))
@@ -140,9 +194,8 @@ class ShardStream(IterableDataset):
         order = layout.shard_order(self.seed, self.epoch, len(counts))
         base, end = layout.lane_span(self.rank, lane, self.num_batches, self.lanes, self.batch_size)
 
-        def read(lo: int, hi: int, rd: Reader = reader) -> list[Item | None]:
-            items = [self._decode(raw, self.source.urls[shard]) for shard, a, b in layout.segments(counts, order, lo, hi)
-                     for raw in rd.read(shard, a, b)]
+        def read(lo: int, hi: int, rd: Reader = reader) -> Read:
+            items = join([self._read(rd, shard, a, b) for shard, a, b in layout.segments(counts, order, lo, hi)])
             if hi == end:  # the lane's last read: finish verifying its shard before these samples go out
                 rd.finish()
             return items
@@ -151,7 +204,7 @@ class ShardStream(IterableDataset):
             rd, total = Reader(self.source.urls, self.on_error, self.checks), int(counts.sum())
             try:
                 for lo in range(pos, pos + total, self.block):
-                    good = [it for it in read(lo, min(lo + self.block, pos + total), rd) if it is not None]
+                    good = [it for it in as_items(read(lo, min(lo + self.block, pos + total), rd)) if it is not None]
                     if good:
                         return good
             finally:
@@ -167,10 +220,12 @@ class ShardStream(IterableDataset):
         order = np.arange(len(counts))
         batches = layout.eval_batches(*self.range, lane=lane, lanes=self.lanes, batch_size=self.batch_size)
         for j, (a, b) in enumerate(batches):
-            items = [self._decode(r, self.source.urls[s]) for s, x, y in layout.segments(counts, order, a, b)
-                     for r in reader.read(s, x, y)]
+            items = join([self._read(reader, s, x, y) for s, x, y in layout.segments(counts, order, a, b)])
             if j == len(batches) - 1:  # the lane's last read: finish verifying its shard first
                 reader.finish()
+            if isinstance(items, Columns):
+                yield self._collate_columns(items)
+                continue
             good = [it for it in items if it is not None]
             if good:
                 yield self._collate(good, len(items) - len(good))
