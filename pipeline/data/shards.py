@@ -37,6 +37,28 @@ IMAGE, LABEL, FACTORS = "npy", "label.cls", "factors.npy"  # sample field names 
 SHARD_RE = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}\.tar$")
 
 
+EXTENDED_HEADERS = (b"L", b"x", b"g", b"K")  # GNU long name / pax extended headers: describe the next member
+
+
+def member_long_name(kind: bytes, data: bytes) -> Optional[str]:
+    """The name an extended header gives the member after it (GNU `L`, pax `x` path=), else None."""
+    if kind == b"L":
+        return data.split(b"\0", 1)[0].decode()
+    if kind == b"x":
+        for record in data.decode().split("\n"):
+            if " path=" in record:
+                return record.split(" path=", 1)[1]
+    return None
+
+
+def header_name(header: bytes) -> str:
+    """A member's name from its 512-byte tar header (ustar prefix + name)."""
+    name = header[:100].split(b"\0", 1)[0].decode()
+    if header[257:262] == b"ustar" and header[345] != 0:
+        name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
+    return name
+
+
 class ShardFormatError(ValueError):
     """A shard or manifest that does not follow this format; the message names the file."""
 
@@ -150,21 +172,11 @@ def iter_tar_members(stream) -> Iterator[Tuple[str, bytes]]:
         if len(data) < padded:
             raise EOFError(f"truncated member data ({len(data)} of {padded} bytes)")
         data = data[:size] if padded != size else data
-        if kind in (b"L", b"x", b"g", b"K"):  # GNU long name / pax extended headers
-            if kind == b"L":
-                long_name = data.split(b"\0", 1)[0].decode()
-            elif kind == b"x":
-                for record in data.decode().split("\n"):
-                    if " path=" in record:
-                        long_name = record.split(" path=", 1)[1]
+        if kind in EXTENDED_HEADERS:
+            long_name = member_long_name(kind, data) or long_name
             continue
         if kind in (b"0", b"\0", b"7"):
-            if long_name is not None:
-                name, long_name = long_name, None
-            else:
-                name = header[:100].split(b"\0", 1)[0].decode()
-                if header[257:262] == b"ustar" and header[345] != 0:
-                    name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
+            name, long_name = long_name or header_name(header), None
             yield name, data
         else:
             long_name = None  # directories, links, devices: skipped
@@ -292,25 +304,15 @@ def index_tar(path: str) -> Optional[TarIndex]:
                 pos = data_at + padded
                 if pos > st.st_size:
                     return None  # truncated member data
-                if kind in (b"L", b"x", b"g", b"K"):
+                if kind in EXTENDED_HEADERS:
                     data = f.read(size)
                     f.seek(padded - size, 1)
-                    if kind == b"L":
-                        long_name = data.split(b"\0", 1)[0].decode()
-                    elif kind == b"x":
-                        for record in data.decode().split("\n"):
-                            if " path=" in record:
-                                long_name = record.split(" path=", 1)[1]
+                    long_name = member_long_name(kind, data) or long_name
                     continue
                 f.seek(padded, 1)
                 if kind not in (b"0", b"\0", b"7"):
                     return None  # directories, links, devices: rare in shards; the parser handles them
-                if long_name is not None:
-                    name, long_name = long_name, None
-                else:
-                    name = header[:100].split(b"\0", 1)[0].decode()
-                    if header[257:262] == b"ustar" and header[345] != 0:
-                        name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
+                name, long_name = long_name or header_name(header), None
                 slash = name.rfind("/") + 1
                 dot = name.find(".", slash)
                 if dot < 0 or name.startswith("__", slash):
