@@ -533,6 +533,9 @@ def run(args) -> dict[str, Any]:
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "lightning": lightning.__version__,
         "python": platform.python_version(), "repeats": args.repeats, "seconds": round(time.time() - started, 1),
         "load_average_1min": os.getloadavg()[0],
+        # how idle OpenMP threads wait (GNU OpenMP: spin, then sleep; PASSIVE: sleep at once) decides how much
+        # other processes on the machine slow both sides: recorded with every result
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset: spin)"),
         "presets": presets,
         "ratios": {f"{p}/{k}": v for p, r in presets.items() for k, v in r["ratios"].items()},
     }
@@ -541,7 +544,8 @@ def run(args) -> dict[str, Any]:
 
 def format_summary(result: dict[str, Any]) -> str:
     lines = [(f"# bench on {result['device']} ({result['cpu_count']} cpus, torch {result['torch']}), "
-              f"{result['seconds']} s, load avg {result['load_average_1min']:.1f}")]
+              f"{result['seconds']} s, load avg {result['load_average_1min']:.1f}, "
+              f"OMP_WAIT_POLICY {result.get('omp_wait_policy', '?')}")]
     for name, r in result["presets"].items():
         lines.append(f"{name} ({r['arch']}, batch {r['batch_size']}, {r['num_workers']} workers, "
                      f"{r['torch_threads']} intra-op threads; load avg {r['load_average_before']:.1f} before):")
