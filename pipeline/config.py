@@ -46,6 +46,7 @@ WandbMode = Literal["online", "offline", "disabled"]
 Channels = Literal[1, 3]  # data.channels: images converted to grey or RGB
 Resize = Literal["center_crop", "stretch"]  # data.resize: how images reach data.image_size
 ImageFormat = Literal["npy", "png", "jpg"]  # how `prepare` stores images in shards (--format)
+Cache = Literal["auto", "none", "host", "device"]  # data.cache: where the decoded training split is held
 
 
 def choices(alias) -> tuple:
@@ -74,6 +75,7 @@ class DataConfig:
     steps_per_epoch: Optional[int] = None  # default: floor(total / (world_size * batch_size))
     on_error: OnError = "raise"  # unreadable data: raise stops naming the shard; warn skips, counts, logs it
     verify_checksums: bool = True  # sha256 of each shard checked against the manifest as read (once per worker)
+    cache: Cache = "auto"  # train split decoded in the training process: host RAM, device; auto: host if <= 512 MiB
     seed: Optional[int] = None  # data order; default: the root `seed`
     binarize: Binarize = "none"  # dynamic: Bernoulli resample each time (MNIST-style); threshold: > 0.5
     pin_memory: bool = True  # page-locked batches for faster host-to-GPU copies (GPU only)
@@ -278,7 +280,7 @@ OPERATIONAL_KEYS = (
     "trainer.max_loss", "trainer.val_check_interval", "trainer.log_every_n_steps", "trainer.limit_val_batches",
     "trainer.enable_progress_bar", "trainer.devices", "trainer.num_nodes", "trainer.accelerator",
     "trainer.strategy", "trainer.compile", "trainer.deterministic",
-    "data.num_workers", "data.pin_memory", "data.on_error", "data.verify_checksums",
+    "data.num_workers", "data.pin_memory", "data.cache", "data.on_error", "data.verify_checksums",
     "trainer.signal_every_n_steps",
 )
 RUN_NAME_MAX = 80  # characters: a directory name that stays readable in `ls` and W&B

@@ -8,6 +8,7 @@ library notices that every run would print.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
 import time
@@ -166,10 +167,19 @@ def summary_lines(cfg, dm, module, trainer, wandb_mode: str, resume: Optional[st
     changed = C.changed_keys(cfg)
     group = f", group {cfg.logger.wandb.group}" if cfg.logger.wandb.group else ""
     data = cfg.data.train or f"{cfg.data.dataset or 'digits'} ({cfg.data.root})"
+    workers = f"{cfg.data.num_workers} loader workers" if cfg.data.num_workers else "the training process"
+    if dm.cache_device() is None:
+        loader = f"every split streamed by {workers} (data.cache={cfg.data.cache})"
+    else:
+        place = f"{accelerator} memory" if cfg.data.cache == "device" else "host RAM"
+        held = counts["train"] * math.prod(dm.input_shape)
+        loader = (f"train split held in {place} (data.cache={cfg.data.cache}, {held / 2**20:,.1f} MiB per process, "
+                  f"no workers); val/test streamed by {workers}")
     return [
         f"# run       {cfg.run.dir}  (full config: {cfg.run.dir}/config.yaml)",
         f"# data      {data}: {_size(counts['train'])} train / {_size(counts['val'])} val / {_size(counts['test'])} "
         f"test images of {shape}, batch {cfg.data.batch_size} per device",
+        f"# loader    {loader}",
         f"# model     {m.arch} VAE, latent {m.latent_dim}, {m.likelihood} likelihood, {params:,} parameters; "
         f"beta {cfg.objective.beta:g} ({cfg.objective.kl_schedule} KL schedule)",
         f"# devices   {accelerator} x {trainer.num_devices}{nodes} ({strategy}, {t.precision})",

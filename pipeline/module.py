@@ -159,8 +159,18 @@ class VAEModule(pl.LightningModule):
             raise ValueError("objective.kl_schedule=cyclical needs max_steps > 0")
         self.vae = VAE(self.model_cfg, self.input_shape)
         self.sums = nn.ModuleDict({stage: ExactSums(self.model_cfg.latent_dim) for stage in STAGES})
-        self._bad_step: Optional[torch.Tensor] = None  # first step with a non-finite loss (-1: none), on the device
-        self._bad_loss: Optional[torch.Tensor] = None  # that loss
+        # the first step with a non-finite loss (-1: none) and that loss, on the device ("step", "loss"); a plain
+        # dict, so updating it each step skips nn.Module.__setattr__
+        self._non_finite: Dict[str, torch.Tensor] = {}
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets plain attributes on the module around every hook (~25 times a step); a name already
+        # held as a plain attribute, given a value that is no tensor or module, needs none of nn.Module's
+        # parameter / buffer / submodule bookkeeping (~1 us each on CPU).
+        if name in self.__dict__ and not isinstance(value, (torch.Tensor, nn.Module)):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     # ---- data -------------------------------------------------------------------------------
     def to_float(self, image: torch.Tensor) -> torch.Tensor:
@@ -196,22 +206,22 @@ class VAEModule(pl.LightningModule):
             return None
         terms = self._terms(x)
         penalty, weight, capacity = self._kl_penalty(terms["kl_per_dim"])
-        loss = terms["recon"].mean() + penalty
+        recon = terms["recon"].mean()
+        loss = recon + penalty
         self._note_non_finite(loss)
-        if self._writes_logs_this_step():  # the loggers read this step's values anyway: no extra stall
-            self._raise_if_non_finite()
+        if not self._writes_logs_this_step():
+            return loss  # each self.log costs ~0.45 ms on CPU; loggers only write every N steps
+        self._raise_if_non_finite()  # the loggers read this step's values anyway: no extra stall
         logged = {
             "loss": loss,
             "elbo": terms["elbo"].mean(),
-            "recon": terms["recon"].mean(),
+            "recon": recon,
             "kl": terms["kl"].mean(),
             "bits_per_dim": objectives.bits_per_dim(-terms["elbo"], self.num_dims).mean(),
             "kl_weight": weight,
         }
         if capacity is not None:
             logged["capacity_nats"] = capacity
-        if not self._writes_logs_this_step():
-            return loss  # each self.log costs ~0.45 ms on CPU; loggers only write every N steps
         for name, value in logged.items():  # on_step only: no cross-rank reduction
             value = value.detach() if torch.is_tensor(value) else float(value)
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, sync_dist=False,
@@ -279,20 +289,23 @@ class VAEModule(pl.LightningModule):
     # metrics are written, before a validation and before any checkpoint is written (so none holds weights
     # trained after a non-finite loss: the last good one stays).
     def _note_non_finite(self, loss: torch.Tensor) -> None:
-        if self._bad_step is None or self._bad_step.device != loss.device:
-            self._bad_step = torch.full((), -1, dtype=torch.int64, device=loss.device)
-            self._bad_loss = torch.zeros((), dtype=loss.dtype, device=loss.device)
-        keep = torch.isfinite(loss) | (self._bad_step >= 0)
-        self._bad_step = torch.where(keep, self._bad_step, self.global_step)
-        self._bad_loss = torch.where(keep, self._bad_loss, loss.detach())
+        nf = self._non_finite
+        if not nf or nf["step"].device != loss.device:
+            nf["step"] = torch.full((), -1, dtype=torch.int64, device=loss.device)
+            nf["loss"] = torch.zeros((), dtype=loss.dtype, device=loss.device)
+        keep = torch.isfinite(loss).logical_or_(nf["step"] >= 0)
+        nf["step"] = torch.where(keep, nf["step"], self.global_step)
+        nf["loss"] = torch.where(keep, nf["loss"], loss.detach())
 
     def _raise_if_non_finite(self, agree: bool = False) -> None:
         """FloatingPointError naming the first step with a non-finite loss, if there was one (one host read).
         agree: under DDP all ranks take part (one all-reduce) and raise together, at the first such step of any."""
         distributed = agree and self._trainer is not None and self.trainer.world_size > 1
-        if self._bad_step is None and not distributed:
+        if not self._non_finite and not distributed:
             return
-        step = self._bad_step if self._bad_step is not None else torch.full((), -1, device=self.device)
+        step = self._non_finite.get("step")
+        if step is None:
+            step = torch.full((), -1, device=self.device)
         if distributed:
             first = torch.where(step < 0, torch.iinfo(torch.int64).max, step).to(self.device)
             torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
@@ -303,7 +316,7 @@ class VAEModule(pl.LightningModule):
             at = int(step)
             if at < 0:
                 return
-        value = f"{float(self._bad_loss)}" if at == int(step) else "on another rank"
+        value = f"{float(self._non_finite['loss'])}" if at == int(step) else "on another rank"
         raise FloatingPointError(f"non-finite training loss ({value}) at global_step {at}")
 
     def on_validation_start(self) -> None:

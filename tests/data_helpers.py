@@ -42,7 +42,10 @@ def write_dataset(out: Path, splits: Dict[str, Sequence[int]], **kw) -> Path:
 
 
 def data_cfg(root: Path, **kw) -> DataConfig:
-    base = dict(root=str(root), batch_size=16, num_workers=2, shuffle_buffer=40, seed=0, pin_memory=False)
+    """A DataConfig streaming through the loader workers (data.cache=none: these tests are about the stream;
+    tests/test_cache.py checks that the cache gives the same batches)."""
+    base = dict(root=str(root), batch_size=16, num_workers=2, shuffle_buffer=40, seed=0, pin_memory=False,
+                cache="none")
     base.update(kw)
     return DataConfig(**base)
 

@@ -17,12 +17,18 @@ def test_bench_smoke_writes_ratios(tmp_path, capsys):
                "--data-dir", str(tmp_path / "data"), "--quiet"])
     assert rc == 0
     r = json.loads(out.read_text())
-    assert set(r["ratios"]) == {"digits/pipeline_vs_bare", "digits/loader_vs_raw", "digits/ddp_2_vs_1"}
+    assert set(r["ratios"]) == {"digits/pipeline_vs_bare", "digits/loader_vs_raw", "digits/loader_vs_bytes",
+                                "digits/cached_loader_vs_raw", "digits/ddp_2_vs_1"}
     assert all(math.isfinite(v) and v > 0 for v in r["ratios"].values())
     d = r["presets"]["digits"]
     for key in ("pipeline", "bare"):
         assert d[key]["images_per_s"] > 0
     assert d["loader"]["samples_per_s"] > 0 and d["raw_read"]["samples_per_s"] > 0
+    # loader_vs_raw streams through the workers; the configured default holds digits in memory
+    assert (d["loader"]["cache"], d["loader"]["cached"]) == ("none", False)
+    assert (d["loader_as_configured"]["cache"], d["loader_as_configured"]["cached"]) == ("auto", True)
+    files = sum(p.stat().st_size for p in (tmp_path / "data" / "digits").glob("train-*.tar"))
+    assert d["file_read"]["bytes_per_sample"] == pytest.approx(files / d["train_images"])
     # The DDP run counts the images of both ranks: twice the per-rank batch per timed step.
     assert d["ddp_2"]["images"] == 2 * d["ddp_1"]["images"] == 2 * 3 * d["batch_size"]
     assert r["device"] == "cpu" and "pipeline" in capsys.readouterr().out

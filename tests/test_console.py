@@ -65,7 +65,9 @@ def test_summary_progress_and_no_known_noise_in_logs_and_on_a_terminal(tiny_over
     # a short summary instead of the 90-line config dump (the config is in RUN_DIR/config.yaml)
     assert "objective:" not in out and "resolved config" not in out
     summary = [ln for ln in lines if ln.startswith("# ")]
-    expected = [f"# run       {run_dir}", "# data      digits (", "# model     mlp VAE, latent 4",
+    expected = [f"# run       {run_dir}", "# data      digits (",
+                "# loader    train split held in host RAM (data.cache=auto, 0.1 MiB per process, no workers); val/test "
+                "streamed by 2 loader workers", "# model     mlp VAE, latent 4",
                 "# devices   cpu x 1", "# steps     30", "# wandb     offline", "# start     fresh", "# changed   "]
     for head in expected:
         assert any(ln.startswith(head) for ln in summary), (head, summary)

@@ -45,6 +45,11 @@ SLURM_ONE_TASK = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNOD
                   "SLURM_NODELIST": "localhost", "SLURM_STEP_ID": "0"}
 
 
+# Digits fits the default data.cache (the training process holds the split: no training-loader workers);
+# the tests of what reaches loader workers stream it through them, as every split too large to hold is.
+STREAMED = ["data.cache=none"]
+
+
 def start_train(args, env_extra=None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "SLURM_"))}
     env.update(PYTHONUNBUFFERED="1", **(env_extra or {}))
@@ -102,7 +107,7 @@ def test_usr1_to_loader_workers_neither_kills_them_nor_stops_the_run(launch, tin
     """`kill -USR1 <worker>` (what SLURM does to every process of the step): the run goes on to the end."""
     steps = 300
     proc = start_train(tiny_overrides + [f"trainer.max_steps={steps}", "trainer.val_check_interval=100",
-                                         "checkpoint.every_n_steps=100"],
+                                         "checkpoint.every_n_steps=100", *STREAMED],
                        SLURM_ONE_TASK if launch == "slurm" else None)
     workers = wait_for_workers(proc, 2)  # the training loader's default 2 workers, forked before step 0
     for _ in range(3):  # more than once: a handler that ran once could be gone
@@ -152,7 +157,8 @@ def test_second_ctrl_c_stops_at_once(tiny_overrides, tmp_path):
     never = "100000"
     run_dir = tmp_path / "run"
     proc = start_train(tiny_overrides + [f"trainer.max_steps={never}", f"trainer.val_check_interval={never}",
-                                         f"checkpoint.every_n_steps={never}", "logger.images_every_n_steps=0"])
+                                         f"checkpoint.every_n_steps={never}", "logger.images_every_n_steps=0",
+                                         *STREAMED])
     workers = wait_for_workers(proc, 2)
     time.sleep(0.5)  # training under way
     try:

@@ -13,9 +13,14 @@ size, optimizer, loader settings), every figure is a ratio of two measurements t
                      ShardDataModule over the WebDataset shards) against a bare PyTorch loop over the
                      same training images held in memory as one uint8 tensor: same model, batch size,
                      optimizer (AdamW), loss and device; the loop slices a random permutation per epoch.
-  loader_vs_raw      samples/s of the training loader alone (decode, shuffle blocks, batch in workers)
+  loader_vs_raw      samples/s of the training loader alone (decode, shuffle blocks, batch in workers;
+                     data.cache=none, so the shards are read as any split too large to hold is)
                      against reading the same shards' samples as raw bytes (tar parsing, no decoding),
                      in one process.
+  loader_vs_bytes    the same loader samples/s against the physical limit: reading the shard files' bytes
+                     (1 MiB reads, page cache warm, one process), as samples/s (file bytes per sample).
+  cached_loader_vs_raw  the training loader as the preset configures it (data.cache=auto: held in memory
+                     when the split is small) against the same raw read.
   ddp_2_vs_1         pipeline images/s (all ranks) with 2 DDP ranks against 1, CPU + gloo, each rank
                      with data.batch_size; run as subprocesses (Lightning relaunches this module).
   bf16_*             on a GPU (or with --bf16): the same with trainer.precision=bf16-mixed, the bare
@@ -26,8 +31,8 @@ so it covers exactly `--steps` batches (loading included). Validation, checkpoin
 pushed outside the window; everything else runs as configured. Pipeline and bare runs alternate
 `--repeats` times and the median is kept, since other processes on the machine shift both alike.
 
---ablations re-measures the pipeline with one setting changed at a time (num_workers 0/1, logging every
-1000 steps, no progress bar, one intra-op thread in the training process) against the default.
+--ablations re-measures the pipeline with one setting changed at a time (data.cache=none, num_workers 0/1,
+logging every 1000 steps, no progress bar, one intra-op thread in the training process) against the default.
 
 Writes JSON (--out, default bench.json): settings, every measurement (images/s, samples/s, seconds)
 and the ratios, flat under "ratios" ("digits/pipeline_vs_bare", ...).
@@ -240,14 +245,15 @@ def loader_throughput(cfg, split: str = "train", batches: int = 200, warmup: int
     elapsed = time.perf_counter() - start
     return {"split": split, "batches": batches, "samples": samples, "seconds": elapsed,
             "samples_per_s": samples / elapsed, "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
-            "shuffle_buffer": cfg.shuffle_buffer}
+            "shuffle_buffer": cfg.shuffle_buffer, "cached": loader.dataset.cache is not None}
 
 
 def checksum_cost(cfg, repeats: int = 3) -> dict[str, Any]:
     """Samples/s of the training loader's first epoch with data.verify_checksums on and off (cfg: a
     DataConfig), alternating `repeats` times in this run; medians. The first epoch is where the hashing
     happens (each worker verifies a shard once, then reads it unhashed); worker start-up is timed on both
-    sides alike. cost = off / on - 1 (0.05: verification makes the first epoch 5% slower)."""
+    sides alike. cost = off / on - 1 (0.05: verification makes the first epoch 5% slower). The split is
+    streamed through the loader workers (data.cache=none)."""
     import dataclasses
 
     from pipeline.data.datamodule import ShardDataModule
@@ -257,7 +263,7 @@ def checksum_cost(cfg, repeats: int = 3) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     for _ in range(repeats):
         for verify in (True, False):
-            dm = ShardDataModule(dataclasses.replace(cfg, verify_checksums=verify))
+            dm = ShardDataModule(dataclasses.replace(cfg, verify_checksums=verify, cache="none"))
             dm.setup("fit")
             loader = dm.train_dataloader()
             start = time.perf_counter()
@@ -270,10 +276,46 @@ def checksum_cost(cfg, repeats: int = 3) -> dict[str, Any]:
             "samples": samples, "load_average_before": load_before, "load_average_after": os.getloadavg()[0]}
 
 
-def measure_loader(cfg, batches: int, warmup: int) -> dict[str, float]:
-    """Samples/s of the training loader alone (loader_throughput)."""
-    r = loader_throughput(cfg.data, split="train", batches=batches, warmup=warmup)
-    return {"samples": r["samples"], "seconds": r["seconds"], "samples_per_s": r["samples_per_s"]}
+def measure_loader(cfg, batches: int, warmup: int, cache: str | None = "none") -> dict[str, float]:
+    """Samples/s of the training loader alone (loader_throughput), with data.cache set to `cache` (None: as
+    configured)."""
+    from pipeline import config as C
+
+    data = C.section(C.to_dict(cfg.data), C.DataConfig)  # a copy
+    if cache is not None:
+        data.cache = cache
+    r = loader_throughput(data, split="train", batches=batches, warmup=warmup)
+    return {"samples": r["samples"], "seconds": r["seconds"], "samples_per_s": r["samples_per_s"],
+            "cache": data.cache, "cached": r["cached"]}
+
+
+def measure_file_read(root: Path, min_bytes: int, min_seconds: float = 0.3) -> dict[str, float]:
+    """The shard files' raw byte rate: the training shards read whole in 1 MiB reads (after one untimed pass,
+    so from the page cache as the loader reads them), over and over until `min_bytes` and `min_seconds`; as
+    bytes/s and as samples/s at the files' bytes per sample."""
+    from pipeline.data import shards
+
+    manifest = shards.load_manifest(root / shards.MANIFEST)
+    entries = manifest["splits"]["train"]["shards"]
+    paths = [root / s["name"] for s in entries]
+    file_bytes = sum(p.stat().st_size for p in paths)
+    per_sample = file_bytes / sum(s["samples"] for s in entries)
+
+    def read_all() -> int:
+        n = 0
+        for p in paths:
+            with open(p, "rb", buffering=0) as f:
+                while block := f.read(1 << 20):
+                    n += len(block)
+        return n
+
+    read_all()
+    nbytes, start = 0, time.perf_counter()
+    while nbytes < min_bytes or time.perf_counter() - start < min_seconds:
+        nbytes += read_all()
+    seconds = time.perf_counter() - start
+    return {"bytes": nbytes, "seconds": seconds, "bytes_per_s": nbytes / seconds,
+            "bytes_per_sample": per_sample, "samples_per_s": nbytes / seconds / per_sample}
 
 
 def measure_raw_read(root: Path, samples: int) -> dict[str, float]:
@@ -433,9 +475,15 @@ def bench_preset(preset: str, args, work: Path, log) -> dict[str, Any]:
     log(f"[{preset}] loader alone vs raw shard bytes ...")
     loader = measure_loader(cfg, batches=max(steps, 50), warmup=warmup)
     raw = measure_raw_read(root, samples=int(loader["samples"]))
-    res["loader"], res["raw_read"] = loader, raw
+    file_read = measure_file_read(root, min_bytes=int(loader["samples"] * 4096))
+    cached = measure_loader(cfg, batches=max(steps, 50), warmup=warmup, cache=None)
+    res["loader"], res["raw_read"], res["file_read"], res["loader_as_configured"] = loader, raw, file_read, cached
     ratios["loader_vs_raw"] = _ratio(loader["samples_per_s"], raw["samples_per_s"])
-    log(f"[{preset}] loader {loader['samples_per_s']:.0f} samples/s, raw {raw['samples_per_s']:.0f} samples/s")
+    ratios["loader_vs_bytes"] = _ratio(loader["samples_per_s"], file_read["samples_per_s"])
+    ratios["cached_loader_vs_raw"] = _ratio(cached["samples_per_s"], raw["samples_per_s"])
+    log(f"[{preset}] loader {loader['samples_per_s']:.0f} samples/s, raw {raw['samples_per_s']:.0f} samples/s, "
+        f"file bytes {file_read['samples_per_s']:.0f} samples/s, as configured (data.cache={cached['cache']}) "
+        f"{cached['samples_per_s']:.0f} samples/s")
 
     if args.ddp:
         log(f"[{preset}] DDP (CPU, gloo) 1 rank, then 2 ranks ...")
@@ -448,7 +496,8 @@ def bench_preset(preset: str, args, work: Path, log) -> dict[str, Any]:
     if args.ablations:
         base = res["pipeline"]["images_per_s"]
         abl = {}
-        for name, extra, threads in (("num_workers=0", ["data.num_workers=0"], None),
+        for name, extra, threads in (("data.cache=none", ["data.cache=none"], None),
+                                     ("num_workers=0", ["data.num_workers=0"], None),
                                      ("num_workers=1", ["data.num_workers=1"], None),
                                      ("log_every_n_steps=1000", ["trainer.log_every_n_steps=1000"], None),
                                      ("no_progress_bar", ["trainer.enable_progress_bar=false"], None),
@@ -485,6 +534,9 @@ def run(args) -> dict[str, Any]:
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "lightning": lightning.__version__,
         "python": platform.python_version(), "repeats": args.repeats, "seconds": round(time.time() - started, 1),
         "load_average_1min": os.getloadavg()[0],
+        # how idle OpenMP threads wait (GNU OpenMP: spin, then sleep; PASSIVE: sleep at once) decides how much
+        # other processes on the machine slow both sides: recorded with every result
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset: spin)"),
         "presets": presets,
         "ratios": {f"{p}/{k}": v for p, r in presets.items() for k, v in r["ratios"].items()},
     }
@@ -493,7 +545,8 @@ def run(args) -> dict[str, Any]:
 
 def format_summary(result: dict[str, Any]) -> str:
     lines = [(f"# bench on {result['device']} ({result['cpu_count']} cpus, torch {result['torch']}), "
-              f"{result['seconds']} s, load avg {result['load_average_1min']:.1f}")]
+              f"{result['seconds']} s, load avg {result['load_average_1min']:.1f}, "
+              f"OMP_WAIT_POLICY {result.get('omp_wait_policy', '?')}")]
     for name, r in result["presets"].items():
         lines.append(f"{name} ({r['arch']}, batch {r['batch_size']}, {r['num_workers']} workers, "
                      f"{r['torch_threads']} intra-op threads; load avg {r['load_average_before']:.1f} before):")
@@ -507,6 +560,14 @@ def format_summary(result: dict[str, Any]) -> str:
                              f"{r['ratios'][prefix + 'pipeline_vs_bare']:.3f}")
         lines.append(f"  loader   {r['loader']['samples_per_s']:9.0f} samples/s vs raw read {r['raw_read']['samples_per_s']:9.0f}"
                      f" samples/s  ratio {r['ratios']['loader_vs_raw']:.3f}")
+        fr = r["file_read"]
+        lines.append(f"  loader   {r['loader']['samples_per_s']:9.0f} samples/s vs file bytes "
+                     f"{fr['samples_per_s']:9.0f} samples/s ({fr['bytes_per_s'] / 2**20:.0f} MiB/s)  ratio "
+                     f"{r['ratios']['loader_vs_bytes']:.3f}")
+        held = "held in memory" if r["loader_as_configured"]["cached"] else "streamed"
+        lines.append(f"  loader as configured (data.cache={r['loader_as_configured']['cache']}: {held}) "
+                     f"{r['loader_as_configured']['samples_per_s']:9.0f} samples/s  vs raw read ratio "
+                     f"{r['ratios']['cached_loader_vs_raw']:.3f}")
         if "ddp_2" in r:
             lines.append(f"  ddp 2 ranks {r['ddp_2']['images_per_s']:6.0f} img/s vs 1 rank {r['ddp_1']['images_per_s']:6.0f}"
                          f" img/s  ratio {r['ratios']['ddp_2_vs_1']:.3f}")
@@ -517,7 +578,7 @@ def format_summary(result: dict[str, Any]) -> str:
 
 def loader_main(argv: Sequence[str]) -> int:
     """`python -m pipeline.bench loader ...`: samples/s of the training loader of a prepared dataset."""
-    from pipeline.config import DataConfig
+    from pipeline.config import Cache, DataConfig, choices
 
     d = DataConfig()
     p = argparse.ArgumentParser(prog="python -m pipeline.bench loader", description="loader samples/s",
@@ -529,10 +590,11 @@ def loader_main(argv: Sequence[str]) -> int:
     p.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer)
     p.add_argument("--batches", type=int, default=200)
     p.add_argument("--split", default="train")
+    p.add_argument("--cache", default="none", choices=choices(Cache), help="data.cache (none: through the workers)")
     p.add_argument("--checksums", action="store_true", help="instead: first-epoch samples/s with "
                    "data.verify_checksums on and off (3 alternating runs each)")
     args = p.parse_args(argv)
-    cfg = DataConfig(dataset=args.dataset, root=args.root, batch_size=args.batch_size,
+    cfg = DataConfig(dataset=args.dataset, root=args.root, batch_size=args.batch_size, cache=args.cache,
                      num_workers=args.workers, shuffle_buffer=args.shuffle_buffer, seed=0)
     if args.checksums:
         c = checksum_cost(cfg)

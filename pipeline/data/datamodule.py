@@ -10,6 +10,7 @@ Batches are built inside the loader workers (pipeline.data.stream); the running 
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from pathlib import Path
 
@@ -25,10 +26,11 @@ from pipeline.data.sources import (
     first_sample,
     resolve_source,
 )
-from pipeline.data.stream import ShardStream
+from pipeline.data.stream import ShardStream, SplitCache
 from pipeline.lightning_compat import shutdown_loader_workers
 
 log = logging.getLogger(__name__)
+AUTO_CACHE_BYTES = 512 << 20  # data.cache=auto holds decoded training splits up to this size (uint8 images)
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -52,6 +54,7 @@ class ShardDataModule(pl.LightningDataModule):
         except ValueError as e:
             raise DataSetupError(str(e)) from None
         self._shapes: dict[str, tuple[int, int, int]] = {}
+        self._cache: SplitCache | None = None  # data.cache: the decoded training split, filled once
 
     # ---- sources
     def source(self, split: str) -> SplitSource | None:
@@ -194,9 +197,25 @@ class ShardDataModule(pl.LightningDataModule):
     def _lanes(self) -> int:
         return max(1, self.cfg.num_workers)
 
+    def cache_device(self) -> torch.device | None:
+        """Where data.cache holds the decoded training split (None: not held; the loader workers stream it).
+        auto: host RAM when the split has a manifest and its decoded images take at most AUTO_CACHE_BYTES."""
+        mode, src = self.cfg.cache, self.source("train")
+        if mode == "none" or src is None or src.counts is None:
+            if mode in ("host", "device") and src is not None:
+                log.info("data.cache=%s: %s has no sample counts (no manifest); streaming it instead", mode, src.origin)
+            return None
+        if mode == "auto" and src.total * math.prod(self.input_shape) > AUTO_CACHE_BYTES:
+            return None
+        trainer = getattr(self, "trainer", None)
+        if mode == "device" and trainer is not None:
+            return trainer.strategy.root_device
+        return torch.device("cpu")
+
     def loader(self, split: str, train: bool) -> ShardLoader:
         """This rank's loader for any split: `train=True` is the shuffled, equal-batch training stream;
-        `train=False` the exact, unshuffled reader that validation, test and evaluation use."""
+        `train=False` the exact, unshuffled reader that validation, test and evaluation use. The training
+        split is served from data.cache when that holds it: the same batches, built in this process."""
         src = self.source(split)
         stream = ShardStream(src, train=train, batch_size=self.cfg.batch_size, world_size=self.world_size,
                              rank=self.rank, lanes=self._lanes(), seed=self.seed,
@@ -204,8 +223,15 @@ class ShardDataModule(pl.LightningDataModule):
                              num_batches=self.steps_per_epoch if train else None, on_error=self.cfg.on_error,
                              verify_checksums=self.cfg.verify_checksums,
                              spec=self.spec, shape=self.split_shape(split))
+        if train and split == "train" and (device := self.cache_device()) is not None:
+            if self._cache is None:
+                self._cache = stream.fill_cache(device)
+                if self._cache is None:
+                    log.info("data.cache=%s: %s has samples that cannot be held alike (unreadable, or labels or "
+                             "factors in some only); streaming it instead", self.cfg.cache, src.origin)
+            stream.cache = self._cache
         trainer = getattr(self, "trainer", None)
-        loader = ShardLoader(stream, num_workers=self.cfg.num_workers,
+        loader = ShardLoader(stream, num_workers=0 if stream.cache is not None else self.cfg.num_workers,
                              pin_memory=bool(self.cfg.pin_memory) and torch.cuda.is_available(),
                              start_epoch=trainer.current_epoch if train and trainer is not None else 0)
         self._loaders.append(loader)

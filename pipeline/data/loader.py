@@ -88,6 +88,8 @@ class ShardLoader(DataLoader):
         self._started = True
         self.epoch, self.batches_done = epoch, start
         self.dataset.set_position(epoch, start)
+        if self.dataset.cache is not None:  # batches from data.cache, built here: no DataLoader machinery
+            return self._count(iter(self.dataset))
         # Workers are forked here (first epoch, or after a restart) with the training process's signal
         # handlers; block the signals across the fork so none runs in a worker before worker_init. The
         # training process still gets them: pending until the unblock, or taken by another thread.

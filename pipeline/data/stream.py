@@ -47,6 +47,60 @@ def join(parts: list[Read]) -> Read:
     return [it for p in parts for it in as_items(p)]
 
 
+class SplitCache:
+    """A split's decoded samples in canonical order (shard 0's positions, then shard 1's, ...) held by the
+    training process, in its RAM or on the accelerator (data.cache). Filled by `ShardStream.fill_cache`,
+    which reads every shard through the same reader and decoder as the loader workers (with the same
+    checks); batches are then rows of it, chosen by the same layout, so they are the stream's batches."""
+
+    def __init__(self, columns: Columns, counts, device: torch.device | str | None = None):
+        self.offsets = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))[:-1]])
+        self.device = torch.device(device or "cpu")
+        self.keys = np.array(columns.keys, dtype=object)
+        self.tensors = {name: torch.from_numpy(np.ascontiguousarray(value)).to(self.device)
+                        for name, value in (("image", columns.image), ("label", columns.label),
+                                            ("factors", columns.factors)) if value is not None}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def rows(self, segments) -> np.ndarray:
+        """Cache rows of (shard, first, stop) segments, in order."""
+        return np.concatenate([self.offsets[s] + np.arange(a, b, dtype=np.int64) for s, a, b in segments])
+
+    def batch(self, rows: np.ndarray) -> dict:
+        index = torch.from_numpy(rows)
+        if self.device.type != "cpu":
+            index = index.to(self.device, non_blocking=True)
+        batch = {name: torch.index_select(t, 0, index) for name, t in self.tensors.items()}
+        batch["key"] = self.keys[rows].tolist()
+        batch["skipped"] = 0
+        return batch
+
+
+class CachedRows:
+    """A read served by a SplitCache: the cache rows of the positions read."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows = rows
+
+
+def columns_of(items: list[Item | None]) -> Columns | None:
+    """Items as Columns, or None when they are not alike (a lost sample, labels or factors in some only,
+    several shapes): left to the stream, which fills or reports them."""
+    if not items or any(it is None for it in items):
+        return None
+    first = items[0]
+    if any(it[1].shape != first[1].shape or (it[2] is None) != (first[2] is None)
+           or (it[3] is None) != (first[3] is None) or (it[3] is not None and it[3].shape != first[3].shape)
+           for it in items):
+        return None
+    return Columns([it[0] for it in items], np.stack([it[1] for it in items]),
+                   None if first[2] is None else np.array([it[2] for it in items], dtype=np.int64),
+                   None if first[3] is None else np.stack([it[3] for it in items]).astype(np.float32))
+
+
 def for_transfer(batch: dict) -> dict:
     """In a loader worker: arrays above BY_VALUE_MAX_BYTES become tensors (shared memory); the rest travel
     by value."""
@@ -75,6 +129,7 @@ class ShardStream(IterableDataset):
         self.shuffle = train and shuffle_buffer > 0
         self.epoch, self.start = 0, 0
         self._iterated = False
+        self.cache: SplitCache | None = None  # set: training batches come from it, in the training process
         if not train and source.counts is not None:  # exact split of the val/test samples
             self.range = layout.eval_range(source.total, world_size, rank)
             self.num_batches = layout.eval_num_batches(*self.range, batch_size)
@@ -87,6 +142,9 @@ class ShardStream(IterableDataset):
         if self._iterated:  # a persistent worker's copy: each further pass is the next epoch, from batch 0
             self.epoch, self.start = self.epoch + 1, 0
         self._iterated = True
+        if self.cache is not None:
+            yield from self._cached_batches()
+            return
         info = get_worker_info()
         w, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if workers != self.lanes:
@@ -104,6 +162,39 @@ class ShardStream(IterableDataset):
                 yield for_transfer(batch) if info is not None else batch
         finally:
             reader.close()
+
+    # ---- the in-memory cache (data.cache)
+    def fill_cache(self, device: torch.device | str | None = None) -> SplitCache | None:
+        """Read and decode every sample of the split, shard by shard, through the loader's reader (sha256 and
+        count checks included) into a SplitCache on `device`; None where the stream must serve the batches
+        instead: unknown counts (streaming), or samples that could not be read or decoded alike."""
+        if self.source.counts is None:
+            return None
+        reader = Reader(self.source.urls, self.on_error, self.checks)
+        parts: list[Columns] = []
+        try:
+            for shard, count in enumerate(self.source.counts):
+                if count == 0:
+                    continue
+                read = self._read(reader, shard, 0, count)
+                reader.finish()
+                read = read if isinstance(read, Columns) else columns_of(read)
+                if read is None:
+                    return None
+                parts.append(read)
+        finally:
+            reader.close()
+        columns = Columns.concat(parts) if parts else None
+        return None if columns is None else SplitCache(columns, self.source.counts, device)
+
+    def _cached_batches(self) -> Iterator[dict]:
+        """The epoch's batches from `start`, from the cache: each lane's batches exactly as a loader worker
+        builds them, taken in the order the DataLoader takes them from its workers (batch i from lane i % W)."""
+        if not self.train:
+            raise RuntimeError("the cache serves training batches only")
+        lanes = [self._train_batches(None, lane) for lane in range(self.lanes)]
+        for i in range(self.start, self.num_batches):
+            yield next(lanes[i % self.lanes])
 
     # ---- items and batches
     def _decode(self, raw: dict | None, url: str) -> Item | None:
@@ -174,7 +265,12 @@ class ShardStream(IterableDataset):
             out.append(it)
         return out, filled
 
-    def _emit_block(self, items: Read, block: layout.Block, more: Callable[[], list[Item]]) -> Iterator[dict]:
+    def _emit_block(self, items: Read | CachedRows, block: layout.Block,
+                    more: Callable[[], list[Item]]) -> Iterator[dict]:
+        if isinstance(items, CachedRows):
+            for idx in block.batches:
+                yield self.cache.batch(items.rows[idx])
+            return
         if isinstance(items, Columns):  # every sample read and decoded: nothing to fill
             for idx in block.batches:
                 yield self._collate_columns(items, idx)
@@ -194,7 +290,9 @@ class ShardStream(IterableDataset):
         order = layout.shard_order(self.seed, self.epoch, len(counts))
         base, end = layout.lane_span(self.rank, lane, self.num_batches, self.lanes, self.batch_size)
 
-        def read(lo: int, hi: int, rd: Reader = reader) -> Read:
+        def read(lo: int, hi: int, rd: Reader = reader) -> Read | CachedRows:
+            if self.cache is not None:
+                return CachedRows(self.cache.rows(layout.segments(counts, order, lo, hi)))
             items = join([self._read(rd, shard, a, b) for shard, a, b in layout.segments(counts, order, lo, hi)])
             if hi == end:  # the lane's last read: finish verifying its shard before these samples go out
                 rd.finish()

@@ -1,0 +1,89 @@
+"""data.cache: the decoded training split held by the training process (host RAM or the accelerator), filled
+through the loader's own reader and decoder, serving exactly the batches the loader workers would: same
+order, same epochs, exact mid-epoch resume (also across cache on and off), the same checks while filling."""
+from __future__ import annotations
+
+import pytest
+import torch
+from data_helpers import UNEVEN, data_cfg, module_for, write_dataset
+from test_data_integrity import flip_image_bytes
+
+from pipeline.data import datamodule as D
+from pipeline.data import shards
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    write_dataset(root, {"train": UNEVEN, "val": (7, 30)}, factors=True)
+    return root
+
+
+def batches(loader, epochs: int = 1) -> list:
+    out = []
+    for _ in range(epochs):
+        for b in loader:
+            out.append((list(b["key"]), b["skipped"], sorted(b), *((b[k].tolist(), b[k].dtype) for k in
+                                                                   ("image", "label", "factors") if k in b)))
+    return out
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (1, 2), (2, 2), (3, 1)])
+def test_cached_batches_are_the_streams(uneven, world, workers):
+    for rank in range(world):
+        streamed = batches(module_for(data_cfg(uneven, num_workers=workers), world, rank).train_dataloader(), 3)
+        cached_loader = module_for(data_cfg(uneven, num_workers=workers, cache="host"), world, rank).train_dataloader()
+        assert cached_loader.dataset.cache is not None and cached_loader.num_workers == 0  # built here, no workers
+        assert batches(cached_loader, 3) == streamed
+
+
+@pytest.mark.parametrize("saved_with,resumed_with", [("host", "host"), ("none", "host"), ("host", "none")])
+def test_mid_epoch_resume_is_exact_with_and_across_the_cache(uneven, saved_with, resumed_with):
+    reference = batches(module_for(data_cfg(uneven, cache="none")).train_dataloader(), 2)
+    n = len(reference) // 2
+    loader = module_for(data_cfg(uneven, cache=saved_with)).train_dataloader()
+    it = iter(loader)
+    first = [list(next(it)["key"]) for _ in range(5)]
+    state = loader.state_dict()
+    resumed = module_for(data_cfg(uneven, cache=resumed_with)).train_dataloader()
+    resumed.load_state_dict(state)
+    rest = batches(resumed, 2)
+    assert first == [b[0] for b in reference[:5]]
+    assert rest == reference[5:n] + batches_of_epoch(uneven, 1)
+
+
+def batches_of_epoch(root, epoch: int) -> list:
+    loader = module_for(data_cfg(root, cache="none")).train_dataloader()
+    for _ in range(epoch):
+        list(loader)
+    return batches(loader)
+
+
+def test_auto_holds_small_splits_in_host_memory_and_streams_large_ones(uneven, monkeypatch):
+    dm = module_for(data_cfg(uneven, cache="auto"))
+    assert dm.cache_device() == torch.device("cpu") and dm.train_dataloader().dataset.cache is not None
+    assert dm.loader("val", train=False).dataset.cache is None  # validation streams
+    monkeypatch.setattr(D, "AUTO_CACHE_BYTES", sum(UNEVEN) * 16 - 1)  # one byte short of the split's images
+    dm = module_for(data_cfg(uneven, cache="auto"))
+    assert dm.cache_device() is None and dm.train_dataloader().num_workers == 2
+    assert module_for(data_cfg(uneven, cache="device")).cache_device() == torch.device("cpu")  # no accelerator here
+
+
+def test_streaming_sources_and_unreadable_samples_are_not_cached(uneven, tmp_path):
+    streaming = data_cfg(uneven, train=f"pipe:cat {uneven}/train-{{000000..000006}}.tar", steps_per_epoch=3,
+                         cache="host")
+    assert module_for(streaming).train_dataloader().dataset.cache is None
+    write_dataset(tmp_path, {"train": (40, 40)})
+    bad = tmp_path / "train-000001.tar"
+    bad.write_bytes(bad.read_bytes()[:9000])  # truncated: the stream fills the lost samples (warn)
+    cfg = dict(batch_size=10, on_error="warn")
+    loader = module_for(data_cfg(tmp_path, cache="host", **cfg)).train_dataloader()
+    assert loader.dataset.cache is None
+    assert batches(loader, 2) == batches(module_for(data_cfg(tmp_path, **cfg)).train_dataloader(), 2)
+
+
+def test_filling_checks_the_shards_as_the_workers_do(tmp_path):
+    write_dataset(tmp_path, {"train": (60, 20)})
+    flip_image_bytes(tmp_path / "train-000000.tar", 10)
+    with pytest.raises(shards.ShardFormatError, match=r"train-000000\.tar: sha256 .* differs from the manifest"):
+        module_for(data_cfg(tmp_path, batch_size=10, cache="host")).train_dataloader()
