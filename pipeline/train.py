@@ -96,6 +96,7 @@ def build_trainer(cfg, run_dir: Path, loggers, callbacks, checkpoint_io=None):
 
     t = cfg.trainer
     from pipeline.checkpointing import AtomicCheckpointIO
+    from pipeline.hooks import NullProfiler, grouped
 
     # every save (last, best, SLURM's hpc_ckpt_N) is atomic and checksummed
     plugins = [checkpoint_io if checkpoint_io is not None else AtomicCheckpointIO()]
@@ -114,7 +115,8 @@ def build_trainer(cfg, run_dir: Path, loggers, callbacks, checkpoint_io=None):
         gradient_clip_val=t.gradient_clip_val or None, accumulate_grad_batches=t.accumulate_grad_batches,
         enable_progress_bar=t.enable_progress_bar, deterministic=t.deterministic,
         enable_model_summary=False,  # the start-up summary gives the parameter count
-        logger=loggers, callbacks=callbacks, plugins=plugins,
+        # one dispatch for our stateless callbacks, no profiler contexts: ~0.15 ms of a short step (pipeline/hooks.py)
+        logger=loggers, callbacks=grouped(callbacks), plugins=plugins, profiler=NullProfiler(),
     )
 
 
