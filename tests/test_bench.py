@@ -17,11 +17,11 @@ def test_bench_smoke_writes_ratios(tmp_path, capsys):
                "--data-dir", str(tmp_path / "data"), "--quiet"])
     assert rc == 0
     r = json.loads(out.read_text())
-    assert set(r["ratios"]) == {"digits/pipeline_vs_bare", "digits/loader_vs_raw", "digits/loader_vs_bytes",
-                                "digits/cached_loader_vs_raw", "digits/ddp_2_vs_1"}
+    assert set(r["ratios"]) == {"digits/pipeline_vs_bare", "digits/lightning_floor_vs_bare", "digits/loader_vs_raw",
+                                "digits/loader_vs_bytes", "digits/cached_loader_vs_raw", "digits/ddp_2_vs_1"}
     assert all(math.isfinite(v) and v > 0 for v in r["ratios"].values())
     d = r["presets"]["digits"]
-    for key in ("pipeline", "bare"):
+    for key in ("pipeline", "bare", "lightning_floor"):
         assert d[key]["images_per_s"] > 0
     assert d["loader"]["samples_per_s"] > 0 and d["raw_read"]["samples_per_s"] > 0
     # loader_vs_raw streams through the workers; the configured default holds digits in memory

@@ -62,8 +62,8 @@ class Tiny(pl.LightningModule):
 
 def fit(callbacks, profiler) -> None:
     data = torch.utils.data.DataLoader(torch.randn(24, 3), batch_size=4)
-    trainer = pl.Trainer(max_steps=8, val_check_interval=3, limit_val_batches=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    trainer = pl.Trainer(max_steps=8, val_check_interval=3, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=callbacks, profiler=profiler)
     trainer.fit(Tiny(), data, data)
 

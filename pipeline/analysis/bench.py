@@ -13,6 +13,9 @@ size, optimizer, loader settings), every figure is a ratio of two measurements t
                      ShardDataModule over the WebDataset shards) against a bare PyTorch loop over the
                      same training images held in memory as one uint8 tensor: same model, batch size,
                      optimizer (AdamW), loss and device; the loop slices a random permutation per epoch.
+  lightning_floor_vs_bare  a minimal LightningModule doing the bare loop's work (no callbacks, logger,
+                     checkpointing or progress bar) against the bare loop: Lightning's own per-step cost,
+                     the ceiling for pipeline_vs_bare (fp32 only).
   loader_vs_raw      samples/s of the training loader alone (decode, shuffle blocks, batch in workers;
                      data.cache=none, so the shards are read as any split too large to hold is)
                      against reading the same shards' samples as raw bytes (tar parsing, no decoding),
@@ -221,6 +224,51 @@ def measure_bare(cfg, images, warmup: int, steps: int, device: str, precision: s
     _sync(device)
     seconds = time.perf_counter() - start
     return {"images": steps * B, "seconds": seconds, "images_per_s": steps * B / seconds}
+
+
+def measure_lightning_floor(cfg, images, warmup: int, steps: int, device: str) -> dict[str, float]:
+    """Images/s of the least a Lightning run costs: a minimal LightningModule with the bare loop's work (same
+    VAE, loss, AdamW, in-memory batches sliced from a permutation per epoch) and a Trainer with no callbacks,
+    logger, checkpointing or progress bar. What Lightning's own loop leaves of the bare loop's rate on this
+    machine; the pipeline cannot go above it."""
+    import lightning.pytorch as pl
+    import torch
+
+    from pipeline import objectives, schedules
+    from pipeline.model import VAE
+
+    B, n = cfg.data.batch_size, len(images)
+    per_epoch = n // B
+
+    class Batches(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            perm = torch.randperm(n)
+            for i in range(per_epoch):
+                yield {"image": images[perm[i * B:(i + 1) * B]]}
+
+    class Minimal(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.vae = VAE(cfg.model, tuple(images.shape[1:]))
+
+        def training_step(self, batch, batch_idx):
+            x = batch["image"].float() / 255.0
+            params, mu, logvar, _ = self.vae(x)
+            terms = objectives.elbo_terms(x, params, mu, logvar, cfg.model.likelihood, cfg.model.gaussian_sigma)
+            weight = schedules.kl_weight(self.global_step, cfg.objective, cfg.trainer.max_steps)
+            return terms["recon"].mean() + objectives.kl_penalty(terms["kl_per_dim"], weight)
+
+        def configure_optimizers(self):
+            o = cfg.optim
+            return torch.optim.AdamW(self.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+    torch.manual_seed(cfg.seed)
+    timer = make_timer(warmup, device)
+    trainer = pl.Trainer(max_steps=warmup + steps, max_epochs=-1, accelerator=device, devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[timer])
+    trainer.fit(Minimal(), torch.utils.data.DataLoader(Batches(), batch_size=None))
+    return timer.result()
 
 
 def loader_throughput(cfg, split: str = "train", batches: int = 200, warmup: int = 5) -> dict:
@@ -459,7 +507,7 @@ def bench_preset(preset: str, args, work: Path, log) -> dict[str, Any]:
     if args.compile:
         variants.append(("compile_", "bf16-mixed" if bf16 else "32-true", True))
     for prefix, precision, comp in variants:
-        pipe, bare = [], []
+        pipe, bare, floor = [], [], []
         for r in range(args.repeats):
             c = bench_config(preset, root, work / f"run-{preset}-{prefix}{r}", args.device, steps, warmup,
                              [f"trainer.precision={precision}"])
@@ -468,9 +516,15 @@ def bench_preset(preset: str, args, work: Path, log) -> dict[str, Any]:
             log(f"[{preset}] {prefix or 'fp32_'}pipeline {pipe[-1]['images_per_s']:.0f} img/s; bare loop ...")
             bare.append(measure_bare(c, images, warmup, steps, args.device, precision, comp))
             log(f"[{preset}] {prefix or 'fp32_'}bare {bare[-1]['images_per_s']:.0f} img/s")
+            if not prefix:  # fp32 only: where Lightning itself leaves the bare loop
+                floor.append(measure_lightning_floor(c, images, warmup, steps, args.device))
+                log(f"[{preset}] minimal LightningModule {floor[-1]['images_per_s']:.0f} img/s")
         p, b = _median(pipe, "images_per_s"), _median(bare, "images_per_s")
         res[f"{prefix}pipeline"], res[f"{prefix}bare"] = p, b
         ratios[f"{prefix}pipeline_vs_bare"] = _ratio(p["images_per_s"], b["images_per_s"])
+        if floor:
+            res["lightning_floor"] = f = _median(floor, "images_per_s")
+            ratios["lightning_floor_vs_bare"] = _ratio(f["images_per_s"], b["images_per_s"])
 
     log(f"[{preset}] loader alone vs raw shard bytes ...")
     loader = measure_loader(cfg, batches=max(steps, 50), warmup=warmup)
@@ -558,6 +612,9 @@ def format_summary(result: dict[str, Any]) -> str:
                 p, b = r[f"{prefix}pipeline"]["images_per_s"], r[f"{prefix}bare"]["images_per_s"]
                 lines.append(f"  {prefix}pipeline {p:9.0f} img/s  vs bare loop {b:9.0f} img/s  ratio "
                              f"{r['ratios'][prefix + 'pipeline_vs_bare']:.3f}")
+        if "lightning_floor" in r:
+            lines.append(f"  minimal LightningModule {r['lightning_floor']['images_per_s']:9.0f} img/s  vs bare loop  "
+                         f"ratio {r['ratios']['lightning_floor_vs_bare']:.3f} (Lightning's own cost: the ceiling)")
         lines.append(f"  loader   {r['loader']['samples_per_s']:9.0f} samples/s vs raw read {r['raw_read']['samples_per_s']:9.0f}"
                      f" samples/s  ratio {r['ratios']['loader_vs_raw']:.3f}")
         fr = r["file_read"]
