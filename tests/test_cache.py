@@ -3,6 +3,8 @@ through the loader's own reader and decoder, serving exactly the batches the loa
 order, same epochs, exact mid-epoch resume (also across cache on and off), the same checks while filling."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from data_helpers import UNEVEN, data_cfg, module_for, write_dataset
@@ -69,17 +71,34 @@ def test_auto_holds_small_splits_in_host_memory_and_streams_large_ones(uneven, m
     assert module_for(data_cfg(uneven, cache="device")).cache_device() == torch.device("cpu")  # no accelerator here
 
 
-def test_streaming_sources_and_unreadable_samples_are_not_cached(uneven, tmp_path):
+def test_streaming_sources_and_unreadable_samples_are_not_cached(uneven, tmp_path, caplog):
     streaming = data_cfg(uneven, train=f"pipe:cat {uneven}/train-{{000000..000006}}.tar", steps_per_epoch=3,
                          cache="host")
     assert module_for(streaming).train_dataloader().dataset.cache is None
+    assert "data.cache=host: pipe:cat" in caplog.text and "no sample counts (no manifest): streaming it" in caplog.text
+    caplog.clear()
     write_dataset(tmp_path, {"train": (40, 40)})
     bad = tmp_path / "train-000001.tar"
     bad.write_bytes(bad.read_bytes()[:9000])  # truncated: the stream fills the lost samples (warn)
     cfg = dict(batch_size=10, on_error="warn")
     loader = module_for(data_cfg(tmp_path, cache="host", **cfg)).train_dataloader()
     assert loader.dataset.cache is None
+    assert "data.cache=host" in caplog.text and "cannot be held alike" in caplog.text
     assert batches(loader, 2) == batches(module_for(data_cfg(tmp_path, **cfg)).train_dataloader(), 2)
+    caplog.clear()
+    module_for(data_cfg(tmp_path, cache="auto", **cfg)).train_dataloader()  # auto: streams without a word
+    assert "data.cache" not in caplog.text
+
+
+def test_a_large_fill_is_announced_with_its_time(uneven, monkeypatch, capsys):
+    monkeypatch.setattr(D, "ANNOUNCE_FILL_BYTES", 1)
+    module_for(data_cfg(uneven, cache="host")).train_dataloader()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"# cache     reading the training split into cpu memory ({sum(UNEVEN):,} images, ")
+    assert re.fullmatch(r"# cache     filled in \d+\.\d s", out[1]), out
+    monkeypatch.setattr(D, "ANNOUNCE_FILL_BYTES", sum(UNEVEN) * 16 + 1)  # one byte over the split: quiet
+    module_for(data_cfg(uneven, cache="host")).train_dataloader()
+    assert capsys.readouterr().out == ""
 
 
 def test_filling_checks_the_shards_as_the_workers_do(tmp_path):

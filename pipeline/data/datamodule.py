@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from pipeline.lightning_compat import shutdown_loader_workers
 
 log = logging.getLogger(__name__)
 AUTO_CACHE_BYTES = 512 << 20  # data.cache=auto holds decoded training splits up to this size (uint8 images)
+ANNOUNCE_FILL_BYTES = 128 << 20  # a fill this large takes seconds (~115 MB/s measured, npy shards): say so
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -202,8 +204,6 @@ class ShardDataModule(pl.LightningDataModule):
         auto: host RAM when the split has a manifest and its decoded images take at most AUTO_CACHE_BYTES."""
         mode, src = self.cfg.cache, self.source("train")
         if mode == "none" or src is None or src.counts is None:
-            if mode in ("host", "device") and src is not None:
-                log.info("data.cache=%s: %s has no sample counts (no manifest); streaming it instead", mode, src.origin)
             return None
         if mode == "auto" and src.total * math.prod(self.input_shape) > AUTO_CACHE_BYTES:
             return None
@@ -211,6 +211,31 @@ class ShardDataModule(pl.LightningDataModule):
         if mode == "device" and trainer is not None:
             return trainer.strategy.root_device
         return torch.device("cpu")
+
+    def _training_cache(self, stream: ShardStream, src: SplitSource) -> SplitCache | None:
+        """data.cache for the training split, filled once (a large fill is announced with its time), or None:
+        streamed, with a warning where an explicit host / device cache cannot be held (auto streams quietly)."""
+        device = self.cache_device()
+        explicit = self.cfg.cache in ("host", "device")
+        if device is None:
+            if explicit and src.counts is None and self.rank == 0:
+                log.warning("warning: data.cache=%s: %s has no sample counts (no manifest): streaming it instead",
+                            self.cfg.cache, src.origin)
+            return None
+        if self._cache is None:
+            size = src.total * math.prod(self.input_shape)
+            announce = self.rank == 0 and size >= ANNOUNCE_FILL_BYTES
+            if announce:
+                print(f"# cache     reading the training split into {device} memory ({src.total:,} images, "
+                      f"{size / 2**20:,.0f} MiB) ...", flush=True)
+            start = time.perf_counter()
+            self._cache = stream.fill_cache(device)
+            if announce and self._cache is not None:
+                print(f"# cache     filled in {time.perf_counter() - start:.1f} s", flush=True)
+            if self._cache is None and explicit and self.rank == 0:
+                log.warning("warning: data.cache=%s: %s has samples that cannot be held alike (unreadable, or labels "
+                            "or factors in some only): streaming it instead", self.cfg.cache, src.origin)
+        return self._cache
 
     def loader(self, split: str, train: bool) -> ShardLoader:
         """This rank's loader for any split: `train=True` is the shuffled, equal-batch training stream;
@@ -223,13 +248,8 @@ class ShardDataModule(pl.LightningDataModule):
                              num_batches=self.steps_per_epoch if train else None, on_error=self.cfg.on_error,
                              verify_checksums=self.cfg.verify_checksums,
                              spec=self.spec, shape=self.split_shape(split))
-        if train and split == "train" and (device := self.cache_device()) is not None:
-            if self._cache is None:
-                self._cache = stream.fill_cache(device)
-                if self._cache is None:
-                    log.info("data.cache=%s: %s has samples that cannot be held alike (unreadable, or labels or "
-                             "factors in some only); streaming it instead", self.cfg.cache, src.origin)
-            stream.cache = self._cache
+        if train and split == "train":
+            stream.cache = self._training_cache(stream, src)
         trainer = getattr(self, "trainer", None)
         loader = ShardLoader(stream, num_workers=0 if stream.cache is not None else self.cfg.num_workers,
                              pin_memory=bool(self.cfg.pin_memory) and torch.cuda.is_available(),
