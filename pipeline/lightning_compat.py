@@ -33,9 +33,16 @@ def align_log_step(trainer) -> None:
 def logs_written_this_step(trainer) -> bool:
     """Whether Lightning writes step metrics after the current training batch (every
     trainer.log_every_n_steps). Skipping `self.log` on other steps saves ~2.7 ms per step (bench).
-    Anything unexpected falls back to True (log every step: slower, never wrong)."""
-    connector = getattr(trainer, "_logger_connector", None)
-    return bool(getattr(connector, "should_update_logs", True))
+    During training this is Lightning's `_LoggerConnector.should_update_logs` for the fit loop, computed
+    directly: the property first finds the active loop (~6 us a call in a training step; called twice a
+    step). Anything unexpected falls back to True (log every step: slower, never wrong)."""
+    try:
+        every = trainer.log_every_n_steps
+        if every == 0:
+            return False
+        return (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % every == 0 or trainer.should_stop
+    except AttributeError:
+        return True
 
 
 def skip_per_step_sigterm_broadcast(trainer) -> bool:

@@ -159,9 +159,9 @@ class VAEModule(pl.LightningModule):
             raise ValueError("objective.kl_schedule=cyclical needs max_steps > 0")
         self.vae = VAE(self.model_cfg, self.input_shape)
         self.sums = nn.ModuleDict({stage: ExactSums(self.model_cfg.latent_dim) for stage in STAGES})
-        # the first step with a non-finite loss (-1: none) and that loss, on the device ("step", "loss"); a plain
-        # dict, so updating it each step skips nn.Module.__setattr__
-        self._non_finite: Dict[str, torch.Tensor] = {}
+        # training losses (detached, on the device) and their steps since the last check (_note_non_finite);
+        # mutated in place, so noting one skips nn.Module.__setattr__
+        self._losses: Dict[str, list] = {"recent": [], "blocks": [], "steps": []}
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets plain attributes on the module around every hook (~25 times a step); a name already
@@ -284,39 +284,54 @@ class VAEModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     # ---- non-finite loss, without a host read per step ---------------------------------------
-    # `if not torch.isfinite(loss)` waits for the device every step. Instead the first non-finite loss and
-    # its step are kept on the device and read where the host waits anyway or must know: on steps whose
-    # metrics are written, before a validation and before any checkpoint is written (so none holds weights
-    # trained after a non-finite loss: the last good one stays).
+    # `if not torch.isfinite(loss)` waits for the device every step. Instead each step's loss is kept (detached,
+    # on the device: one list append, no kernel) and checked where the host waits anyway or must know: on steps
+    # whose metrics are written, before a validation and before any checkpoint is written (so none holds
+    # weights trained after a non-finite loss: the last good one stays). Every LOSS_BLOCK losses are stacked
+    # into one tensor (no host read), so a run that rarely checks keeps few tensors.
+    LOSS_BLOCK = 256
+
     def _note_non_finite(self, loss: torch.Tensor) -> None:
-        nf = self._non_finite
-        if not nf or nf["step"].device != loss.device:
-            nf["step"] = torch.full((), -1, dtype=torch.int64, device=loss.device)
-            nf["loss"] = torch.zeros((), dtype=loss.dtype, device=loss.device)
-        keep = torch.isfinite(loss).logical_or_(nf["step"] >= 0)
-        nf["step"] = torch.where(keep, nf["step"], self.global_step)
-        nf["loss"] = torch.where(keep, nf["loss"], loss.detach())
+        held = self._losses
+        held["recent"].append(loss.detach())
+        held["steps"].append(self.global_step)
+        if len(held["recent"]) >= self.LOSS_BLOCK:
+            held["blocks"].append(torch.stack(held["recent"]))
+            held["recent"] = []
+
+    def _first_non_finite(self) -> Optional[torch.Tensor]:
+        """The step of the first non-finite loss held, as a device int64 scalar (int64 max: none; None: no loss
+        held). Queues device work only; the losses checked are let go."""
+        held = self._losses
+        if not held["steps"]:
+            held.pop("checked", None)
+            return None
+        losses = torch.cat(held["blocks"] + ([torch.stack(held["recent"])] if held["recent"] else []))
+        steps = torch.tensor(held["steps"], dtype=torch.int64).to(losses.device, non_blocking=True)
+        first = torch.where(torch.isfinite(losses), torch.iinfo(torch.int64).max, steps).min()
+        held["checked"] = (losses, steps)  # for the loss value, once the host has read `first`
+        held["recent"], held["blocks"], held["steps"] = [], [], []
+        return first
 
     def _raise_if_non_finite(self, agree: bool = False) -> None:
         """FloatingPointError naming the first step with a non-finite loss, if there was one (one host read).
         agree: under DDP all ranks take part (one all-reduce) and raise together, at the first such step of any."""
         distributed = agree and self._trainer is not None and self.trainer.world_size > 1
-        if not self._non_finite and not distributed:
+        first = self._first_non_finite()
+        if first is None and not distributed:
             return
-        step = self._non_finite.get("step")
-        if step is None:
-            step = torch.full((), -1, device=self.device)
+        none = torch.iinfo(torch.int64).max
+        if first is None:
+            first = torch.full((), none, dtype=torch.int64, device=self.device)
         if distributed:
-            first = torch.where(step < 0, torch.iinfo(torch.int64).max, step).to(self.device)
+            first = first.to(self.device)
             torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
-            at = int(first)
-            if at == torch.iinfo(torch.int64).max:
-                return
-        else:
-            at = int(step)
-            if at < 0:
-                return
-        value = f"{float(self._non_finite['loss'])}" if at == int(step) else "on another rank"
+        at = int(first)
+        if at == none:
+            return
+        losses, steps = self._losses.get("checked", (torch.zeros(0), torch.zeros(0, dtype=torch.int64)))
+        here = torch.nonzero(steps == at)
+        value = f"{float(losses[here[0, 0]])}" if len(here) else "on another rank"
         raise FloatingPointError(f"non-finite training loss ({value}) at global_step {at}")
 
     def on_validation_start(self) -> None:

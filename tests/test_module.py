@@ -104,6 +104,29 @@ def test_non_finite_loss_raises_naming_the_step():
         module.training_step(batch, 0)
 
 
+def test_losses_held_between_checks_are_stacked_in_blocks_and_the_first_non_finite_is_named():
+    """Losses noted over many steps with no check (logging off, no validation or checkpoint for a while) are
+    stacked every LOSS_BLOCK steps, without a host read; the check still names the first non-finite step and
+    its loss, and a check that finds none lets the losses go."""
+    module = VAEModule(MODEL, {}, {}, SHAPE, max_steps=10)
+    steps = iter(range(10**6))
+    type(module).global_step = property(lambda self: next(steps))  # a counter instead of a Trainer
+    try:
+        n = 2 * module.LOSS_BLOCK + 7
+        for i in range(n):
+            module._note_non_finite(torch.tensor(float("inf") if i in (300, 400) else 1.0))
+        held = module._losses
+        assert len(held["blocks"]) == 2 and len(held["recent"]) == 7 and len(held["steps"]) == n
+        with pytest.raises(FloatingPointError, match=r"^non-finite training loss \(inf\) at global_step 300$"):
+            module._raise_if_non_finite()
+        for _ in range(5):
+            module._note_non_finite(torch.tensor(2.0))
+        module._raise_if_non_finite()  # all finite: no error, nothing held
+        assert held["blocks"] == [] and held["recent"] == [] and held["steps"] == []
+    finally:
+        del type(module).global_step
+
+
 def test_non_finite_loss_between_checks_stops_before_the_next_checkpoint_naming_its_step(tmp_path):
     """No host read per step: a non-finite loss is noted on the device and read where the host reads anyway
     (written metrics) or must know (before a validation or a checkpoint). The error still names the step it
