@@ -8,7 +8,6 @@ library notices that every run would print.
 from __future__ import annotations
 
 import logging
-import math
 import re
 import sys
 import time
@@ -172,9 +171,9 @@ def summary_lines(cfg, dm, module, trainer, wandb_mode: str, resume: Optional[st
         loader = f"every split streamed by {workers} (data.cache={cfg.data.cache})"
     else:
         place = f"{accelerator} memory" if cfg.data.cache == "device" else "host RAM"
-        held = counts["train"] * math.prod(dm.input_shape)
-        loader = (f"train split held in {place} (data.cache={cfg.data.cache}, {held / 2**20:,.1f} MiB per process, "
-                  f"no workers); val/test streamed by {workers}")
+        mib = dm.train_image_bytes() / 2**20
+        loader = (f"train split held in {place} (data.cache={cfg.data.cache}, {mib:,.1f} MiB per process, no workers); "
+                  f"val/test streamed by {workers}")
     return [
         f"# run       {cfg.run.dir}  (full config: {cfg.run.dir}/config.yaml)",
         f"# data      {data}: {_size(counts['train'])} train / {_size(counts['val'])} val / {_size(counts['test'])} "

@@ -25,6 +25,12 @@ def _defines(cb: Callback, hook: str) -> bool:
     return getattr(type(cb), hook) is not getattr(Callback, hook)
 
 
+def _stands_alone(cb: Callback) -> bool:
+    """Lightning finds checkpoint and progress-bar callbacks by type, and keys a callback's state by its own
+    state_key: those must stay separate callbacks."""
+    return isinstance(cb, (Checkpoint, ProgressBar)) or _defines(cb, "state_dict") or _defines(cb, "load_state_dict")
+
+
 def _fan_out(fns: Sequence[Callable[..., Any]]) -> Callable[..., None]:
     if len(fns) == 1:
         return fns[0]
@@ -47,7 +53,7 @@ class CallbackGroup(Callback):
 
     def __init__(self, members: Sequence[Callback]):
         for m in members:
-            if isinstance(m, (Checkpoint, ProgressBar)) or _defines(m, "state_dict") or _defines(m, "load_state_dict"):
+            if _stands_alone(m):
                 raise ValueError(f"{type(m).__name__} cannot join a CallbackGroup: Lightning needs it on its own")
         self.members = list(members)
         for hook in HOOKS:  # instance attributes: Lightning's getattr(callback, hook) finds them first
@@ -61,14 +67,12 @@ class CallbackGroup(Callback):
 def grouped(callbacks: Sequence[Callback]) -> list[Callback]:
     """The callbacks that may share one dispatch as a CallbackGroup (at the place of the first of them), the
     others (checkpoints, progress bar, stateful) as they are, in their order."""
-    alone = [c for c in callbacks if isinstance(c, (Checkpoint, ProgressBar)) or _defines(c, "state_dict")
-             or _defines(c, "load_state_dict")]
-    members = [c for c in callbacks if not any(c is a for a in alone)]
+    members = [c for c in callbacks if not _stands_alone(c)]
     if len(members) < 2:
         return list(callbacks)
     out: list[Callback] = []
     for c in callbacks:
-        if any(c is a for a in alone):
+        if _stands_alone(c):
             out.append(c)
         elif c is members[0]:
             out.append(CallbackGroup(members))

@@ -199,13 +199,18 @@ class ShardDataModule(pl.LightningDataModule):
     def _lanes(self) -> int:
         return max(1, self.cfg.num_workers)
 
+    def train_image_bytes(self) -> int | None:
+        """Bytes of the decoded training images (uint8), what data.cache holds; None: unknown counts."""
+        src = self.source("train")
+        return None if src is None or src.total is None else src.total * math.prod(self.input_shape)
+
     def cache_device(self) -> torch.device | None:
         """Where data.cache holds the decoded training split (None: not held; the loader workers stream it).
         auto: host RAM when the split has a manifest and its decoded images take at most AUTO_CACHE_BYTES."""
         mode, src = self.cfg.cache, self.source("train")
         if mode == "none" or src is None or src.counts is None:
             return None
-        if mode == "auto" and src.total * math.prod(self.input_shape) > AUTO_CACHE_BYTES:
+        if mode == "auto" and self.train_image_bytes() > AUTO_CACHE_BYTES:
             return None
         trainer = getattr(self, "trainer", None)
         if mode == "device" and trainer is not None:
@@ -223,7 +228,7 @@ class ShardDataModule(pl.LightningDataModule):
                             self.cfg.cache, src.origin)
             return None
         if self._cache is None:
-            size = src.total * math.prod(self.input_shape)
+            size = self.train_image_bytes()
             announce = self.rank == 0 and size >= ANNOUNCE_FILL_BYTES
             if announce:
                 print(f"# cache     reading the training split into {device} memory ({src.total:,} images, "

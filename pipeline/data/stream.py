@@ -61,10 +61,6 @@ class SplitCache:
                         for name, value in (("image", columns.image), ("label", columns.label),
                                             ("factors", columns.factors)) if value is not None}
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
     def rows(self, segments) -> np.ndarray:
         """Cache rows of (shard, first, stop) segments, in order."""
         return np.concatenate([self.offsets[s] + np.arange(a, b, dtype=np.int64) for s, a, b in segments])
