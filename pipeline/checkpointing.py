@@ -12,6 +12,8 @@ checkpoint that loads and verifies.
   shape, and every other value), so a checkpoint whose bytes changed after writing is refused
   (`load_verified` on resume, `checksum_problem` in evaluate) instead of loading wrong weights.
   Checkpoints written before this existed carry none and are accepted unverified.
+- `safe_load` is the only way a checkpoint is read: the weights-only unpickler, so a file that names a
+  function or class (a pickle payload) is refused before anything in it runs.
 - `choose_resume` picks what `resume=auto` continues from: the first of `resume_candidates` that loads
   and verifies, saying which ones before it did not and why.
 """
@@ -108,15 +110,45 @@ def checksum_problem(checkpoint: Any) -> Optional[str]:
     return None
 
 
-def load_verified(path: str | os.PathLike, **load_kwargs) -> dict:
-    """torch.load + checksum check; CheckpointError naming the file when either fails."""
-    load_kwargs.setdefault("map_location", "cpu")
-    load_kwargs.setdefault("weights_only", False)
+def _numpy_globals() -> list:
+    """The numpy classes a checkpoint may hold (arrays and scalars in loader or callback state): data,
+    not code. torch's weights_only unpickler refuses them unless allowed."""
+    import numpy as np
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # numpy 2 / 1
+    kinds = [np.dtype(t) for t in set(np.sctypeDict.values()) if t is not object]
+    return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype,
+            *{type(d) for d in kinds}, *{d.type for d in kinds}]
+
+
+_REFUSED_GLOBAL = re.compile(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)")
+
+
+def safe_load(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """torch.load with the weights-only unpickler: tensors, containers, numbers, strings and numpy data
+    load; anything that would import and call code (a pickle `__reduce__` payload, a class of ours) is
+    refused before it runs. CheckpointError naming the file either way: refused, or unreadable.
+
+    This is the only way a checkpoint is read: the checksum inside a file cannot be checked before the
+    file is unpickled, and an attacker who can write the file can write a matching checksum, so the
+    unpickler is the security barrier and the checksum guards against corruption."""
     try:
-        checkpoint = torch.load(path, **load_kwargs)
-    except Exception as e:  # truncated, empty, not a zip, bad pickle: each raises its own type
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        text = " ".join(str(e).split())
+        m = _REFUSED_GLOBAL.search(text)
+        what = m.group(1) if m else "a non-data object"
+        raise CheckpointError(f"{path} refused: loading it would run code ({what}); only tensors and plain "
+                              "data are loaded from a checkpoint. Not loaded") from None
+    except Exception as e:  # truncated, empty, not a zip, OS errors: each raises its own type
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"{path} cannot be loaded ({type(e).__name__}: {first})") from None
+
+
+def load_verified(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict:
+    """`safe_load` + checksum check; CheckpointError naming the file when either fails."""
+    checkpoint = safe_load(path, map_location=map_location, mmap=mmap)
     problem = checksum_problem(checkpoint)
     if problem is not None:
         raise CheckpointError(f"{path}: {problem}")
@@ -250,13 +282,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if self._preloaded is not None and os.path.abspath(path) == os.path.abspath(self._preloaded[0]):
             checkpoint, self._preloaded = self._preloaded[1], None  # hand it over once; free it after restore
             return checkpoint
-        return load_verified(path, map_location=map_location or "cpu", weights_only=bool(weights_only))
+        # weights_only is ignored: every checkpoint is read with the weights-only unpickler (safe_load)
+        return load_verified(path, map_location=map_location or "cpu")
 
 
 # ------------------------------------------------------------------------------------- resuming
 def checkpoint_step(path: str | os.PathLike) -> int:
-    """The global step a checkpoint was saved at, read without loading its tensors (mmap)."""
-    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
+    """The global step of a checkpoint that loads and verifies (mmap: tensors are read for the checksum,
+    not copied); CheckpointError naming the file otherwise."""
+    return int(load_verified(path, mmap=True).get("global_step", 0))
 
 
 _BEST = re.compile(r"^best-step(\d+)\.ckpt$")

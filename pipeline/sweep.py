@@ -128,14 +128,20 @@ def point_args(sweep: Dict[str, Any], params: Dict[str, Any], name: str, run_dir
 
 
 def _finished(args: Sequence[str]) -> Optional[int]:
-    """The step of a point's last.ckpt when it has reached trainer.max_steps, else None."""
-    from pipeline.checkpointing import checkpoint_step
+    """The step of a point's last.ckpt when it has reached trainer.max_steps, else None. A last.ckpt that
+    does not load or verify makes the point unfinished (with a warning): its training then falls back to
+    the best checkpoint as `pipeline.train` alone does, instead of the whole sweep stopping here."""
+    from pipeline.checkpointing import CheckpointError, checkpoint_step
     from pipeline.cli import split_argv
     from pipeline.config import load_config
 
     cfg = load_config(*split_argv(args))
     last = Path(cfg.run.dir) / "checkpoints" / "last.ckpt"
-    step = checkpoint_step(str(last)) if last.is_file() else -1
+    try:
+        step = checkpoint_step(last) if last.is_file() else -1
+    except CheckpointError as e:
+        print(f"# warning: {e}; the point trains again from its best checkpoint, if any", flush=True)
+        return None
     return step if step >= cfg.trainer.max_steps else None
 
 

@@ -234,8 +234,8 @@ def _train(cfg, run_dir: Path, rank_zero: bool, command: Optional[str]) -> dict:
         print("\n".join(summary_lines(cfg, dm, module, trainer, wandb_mode, resume_said)), flush=True)
     started = time.time()
     try:
-        # weights_only=False: our own checkpoints, checksum-verified (AtomicCheckpointIO); also no notice
-        trainer.fit(module, datamodule=dm, ckpt_path=resume[0] if resume else None, weights_only=False)
+        # every checkpoint is read by AtomicCheckpointIO: weights-only unpickling, then the checksum
+        trainer.fit(module, datamodule=dm, ckpt_path=resume[0] if resume else None, weights_only=True)
     except (FloatingPointError, LossBoundExceeded) as e:
         raise SystemExit(f"error: {e}. The last good checkpoint is kept in {ckpt_dir}.") from None
     except CheckpointError:

@@ -66,13 +66,13 @@ def resolve_checkpoint(target: str | os.PathLike) -> tuple[Path, Path | None]:
 def load_module(ckpt: Path, device: torch.device):
     """(VAEModule in eval mode on `device`, the checkpoint's global step). EvalError naming the file when
     it is not a readable checkpoint, lacks the VAEModule hyperparameters, or its weights do not fit them."""
-    from pipeline.checkpointing import checksum_problem
+    from pipeline.checkpointing import CheckpointError, checksum_problem, safe_load
     from pipeline.module import VAEModule
 
-    try:  # plain containers only (VAEModule saves no omegaconf objects): no code runs on load
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- any unreadable file (pickle, zip, EOF, OS errors) is one message
-        raise EvalError(f"incompatible checkpoint {ckpt}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+    try:  # the weights-only unpickler: no code in the file runs on load
+        state = safe_load(ckpt)
+    except CheckpointError as e:
+        raise EvalError(f"incompatible checkpoint: {e}") from None
     hparams = state.get("hyper_parameters") if isinstance(state, dict) else None
     needed = ("model", "objective", "optim", "input_shape", "max_steps")
     if not isinstance(hparams, dict) or "state_dict" not in state or any(k not in hparams for k in needed):
