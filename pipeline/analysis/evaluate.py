@@ -142,14 +142,13 @@ def evaluate_batches(module, batches: Iterable[dict[str, Any]], iwae_samples: in
     [B, F]). Each batch is converted to float once (binarised as in training), and the same x feeds the
     ELBO and the IWAE bound (VAEModule.evaluation_terms, as in validation). Returns the running sums, an
     ExactSums metric keeping the mean codes for MIG (see `summarize`)."""
-    from tqdm import tqdm
-
     from pipeline.module import ExactSums
+    from pipeline.progress import progress_bar
 
     module.eval()
     device = module.device
     sums = ExactSums(module.vae.latent_dim, keep_codes=True).to(device)
-    bar = tqdm(total=total, unit="img", desc=f"evaluate (K={iwae_samples})", disable=not progress,
+    bar = progress_bar(total=total, unit="img", desc=f"evaluate (K={iwae_samples})", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
     with bar:
         for batch in batches:

@@ -108,7 +108,7 @@ def index_shards(urls: Sequence[str], out: Path, *, split: str = "train", source
     """Scan `urls` and write (or update: other splits are kept) OUT/manifest.json; returns the manifest."""
     import multiprocessing
 
-    from tqdm import tqdm
+    from pipeline.progress import progress_bar
 
     out = Path(out)
     path = out / shards.MANIFEST
@@ -119,7 +119,7 @@ def index_shards(urls: Sequence[str], out: Path, *, split: str = "train", source
             raise IndexingError(f"{path} belongs to a prepared dataset, not an index; choose another --out")
     scan = partial(scan_shard, image_keys=list(image_keys), on_error=on_error)
     workers = max(1, min(workers, len(urls)))
-    bar = tqdm(total=len(urls), unit="shard", desc=f"indexing {source or split}", disable=not progress)
+    bar = progress_bar(total=len(urls), unit="shard", desc=f"indexing {source or split}", disable=not progress)
     entries: List[dict] = []
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     try:

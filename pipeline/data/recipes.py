@@ -333,7 +333,7 @@ def images(source: Optional[str], size: Optional[int] = None, workers: int = 1, 
     Streams: `build` reads every file's header (in `workers` processes, checking each file), and `fetch`
     decodes, converts and resizes only the chunk of files asked for, in the same processes; the recipe
     never holds more than one chunk of decoded images."""
-    from tqdm import tqdm
+    from pipeline.progress import progress_bar
 
     root = source_path(source, "images needs --source DIR", directory=True)
     if size is not None and size <= 0:
@@ -343,7 +343,7 @@ def images(source: Optional[str], size: Optional[int] = None, workers: int = 1, 
         raise RecipeError(f"{root}: empty folder: no .png/.jpg/.jpeg files found (searched recursively)")
     pool = _Workers(min(workers, len(files)))
     try:
-        headers = list(tqdm(pool.map(_image_header, files), total=len(files), unit="img", leave=False,
+        headers = list(progress_bar(pool.map(_image_header, files), total=len(files), unit="img", leave=False,
                             desc=f"checking {root}", disable=not progress))
     except BaseException:
         pool.close()

@@ -410,7 +410,7 @@ def write_dataset(out_dir: Path, fetch: FetchFn, splits: Dict[str, np.ndarray], 
     Images are stored as `fmt` (npy, png, or jpg at `quality`). Stale shards of an earlier run into the
     same directory are removed once the new manifest is in place.
     """
-    from tqdm import tqdm  # only the writer needs it
+    from pipeline.progress import progress_bar  # only the writer needs it
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -424,7 +424,7 @@ def write_dataset(out_dir: Path, fetch: FetchFn, splits: Dict[str, np.ndarray], 
     if fmt != IMAGE:  # npy manifests stay byte-identical to those written before formats existed
         manifest["image_format"] = fmt if fmt == "png" else f"{fmt} quality {quality}"
     total = sum(len(v) for v in splits.values())
-    bar = tqdm(total=total, unit=unit, desc=f"writing {out_dir}", disable=not progress, leave=False)
+    bar = progress_bar(total=total, unit=unit, desc=f"writing {out_dir}", disable=not progress, leave=False)
     written = set()
     with bar:
         for split, indices in splits.items():
