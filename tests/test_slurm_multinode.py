@@ -1,0 +1,72 @@
+"""`slurm/train.sh` on a real two-node SLURM cluster (tests/slurm_cluster.py, nodes n1 and n2 on this host):
+2 nodes x 2 gloo ranks with the default loader workers and data cache, as a user submits it."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from slurm_cluster import ClusterError, SlurmCluster, free_port, install_packages, missing_binaries
+from test_slurm import CPU_DDP, TINY, TRAIN_SH, explain, python_bin, read_metrics, script_env, train_steps  # noqa: F401 (fixture)
+
+from tests.conftest import REPO
+
+PROBES = REPO / "tests" / "probes"
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    if missing_binaries():
+        install_packages()
+    root = Path(tempfile.mkdtemp(prefix="pytest-slurm2-", dir="/tmp"))
+    try:
+        cluster = SlurmCluster.start(root, nodes=2)
+    except ClusterError as e:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.fail(f"could not start the two-node test cluster: {e}", pytrace=False)
+    yield cluster
+    cluster.stop()
+    assert not cluster._stray_pids(), "a job process outlived the cluster"
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slurm
+def test_two_nodes_by_two_ranks_train_and_split_the_data_exactly(two_nodes, python_bin, digits_root,  # noqa: F811
+                                                                 tmp_path):
+    steps, batch = 12, 64
+    keys_dir = tmp_path / "keys"
+    env = dict(script_env(two_nodes.env, python_bin), SLURM_CONF=two_nodes.env["SLURM_CONF"],
+               MASTER_PORT=str(free_port()), KEY_PROBE_OUT=str(keys_dir))
+    env["PYTHONPATH"] = os.pathsep.join([str(PROBES), env["PYTHONPATH"]])
+    job = two_nodes.sbatch(["--nodes=2", *CPU_DDP, str(TRAIN_SH), *TINY, f"data.root={digits_root}",
+                            f"trainer.max_steps={steps}", "logger.wandb.mode=disabled"],
+                           name="nodes", cwd=tmp_path, env=env, timeout=400)
+    log = job.log_text()
+    assert job.state() == "COMPLETED", explain(job)
+    assert "trainer.devices=2 trainer.num_nodes=2" in log and " x 2 nodes" in log, explain(job)
+    run_dir = tmp_path / "runs" / f"nodes-{job.id}"
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == steps
+    trained = train_steps(read_metrics(run_dir))
+    assert sorted(trained) == list(range(steps)), explain(job)
+
+    ranks = [json.loads((keys_dir / f"rank{r}.json").read_text()) for r in range(4)]
+    assert [r["world"] for r in ranks] == [4] * 4
+    assert sorted(r["node"] for r in ranks) == ["n1", "n1", "n2", "n2"]  # two ranks on each node
+    assert all(len(r["rows"]) == steps for r in ranks)  # the same number of batches on every rank
+    manifest = json.loads((digits_root / "manifest.json").read_text())
+    per_epoch = manifest["splits"]["train"]["total"] // (4 * batch)  # steps in one epoch, every rank
+    epochs = defaultdict(list)
+    for r in ranks:
+        assert [step for step, _ in r["rows"]] == list(range(steps))
+        for step, keys in r["rows"]:
+            assert len(keys) == batch
+            epochs[step // per_epoch].extend(keys)
+    for epoch, keys in epochs.items():  # within an epoch no sample twice across the 4 ranks
+        assert len(keys) == len(set(keys)), f"epoch {epoch}: a sample was read twice"
+    full = [keys for epoch, keys in epochs.items() if len(keys) == per_epoch * 4 * batch]
+    assert full, "no complete epoch"
