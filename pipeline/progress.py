@@ -40,5 +40,6 @@ def progress_bar(iterable: Any = None, *, file: TextIO | None = None, tty: bool 
         tty = bool(getattr(file, "isatty", lambda: False)())
     if tty:
         return tqdm(iterable, file=file, **kw)
-    kw.update(file=_Lines(file), mininterval=LINE_EVERY_S, leave=True, dynamic_ncols=False, ncols=None, ascii=True)
+    kw.update(file=_Lines(file), mininterval=LINE_EVERY_S, maxinterval=LINE_EVERY_S, leave=True,
+              dynamic_ncols=False, ncols=None, ascii=True)
     return tqdm(iterable, **kw)
