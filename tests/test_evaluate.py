@@ -119,6 +119,12 @@ def test_mig_is_computed_when_batches_carry_factors():
     expected = mig(mu, torch.cat([b["factors"] for b in batches]).numpy())
     assert r["mig"] == pytest.approx(expected["mig"], abs=1e-6) and 0.0 <= r["mig"] <= 1.0
     assert r["mig_per_factor"] == pytest.approx(expected["per_factor"], abs=1e-6)
+    # DCI, FactorVAE and SAP of the same mean codes, beside MIG
+    from pipeline.analysis.evaluate import DISENTANGLEMENT_SCORES, disentanglement_scores
+
+    assert {k: r[k] for k in DISENTANGLEMENT_SCORES} == disentanglement_scores(mu, torch.cat(
+        [b["factors"] for b in batches]).numpy())
+    assert all(0.0 <= r[k] <= 1.0 for k in DISENTANGLEMENT_SCORES)
 
 
 def test_wrong_image_shape_is_reported():

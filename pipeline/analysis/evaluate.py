@@ -21,6 +21,9 @@ split, each counted exactly once:
   kl_per_dim           [D] mean KL of each latent dim
   mig, mig_per_factor  Mutual Information Gap of the mean codes against the ground-truth factors
                        (dSprites), when the data has them; estimator in pipeline/analysis/disentangle.py
+  dci_disentanglement, dci_completeness, dci_informativeness, factor_vae_score, sap
+                       the other disentanglement scores of the same codes, beside MIG (estimators in
+                       pipeline/analysis/scores.py); all from the mean codes of the evaluated weights
 Written to eval.json next to the checkpoint (replacing an earlier one), printed as a table, and added
 to the run's W&B summary under `eval/<split>/...` (resuming the run id in RUN_DIR/wandb_run_id.txt)
 when W&B is enabled in the config (pipeline.tracking.resolve_wandb_mode).
@@ -125,6 +128,7 @@ def summarize(sums, num_dims: int, factor_names: Sequence[str] | None = None) ->
         "kl_per_dim": mean["kl_dim"].tolist(),
         "mu_variance_per_dim": mean["mu_variance"].tolist(),
         "mig": None, "mig_per_factor": None, "factor_names": None,
+        **dict.fromkeys(DISENTANGLEMENT_SCORES),
     }
     if "codes" in mean and len(out["kl_per_dim"]) >= 2:
         result = mig(mean["codes"].cpu().numpy(), mean["factors"].cpu().numpy())
@@ -132,7 +136,27 @@ def summarize(sums, num_dims: int, factor_names: Sequence[str] | None = None) ->
         names = list(factor_names) if factor_names and len(factor_names) == f else [f"factor_{i}" for i in range(f)]
         out.update(mig=result["mig"], factor_names=names, mig_bins=result["bins"],
                    mig_per_factor=[None if math.isnan(v) else v for v in result["per_factor"]])
+        out.update(disentanglement_scores(mean["codes"].cpu().numpy(), mean["factors"].cpu().numpy()))
     return out
+
+
+DISENTANGLEMENT_SCORES = ("dci_disentanglement", "dci_completeness", "dci_informativeness", "factor_vae_score", "sap")
+
+
+def disentanglement_scores(codes, factors, max_examples: int = 10000, seed: int = 0) -> dict[str, float]:
+    """DCI, FactorVAE score and SAP of mean codes [N, D] (pipeline/analysis/scores.py), on at most
+    `max_examples` examples (a seeded subset: the tree classifiers of DCI grow with N)."""
+    import numpy as np
+
+    from pipeline.analysis.scores import dci, factor_vae_score, sap
+
+    if len(codes) > max_examples:
+        keep = np.sort(np.random.default_rng(seed).choice(len(codes), max_examples, replace=False))
+        codes, factors = codes[keep], factors[keep]
+    d = dci(codes, factors, seed=seed)
+    return {"dci_disentanglement": d["disentanglement"], "dci_completeness": d["completeness"],
+            "dci_informativeness": d["informativeness"], "factor_vae_score": factor_vae_score(codes, factors)["score"],
+            "sap": sap(codes, factors)["score"]}
 
 
 @torch.no_grad()
@@ -192,7 +216,7 @@ def format_table(r: dict[str, Any]) -> str:
     lines = [f"{'metric':<22}{'value':>14}", "-" * 36]
     for key, unit in (("elbo", "nats"), ("iwae", "nats"), ("recon", "nats"), ("kl", "nats"),
                       ("bits_per_dim_elbo", "bits"), ("bits_per_dim_iwae", "bits"), ("active_units", ""),
-                      ("mig", ""), ("num_examples", "")):
+                      ("mig", ""), *((k, "") for k in DISENTANGLEMENT_SCORES), ("num_examples", "")):
         v = r.get(key)
         if v is None:
             continue

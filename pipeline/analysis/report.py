@@ -27,7 +27,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 METRIC_COLUMNS = {"elbo": "val/elbo", "iwae": "val/iwae", "recon": "val/recon", "kl": "val/kl"}
-TABLE_COLUMNS = ("run", "beta", "rate", "distortion", "elbo", "iwae", "mig", "source")
+TABLE_COLUMNS = ("run", "beta", "rate", "distortion", "elbo", "iwae", "mig", "dci", "factorvae", "sap", "source")
+# disentanglement scores of eval.json (pipeline.evaluate) shown in the table and plotted against beta
+SCORE_COLUMNS = {"mig": "mig", "dci": "dci_disentanglement", "factorvae": "factor_vae_score", "sap": "sap"}
 
 
 def find_eval_json(run_dir: Path) -> Path | None:
@@ -94,13 +96,14 @@ def load_run(run_dir: str | Path) -> dict[str, object]:
     if ev is not None:
         e = json.loads(ev.read_text())
         row.update(rate=e.get("kl"), distortion=e.get("recon"), elbo=e.get("elbo"), iwae=e.get("iwae"),
-                   mig=e.get("mig"), source=f"eval.json ({e.get('split', '?')}, n={e.get('num_examples', '?')})")
+                   **{col: e.get(key) for col, key in SCORE_COLUMNS.items()},
+                   source=f"eval.json ({e.get('split', '?')}, n={e.get('num_examples', '?')})")
     else:
         m = last_logged(run_dir / "metrics.csv")
         if "val/elbo" not in m:
             raise ValueError(f"{run_dir}: neither eval.json nor val/elbo in metrics.csv; run pipeline.evaluate first")
         row.update(rate=m.get("val/kl"), distortion=m.get("val/recon"), elbo=m.get("val/elbo"), iwae=m.get("val/iwae"),
-                   mig=None, source=f"metrics.csv (val, step {m['step@val/elbo']:.0f})")
+                   **dict.fromkeys(SCORE_COLUMNS), source=f"metrics.csv (val, step {m['step@val/elbo']:.0f})")
     return row
 
 
@@ -161,7 +164,8 @@ def plot_rate_distortion(rows: Sequence[dict[str, object]], path: Path) -> Path:
 
 
 def plot_vs_beta(rows: Sequence[dict[str, object]], path: Path) -> Path:
-    """ELBO and IWAE (nats per example) and MIG against beta (log x axis when all betas are positive)."""
+    """ELBO and IWAE (nats per example), and the disentanglement scores (MIG, DCI disentanglement, FactorVAE
+    score, SAP), against beta (log x axis when all betas are positive)."""
     plt = _pyplot()
     pts = sorted(rows, key=lambda r: r["beta"])
     betas = [r["beta"] for r in pts]
@@ -173,15 +177,20 @@ def plot_vs_beta(rows: Sequence[dict[str, object]], path: Path) -> Path:
     ax1.set_xlabel("β")
     ax1.set_ylabel("nats / example")
     ax1.legend()
-    xy = [(r["beta"], r["mig"]) for r in pts if r.get("mig") is not None]
-    if xy:
-        ax2.plot(*zip(*xy), "-o", color="tab:green")
-        ax2.set_ylim(0.0, max(0.1, 1.15 * max(m for _, m in xy)))  # from 0: small MIGs stay small
+    top = 0.0
+    for col in SCORE_COLUMNS:
+        xy = [(r["beta"], r[col]) for r in pts if r.get(col) is not None]
+        if xy:
+            ax2.plot(*zip(*xy), "-o", label=col)
+            top = max(top, max(m for _, m in xy))
+    if top > 0:
+        ax2.set_ylim(0.0, min(1.05, max(0.1, 1.15 * top)))  # from 0: small scores stay small
+        ax2.legend()
     else:
-        ax2.text(0.5, 0.5, "no MIG (no ground-truth factors / eval.json)", ha="center", va="center",
-                 transform=ax2.transAxes)
+        ax2.text(0.5, 0.5, "no disentanglement scores (no ground-truth factors / eval.json)", ha="center",
+                 va="center", transform=ax2.transAxes)
     ax2.set_xlabel("β")
-    ax2.set_ylabel("MIG")
+    ax2.set_ylabel("score (1 = disentangled)")
     for ax in (ax1, ax2):
         if betas and min(betas) > 0:
             ax.set_xscale("log")
