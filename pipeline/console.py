@@ -36,6 +36,9 @@ KNOWN_WARNINGS = (
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
     # Every resumed run: the directory holds the checkpoints it resumes from, on purpose.
     (r"Checkpoint directory .* exists and is not empty", UserWarning),
+    # Every DDP run, once per validation key: the values logged are already the same on every rank (exact
+    # all-reduced sums, module.ExactSums), so Lightning's extra sync would only cost a collective per key.
+    (r"It is recommended to use `self.log\('(val|test)/.*sync_dist=True", UserWarning),
 )
 
 # Lightning's info lines that every run printed; the start-up summary and the done line say the same.

@@ -1,4 +1,4 @@
-"""Launch environment: take devices, nodes and a stable run name from SLURM (or a W&B agent).
+"""Launch environment: take devices, nodes and a stable run name from SLURM or torchrun (or a W&B agent).
 
 `pipeline.train` calls `apply_cluster_env(cfg)` right after loading the config, so that:
 
@@ -6,9 +6,12 @@
   nodes: Lightning trusts both and a mismatch with the allocation hangs or silently under-uses
   it. An explicit contradicting value (anything but the defaults "auto"/-1 and 1) stops with a
   ValueError that names the key;
+- under torchrun (`torchrun --nnodes=N --nproc-per-node=P ... -m pipeline.train`, Kubernetes and cloud VMs
+  without SLURM) the same from its LOCAL_WORLD_SIZE and WORLD_SIZE: P devices, N nodes;
 - a run left at the default name gets one that survives a requeue: `<job name>-<job id>`, or
   `<job name>-<array job id>_<task id>` for an array task, or `sweep-<sweep id>-<run id>` under a
-  W&B sweep agent. The same run directory means a requeued job finds its checkpoint and W&B run.
+  W&B sweep agent, or `torchrun-<rdzv id>` under torchrun with `--rdzv-id`. The same run directory means a
+  requeued job (or a group torchrun restarts) finds its checkpoint and W&B run.
 
 Preview what a job would run with (slurm/train.sh prints it in the batch step before `srun`):
 
@@ -32,6 +35,21 @@ DEFAULT_NUM_NODES = 1
 def in_slurm_allocation(env: Mapping[str, str] = os.environ) -> bool:
     """True inside an sbatch/srun allocation, mirroring Lightning's `SLURMEnvironment.detect()`."""
     return "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in INTERACTIVE_JOB_NAMES
+
+
+def in_torchrun(env: Mapping[str, str] = os.environ) -> bool:
+    """True in a process torchrun started, mirroring Lightning's `TorchElasticEnvironment.detect()`."""
+    return all(v in env for v in ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"))
+
+
+def torchrun_layout(env: Mapping[str, str] = os.environ) -> Tuple[int, int]:
+    """(processes per node, nodes) of a torchrun launch: one process per device."""
+    per_node = _leading_int(env["LOCAL_WORLD_SIZE"], "LOCAL_WORLD_SIZE")
+    world = _leading_int(env.get("WORLD_SIZE", env["LOCAL_WORLD_SIZE"]), "WORLD_SIZE")
+    if per_node < 1 or world % per_node:
+        raise ValueError(f"torchrun started WORLD_SIZE={world} processes, not a multiple of LOCAL_WORLD_SIZE={per_node} "
+                         "per node: give every node the same --nproc-per-node")
+    return per_node, world // per_node
 
 
 def _leading_int(value: str, var: str) -> int:
@@ -81,6 +99,8 @@ def default_run_name(env: Mapping[str, str] = os.environ) -> Optional[str]:
     """
     if env.get("WANDB_SWEEP_ID") and env.get("WANDB_RUN_ID"):
         return f"sweep-{_clean(env['WANDB_SWEEP_ID'])}-{_clean(env['WANDB_RUN_ID'])}"
+    if in_torchrun(env) and env.get("TORCHELASTIC_RUN_ID", "none") != "none":  # --rdzv-id: the same on every node
+        return f"torchrun-{_clean(env['TORCHELASTIC_RUN_ID'])}"
     if not in_slurm_allocation(env) or not env.get("SLURM_JOB_ID"):
         return None
     name = _clean(env.get("SLURM_JOB_NAME") or "job")
@@ -113,35 +133,44 @@ def apply_cluster_env(cfg, env: Mapping[str, str] = os.environ, require_srun: bo
         if cfg.run.dir == str(Path("runs") / DEFAULT_RUN_NAME):  # load_config's default, not a user's dir
             cfg.run.dir = str(Path("runs") / name)
         cfg.run.name = name
+    if in_torchrun(env) and not in_slurm_allocation(env):
+        return _apply_layout(cfg, *torchrun_layout(env), "torchrun", "--nproc-per-node", "--nnodes")
     if not in_slurm_allocation(env):
         return cfg
-
     per_node, nnodes = slurm_layout(env)
-    asked = _device_count(cfg.trainer.devices)
-    if asked is not None and asked != per_node:
-        raise ValueError(
-            f"trainer.devices={cfg.trainer.devices} contradicts the SLURM allocation of {per_node} task(s) per "
-            f"node (one process per device): drop trainer.devices (it is taken from the allocation) or submit "
-            f"with --ntasks-per-node={asked}."
-        )
-    if cfg.trainer.num_nodes not in (DEFAULT_NUM_NODES, nnodes):
-        raise ValueError(
-            f"trainer.num_nodes={cfg.trainer.num_nodes} contradicts the SLURM allocation of {nnodes} node(s): "
-            f"drop trainer.num_nodes (it is taken from the allocation) or submit with --nodes={cfg.trainer.num_nodes}."
-        )
+    _apply_layout(cfg, per_node, nnodes, "the SLURM allocation", "--ntasks-per-node", "--nodes", fill=False)
     if require_srun and per_node * nnodes > 1 and "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env:
         # In the batch step itself one process would wait forever for its peers.
         raise ValueError(
             f"this SLURM job has {per_node * nnodes} tasks but the process was not started by srun: launch it "
             f"as `srun python -m pipeline.train ...` (slurm/train.sh does), one process per task."
         )
-    if asked is None:  # keep an explicit, consistent list of device ids as given
+    return _fill_layout(cfg, per_node, nnodes)
+
+
+def _apply_layout(cfg, per_node: int, nnodes: int, launcher: str, per_node_flag: str, nodes_flag: str,
+                  fill: bool = True):
+    """Refuse trainer.devices / trainer.num_nodes that contradict the launcher's layout; fill them in."""
+    asked = _device_count(cfg.trainer.devices)
+    if asked is not None and asked != per_node:
+        raise ValueError(
+            f"trainer.devices={cfg.trainer.devices} contradicts {launcher} of {per_node} process(es) per node (one "
+            f"per device): drop trainer.devices (it is taken from {launcher}) or launch with {per_node_flag}={asked}.")
+    if cfg.trainer.num_nodes not in (DEFAULT_NUM_NODES, nnodes):
+        raise ValueError(
+            f"trainer.num_nodes={cfg.trainer.num_nodes} contradicts {launcher} of {nnodes} node(s): drop "
+            f"trainer.num_nodes (it is taken from {launcher}) or launch with {nodes_flag}={cfg.trainer.num_nodes}.")
+    return _fill_layout(cfg, per_node, nnodes) if fill else cfg
+
+
+def _fill_layout(cfg, per_node: int, nnodes: int):
+    if _device_count(cfg.trainer.devices) is None:  # keep an explicit, consistent list of device ids as given
         cfg.trainer.devices = per_node
     cfg.trainer.num_nodes = nnodes
     return cfg
 
 
 def describe(cfg, env: Mapping[str, str] = os.environ) -> str:
-    where = "SLURM allocation" if in_slurm_allocation(env) else "local"
+    where = "SLURM allocation" if in_slurm_allocation(env) else "torchrun" if in_torchrun(env) else "local"
     return (f"run.name={cfg.run.name} run.dir={cfg.run.dir} trainer.devices={cfg.trainer.devices} "
             f"trainer.num_nodes={cfg.trainer.num_nodes} ({where})")

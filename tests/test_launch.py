@@ -1,5 +1,6 @@
 """pipeline.launch without SLURM: env parsing, contradictions, run names (explicit env dicts)."""
 import os
+import re
 
 import pytest
 
@@ -171,3 +172,38 @@ def test_explicit_and_launch_names_win_over_the_derived_one(no_launch_env, monke
         monkeypatch.setenv(k, v)
     # the job's name: a requeue finds its directory
     assert run_dir_of(["configs/dsprites_beta.yaml", "objective.beta=8"], capsys) == "runs/train-4242"
+
+
+TORCHRUN_ENV = {"RANK": "3", "GROUP_RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "4",
+                "TORCHELASTIC_RUN_ID": "exp 7"}
+
+
+def test_torchrun_sets_devices_nodes_and_a_run_name_every_node_shares():
+    from pipeline.config import load_config
+    from pipeline.launch import apply_cluster_env, describe, torchrun_layout
+
+    assert torchrun_layout(TORCHRUN_ENV) == (2, 2)
+    cfg = apply_cluster_env(load_config([], []), env=TORCHRUN_ENV)
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes, cfg.run.name) == (2, 2, "torchrun-exp_7")
+    assert "(torchrun)" in describe(cfg, env=TORCHRUN_ENV)
+    plain = apply_cluster_env(load_config([], []), env={**TORCHRUN_ENV, "TORCHELASTIC_RUN_ID": "none"})
+    assert plain.run.name == "default"  # no --rdzv-id: nothing shared to name the run by
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.devices=1", "trainer.devices=1 contradicts torchrun of 2 process(es) per node"),
+    ("trainer.num_nodes=3", "trainer.num_nodes=3 contradicts torchrun of 2 node(s)"),
+])
+def test_torchrun_contradictions_are_refused(override, message):
+    from pipeline.config import load_config
+    from pipeline.launch import apply_cluster_env
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        apply_cluster_env(load_config([], [override]), env=TORCHRUN_ENV)
+
+
+def test_uneven_torchrun_layout_is_refused():
+    from pipeline.launch import torchrun_layout
+
+    with pytest.raises(ValueError, match="not a multiple of LOCAL_WORLD_SIZE"):
+        torchrun_layout({**TORCHRUN_ENV, "WORLD_SIZE": "3"})
