@@ -248,6 +248,11 @@ def _train(cfg, run_dir: Path, rank_zero: bool, command: Optional[str]) -> dict:
         if rank_zero:
             report_interrupt(e if isinstance(e, RunInterrupted) else None, run_dir, command)
         raise SystemExit(INTERRUPTED_EXIT) from None
+    signals = next(c for c in callbacks if isinstance(c, DeferredSignals))
+    if signals.requeue and rank_zero:  # after fit: every logger has finished (W&B's last rows are on disk)
+        from pipeline.launch import requeue_slurm_job
+
+        requeue_slurm_job()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
     if rank_zero:
         elbo = metrics.get("val/elbo")
