@@ -57,6 +57,7 @@ def check_history(run_dir: Path, n_segments: int) -> list[dict]:
     Returns the segments (for the ranges)."""
     segs = segments(run_dir)
     ranges = step_ranges(segs)
+    print(f"W&B history of {run_dir}: (min _step, max _step, rows) per segment: {ranges}")
     assert len(segs) == n_segments, ranges
     run_id = (Path(run_dir) / "wandb_run_id.txt").read_text().split()[0]
     assert {s["run_id"] for s in segs} == {run_id}, [s["run_id"] for s in segs]
