@@ -334,6 +334,28 @@ class DeferredSignals(Callback):
         self._stop_here()
 
 
+class SyncRequest(Callback):
+    """Rank zero asks the login-node watcher to sync this run's offline W&B segment (logger.wandb.sync_dir,
+    pipeline/sync.py) after each checkpoint and each validation; train.py asks once more after W&B finished."""
+
+    def __init__(self, requests):
+        self.requests = requests  # pipeline.sync.SyncRequests
+
+    def _ask(self, trainer: Trainer) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image") and not getattr(logger, "finished", False):  # WandbLogger
+                self.requests.request(Path(logger.experiment.dir).parent)  # RUN_DIR/wandb/offline-run-*/files
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self._ask(trainer)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        self._ask(trainer)
+
+
 class DataErrorCounter(Callback):
     """Logs `data/skipped_samples`: this rank's running count of unreadable samples skipped under
     data.on_error=warn (kept in the loader's checkpointed state, so it survives resume). Logged only

@@ -52,7 +52,7 @@ def build_loggers(cfg, run_dir: Path, rank_zero: bool):
     return loggers, mode
 
 
-def build_callbacks(cfg, run_dir: Path):
+def build_callbacks(cfg, run_dir: Path, sync_requests=None):
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from pipeline.callbacks import (
@@ -64,6 +64,7 @@ def build_callbacks(cfg, run_dir: Path):
         LossWatch,
         StepLabels,
         StepSeed,
+        SyncRequest,
     )
 
     ckpt_dir = run_dir / "checkpoints"
@@ -83,6 +84,8 @@ def build_callbacks(cfg, run_dir: Path):
     callbacks.append(LastCheckpoint(ckpt_dir / "last.ckpt", cfg.checkpoint.every_n_steps))
     if cfg.logger.images_every_n_steps > 0:
         callbacks.append(ImageLogger(run_dir / "images", cfg.logger.images_every_n_steps, cfg.logger.num_images))
+    if sync_requests is not None:
+        callbacks.append(SyncRequest(sync_requests))
     if cfg.trainer.enable_progress_bar:
         from pipeline.console import RunProgress, progress_every
 
@@ -228,7 +231,13 @@ def _train(cfg, run_dir: Path, rank_zero: bool, command: Optional[str]) -> dict:
         module.vae.compile()  # in place: checkpoint keys stay unprefixed
 
     loggers, wandb_mode = build_loggers(cfg, run_dir, rank_zero)
-    callbacks = build_callbacks(cfg, run_dir)
+    sync_requests = None
+    if cfg.logger.wandb.sync_dir and wandb_mode == "offline" and rank_zero:
+        from pipeline.sync import SyncRequests
+        from pipeline.tracking import wandb_run_id
+
+        sync_requests = SyncRequests(Path(cfg.logger.wandb.sync_dir), run_dir, wandb_run_id(run_dir))
+    callbacks = build_callbacks(cfg, run_dir, sync_requests)
     trainer = build_trainer(cfg, run_dir, loggers, callbacks, AtomicCheckpointIO(preloaded=resume))
     if rank_zero:
         print("\n".join(summary_lines(cfg, dm, module, trainer, wandb_mode, resume_said)), flush=True)
@@ -248,6 +257,9 @@ def _train(cfg, run_dir: Path, rank_zero: bool, command: Optional[str]) -> dict:
         if rank_zero:
             report_interrupt(e if isinstance(e, RunInterrupted) else None, run_dir, command)
         raise SystemExit(INTERRUPTED_EXIT) from None
+    finally:
+        if sync_requests is not None:  # W&B has finished: the watcher syncs the whole segment
+            sync_requests.request()
     signals = next(c for c in callbacks if isinstance(c, DeferredSignals))
     if signals.requeue and rank_zero:  # after fit: every logger has finished (W&B's last rows are on disk)
         from pipeline.launch import requeue_slurm_job
