@@ -27,6 +27,20 @@ def _has_wandb_credentials(env: Mapping[str, str]) -> bool:
         return False
 
 
+def wandb_secrets(env: Mapping[str, str] = os.environ) -> list:
+    """The W&B API keys this process could use (WANDB_API_KEY, the netrc password for the W&B host): values that
+    must never appear in a config (config.refuse_secret_values). Read only to compare, never stored."""
+    found = [env["WANDB_API_KEY"]] if env.get("WANDB_API_KEY") else []
+    host = env.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0].split(":")[0]
+    try:
+        entry = netrc.netrc(env.get("NETRC")).authenticators(host)
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        entry = None
+    if entry and entry[2]:
+        found.append(entry[2])
+    return found
+
+
 def resolve_wandb_mode(mode: Optional[str], env: Mapping[str, str] = os.environ) -> str:
     """`logger.wandb.mode` if set; else WANDB_MODE / WANDB_DISABLED; else online when credentials
     exist, offline otherwise (compute nodes without internet sync later with `wandb sync`)."""
