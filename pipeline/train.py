@@ -146,6 +146,7 @@ def train(cfg, command: Optional[str] = None) -> dict:
     from pipeline.checkpointing import CheckpointError
     from pipeline.console import quiet_known_noise
     from pipeline.rundir import RunDirError, RunLock
+    from pipeline.tracking import RunIdError
 
     quiet_known_noise()
     rank_zero = rank_zero_only.rank == 0
@@ -159,7 +160,7 @@ def train(cfg, command: Optional[str] = None) -> dict:
         # Global rank zero only: the other ranks start after it holds the lock, or end with it (rundir.py).
         lock = RunLock(run_dir).acquire() if rank_zero else None
         return _train(cfg, run_dir, rank_zero, command)
-    except (RunDirError, CheckpointError, C.ConfigError) as e:
+    except (RunDirError, CheckpointError, C.ConfigError, RunIdError) as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         if lock is not None:
@@ -174,7 +175,7 @@ def prepare_run_dir(cfg, run_dir: Path, rank_zero: bool):
     summary says about it)."""
     from pipeline.checkpointing import atomic_save, choose_resume, ensure_writable, remove_later_best, remove_temp_files
     from pipeline.rundir import check_same_run, start_over
-    from pipeline.tracking import truncate_metrics_csv
+    from pipeline.tracking import read_wandb_run_id, resolve_wandb_mode, truncate_metrics_csv
 
     def say(text: str) -> None:
         if rank_zero:
@@ -186,6 +187,8 @@ def prepare_run_dir(cfg, run_dir: Path, rank_zero: bool):
         remove_temp_files(run_dir, ckpt_dir)
         if cfg.resume == "never" and (removed := start_over(run_dir)):
             say(f"# resume=never: starting over in {run_dir}; removed {', '.join(p.name for p in removed)}")
+        if resolve_wandb_mode(cfg.logger.wandb.mode) != "disabled":
+            read_wandb_run_id(run_dir)  # another directory's id (copied) stops the run before anything is written
     resume = choose_resume(cfg.resume, run_dir, say)
     if resume and rank_zero:
         check_same_run(run_dir, cfg, resume[1].get("hyper_parameters"))

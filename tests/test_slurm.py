@@ -198,7 +198,7 @@ def test_preempted_job_requeues_and_resumes(slurm_cluster, job_env, digits_root,
     assert sorted(trained) == list(range(steps)), explain(job)
 
     # One W&B run across both parts: one persisted id, and every offline run dir carries it.
-    run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
+    run_id = (run_dir / "wandb_run_id.txt").read_text().split()[0]
     parts = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(parts) == 2 and all(p.name.endswith(f"-{run_id}") for p in parts), (parts, explain(job))
     # ... whose records (W&B's own reader) hold one history: _step increasing across the requeue, and every
