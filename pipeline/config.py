@@ -162,6 +162,7 @@ class WandbConfig:
     entity: Optional[str] = None  # W&B team or user; null: your default
     group: Optional[str] = None  # W&B group (sweeps group their runs by the sweep name)
     tags: List[str] = field(default_factory=list)  # W&B tags
+    log_checkpoints: Optional[Literal["best", "last", "all"]] = None  # W&B artifacts at each process end; null: none
     sync_dir: Optional[str] = None  # offline: shared dir where rank zero asks `python -m pipeline.sync watch DIR` to sync
 
 

@@ -106,7 +106,7 @@ def resumable_csv_logger(run_dir: Path):
     return ResumableCSVLogger(save_dir=str(run_dir), name="", version="")
 
 
-def wandb_logger(**kwargs):
+def wandb_logger(checkpoints=None, **kwargs):
     """Lightning's WandbLogger, writing one history that continues across resumes.
 
     - Each row goes to W&B under `step=` the trainer's logging step (the `step` of metrics.csv), so
@@ -117,6 +117,8 @@ def wandb_logger(**kwargs):
       hyperparameters, a subset of it, are not logged a second time under the same names.
     - `finalize` finishes the W&B run, so the last row is committed and the offline segment closed before
       the process goes (a SLURM requeue kills the job right after train.py asks for it).
+    - `checkpoints` (a callable giving [(path, aliases)]) are logged as versions of the artifact
+      `model-<run id>` before the run finishes, unless it failed (logger.wandb.log_checkpoints).
     - Minus the `anonymous` argument: Lightning puts `anonymous=None` into its private `_wandb_init` dict
       whatever the caller says, and wandb >= 0.19 prints "The anonymous setting has no effect and will be
       removed" for any value given, None included: on every run. Leaving the key out is what wandb asks for.
@@ -145,8 +147,19 @@ def wandb_logger(**kwargs):
         def finalize(self, status: str) -> None:
             super().finalize(status)
             if self._experiment is not None and not self.finished:
+                if checkpoints is not None and status != "failed":
+                    self.log_checkpoint_artifacts(checkpoints())
                 self.finished = True
                 self._experiment.finish(exit_code=1 if status == "failed" else 0)
+
+        def log_checkpoint_artifacts(self, found) -> None:
+            import wandb
+
+            for path, aliases in found:
+                art = wandb.Artifact(f"model-{self._experiment.id}", type="model",
+                                     metadata={"file": Path(path).name, "aliases": list(aliases)})
+                art.add_file(str(path), name=Path(path).name)  # copied to W&B's staging: last.ckpt may change
+                self._experiment.log_artifact(art, aliases=list(aliases))
 
     logger = StepWandbLogger(**kwargs)
     if logger._wandb_init.get("anonymous", False) is None:

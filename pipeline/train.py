@@ -48,8 +48,28 @@ def build_loggers(cfg, run_dir: Path, rank_zero: bool):
             project=w.project, entity=w.entity, group=w.group, tags=list(w.tags), name=cfg.run.name,
             save_dir=str(run_dir), id=wandb_run_id(run_dir) if rank_zero else None, resume="allow",
             offline=(mode == "offline"), config=C.to_dict(cfg),
+            checkpoints=checkpoint_files(run_dir, w.log_checkpoints) if w.log_checkpoints else None,
         ))
     return loggers, mode
+
+
+def checkpoint_files(run_dir: Path, which: str):
+    """logger.wandb.log_checkpoints -> a callable giving the checkpoints to log as W&B artifacts now, each with
+    its aliases: `best` (the best-step*.ckpt kept), `last` (checkpoints/last.ckpt), `all` (both)."""
+    import torch
+
+    def found() -> list:
+        out = []
+        best = sorted((run_dir / "checkpoints").glob("best-step*.ckpt"))
+        if which in ("best", "all") and best:
+            out.append((best[-1], ["best", f"step-{int(best[-1].stem.split('step')[-1])}"]))
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if which in ("last", "all") and last.is_file():
+            step = torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("global_step")
+            out.append((last, ["latest", f"step-{step}"]))
+        return out
+
+    return found
 
 
 def build_callbacks(cfg, run_dir: Path, sync_requests=None):

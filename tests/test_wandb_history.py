@@ -27,7 +27,22 @@ def test_extended_run_continues_one_history(offline, tmp_path):
     """max_steps=20, then the same run extended to 40."""
     run_train(offline + ["trainer.max_steps=20"])
     run_train(offline + ["trainer.max_steps=40"])
-    check_history(tmp_path / "run", n_segments=2)
+    segs = check_history(tmp_path / "run", n_segments=2)
+    assert not any(s["artifacts"] for s in segs)  # logger.wandb.log_checkpoints is off by default
+
+
+def test_checkpoints_as_artifacts_when_asked(offline, tmp_path):
+    """logger.wandb.log_checkpoints=all: the best and the last checkpoint, as versions of model-<run id>,
+    recorded offline (uploaded by `wandb sync`)."""
+    run_train(offline + ["trainer.max_steps=20", "logger.wandb.log_checkpoints=all"])
+    (seg,) = check_history(tmp_path / "run", n_segments=1)
+    arts = {a["manifest"]["contents"][0]["path"]: a for a in seg["artifacts"]}
+    assert set(arts) == {"last.ckpt", "best-step0000020.ckpt"}, arts.keys()
+    assert all(a["name"] == f"model-{seg['run_id']}" and a["type"] == "model" for a in arts.values())
+    assert set(arts["last.ckpt"]["aliases"]) == {"latest", "step-20"}
+    assert {"best", "step-20"} <= set(arts["best-step0000020.ckpt"]["aliases"])  # W&B adds "latest" to each new version
+    size = (tmp_path / "run" / "checkpoints" / "last.ckpt").stat().st_size
+    assert int(arts["last.ckpt"]["manifest"]["contents"][0]["size"]) == size
 
 
 # A run long enough for a signal to land mid-run; the resume runs a few validations more.

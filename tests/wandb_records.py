@@ -26,13 +26,14 @@ def segment_records(segment: Path) -> list[dict]:
 
 
 def segments(run_dir: Path) -> list[dict]:
-    """The offline segments of RUN_DIR in start order: {dir, run_id, start, history: [row items]}."""
+    """The offline segments of RUN_DIR in start order: {dir, run_id, start, history: [row items], artifacts}."""
     found = []
     for seg in (Path(run_dir) / "wandb").glob("offline-run-*"):
         records = segment_records(seg)
         run = next(r["run"] for r in records if r["type"] == "run")
         found.append({"dir": seg, "run_id": run["run_id"], "start": run.get("start_time", ""),
-                      "history": [r["history"]["item"] for r in records if r["type"] == "history"]})
+                      "history": [r["history"]["item"] for r in records if r["type"] == "history"],
+                      "artifacts": [r["artifact"] for r in records if r["type"] == "artifact"]})
     return sorted(found, key=lambda s: (s["start"], s["dir"].name))
 
 
