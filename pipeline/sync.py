@@ -147,11 +147,12 @@ class Watcher:
         n = self.failures[req.run_id] = self.failures.get(req.run_id, 0) + 1
         delay = min(self.retry_s * 2 ** (n - 1), self.max_retry_s)
         self.not_before[req.run_id] = time.monotonic() + delay
-        if req.path.exists():  # a newer request arrived meanwhile: it supersedes this one
+        pending = claimed.with_name(claimed.name[: -len(CLAIMED)])
+        if pending.exists():  # a newer request arrived meanwhile: it supersedes this one
             claimed.unlink(missing_ok=True)
         else:
-            os.replace(claimed, req.path)
-        log.warning("sync failed for run %s segment %s (request %d, exit %s: %s); retry in %.0fs: %s",
+            os.replace(claimed, pending)
+        log.warning("sync failed for run %s segment %s (request %d, exit %s: %s); retry in %.3gs: %s",
                     req.run_id, req.segment.name, req.seq, code, why[0][:200], delay, shlex.join(argv))
         return False
 
@@ -162,15 +163,10 @@ class Watcher:
         for run_id, reqs in read_requests(self.sync_dir).items():
             if self.not_before.get(run_id, 0) > now:
                 continue
-            done_segments = set()
-            for req in reqs:
-                if req.segment in done_segments:  # an older claimed and a newer request: one sync covers both
-                    req.path.unlink(missing_ok=True)
-                    continue
+            for req in reqs:  # a request a killed watcher left claimed comes before a newer one of its segment
                 if not self.sync_one(req):
                     failed += 1
                     break  # the later segments of this run wait for this one
-                done_segments.add(req.segment)
         return failed
 
     def watch(self, interval_s: float, once: bool) -> int:

@@ -117,6 +117,18 @@ def test_request_written_during_a_sync_is_synced_again(stub, tmp_path, monkeypat
     assert not first.exists()
 
 
+def test_request_left_claimed_by_a_killed_watcher_is_synced_and_kept_on_failure(stub, tmp_path):
+    sync_dir = tmp_path / "requests"
+    req = request(sync_dir, "abc", "20260101_120000", 1, tmp_path)
+    claimed = req.rename(req.with_name(req.name + ".claimed"))  # the watcher was killed during its sync
+    (tmp_path / "fail").touch()
+    assert watch_once(sync_dir).returncode == 1
+    assert not claimed.exists() and json.loads(req.read_text())["seq"] == 1  # pending again, not lost
+    (tmp_path / "fail").unlink()
+    assert watch_once(sync_dir).returncode == 0 and not req.exists()
+    assert synced(stub) == ["offline-run-20260101_120000-abc"] * 2
+
+
 def test_second_watcher_on_a_directory_exits(stub, tmp_path):
     import fcntl
 
