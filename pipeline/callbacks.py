@@ -323,15 +323,19 @@ class DeferredSignals(Callback):
         if term and self._lightning_term is not None:
             self._lightning_term(signal.SIGTERM, None)  # every rank at once; Lightning stops after this batch
 
-    def _stop_here(self) -> None:
+    def _stop_here(self, trainer: Trainer) -> None:
         if self._stop is not None:
+            # a checkpointed stop, not a failure: the W&B run finishes cleanly (exit code 0), its rows written,
+            # before Lightning finalizes the loggers as "failed" for the exception
+            for logger in trainer.loggers:
+                logger.finalize("interrupted")
             raise self._stop
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._stop_here()
+        self._stop_here(trainer)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._stop_here()
+        self._stop_here(trainer)
 
 
 class SyncRequest(Callback):

@@ -26,14 +26,15 @@ def segment_records(segment: Path) -> list[dict]:
 
 
 def segments(run_dir: Path) -> list[dict]:
-    """The offline segments of RUN_DIR in start order: {dir, run_id, start, history: [row items], artifacts}."""
+    """The offline segments of RUN_DIR in start order: {dir, run_id, start, history: [row items], artifacts, exit_code}."""
     found = []
     for seg in (Path(run_dir) / "wandb").glob("offline-run-*"):
         records = segment_records(seg)
         run = next(r["run"] for r in records if r["type"] == "run")
         found.append({"dir": seg, "run_id": run["run_id"], "start": run.get("start_time", ""),
                       "history": [r["history"]["item"] for r in records if r["type"] == "history"],
-                      "artifacts": [r["artifact"] for r in records if r["type"] == "artifact"]})
+                      "artifacts": [r["artifact"] for r in records if r["type"] == "artifact"],
+                      "exit_code": next((r["exit"].get("exit_code", 0) for r in records if r["type"] == "exit"), None)})
     return sorted(found, key=lambda s: (s["start"], s["dir"].name))
 
 
@@ -54,7 +55,8 @@ def check_history(run_dir: Path, n_segments: int) -> list[dict]:
     - `n_segments` offline segments, all of the id in RUN_DIR/wandb_run_id.txt;
     - `_step` strictly increasing over the segments taken in start order (what `wandb sync` replays);
     - every value of every metrics.csv row (train/*, val/*, the LR) in the W&B row of the same step;
-    - the image grids of every validation that wrote them, on its row.
+    - the image grids of every validation that wrote them, on its row;
+    - every segment finished cleanly (an exit record with code 0: its last rows written).
     Returns the segments (for the ranges)."""
     segs = segments(run_dir)
     ranges = step_ranges(segs)
@@ -62,6 +64,7 @@ def check_history(run_dir: Path, n_segments: int) -> list[dict]:
     assert len(segs) == n_segments, ranges
     run_id = (Path(run_dir) / "wandb_run_id.txt").read_text().split()[0]
     assert {s["run_id"] for s in segs} == {run_id}, [s["run_id"] for s in segs]
+    assert [s["exit_code"] for s in segs] == [0] * n_segments, [s["exit_code"] for s in segs]
     steps = [int(h["_step"]) for s in segs for h in s["history"]]
     assert all(a < b for a, b in zip(steps, steps[1:])), f"_step not strictly increasing: {ranges}"
     by_step = {int(h["_step"]): h for s in segs for h in s["history"]}
