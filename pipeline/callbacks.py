@@ -21,6 +21,7 @@ from pipeline.lightning_compat import (
     align_log_step,
     batches_trained,
     hpc_save_path,
+    log_step,
     logs_written_this_step,
     skip_per_step_sigterm_broadcast,
     validates_after_this_batch,
@@ -160,9 +161,9 @@ class ImageLogger(Callback):
         for name, grid in grids.items():
             Image.fromarray(grid).save(self.out_dir / f"{name}_step{step:07d}.png")
         for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):  # WandbLogger
+            if hasattr(logger, "log_image"):  # WandbLogger: on the row of this validation's val/* metrics
                 for name, grid in grids.items():
-                    logger.log_image(key=f"images/{name}", images=[grid], step=step)
+                    logger.log_image(key=f"images/{name}", images=[grid], step=log_step(trainer))
 
 
 class StepLabels(Callback):
@@ -213,8 +214,11 @@ class DeferredSignals(Callback):
     three flags there, none in between), so a signal waits at most that many batches: keep it well below
     the 90 s of `--signal=USR1@90` divided by the step time. Then:
 
-    - USR1: Lightning's own SLURM handler saves `hpc_ckpt_N.ckpt`, requeues the job (rank zero) and
-      finalizes loggers; without it (no SLURM) the same checkpoint is written. Training then stops.
+    - USR1: `hpc_ckpt_N.ckpt` is saved (the checkpoint Lightning's SLURM handler writes and resumes
+      from) and training stops after this step's rows (and a validation, as on any stop) are logged.
+      Under SLURM's auto-requeue `requeue` is set: train.py asks SLURM to requeue the job once fit has
+      returned, i.e. after the loggers finished (W&B's last rows committed; the requeue kills the job).
+      Lightning's own handler would requeue inside the batch, before those rows are written.
     - INT: `checkpoints/last.ckpt` is saved and RunInterrupted ends the run before the next batch or
       validation (after this step's metrics are written); never a requeue. At the last step the run
       simply finishes. A second Ctrl-C, or one before training starts, stops at once
@@ -237,6 +241,7 @@ class DeferredSignals(Callback):
         self._stop: Optional[RunInterrupted] = None
         self.interrupts = 0
         self.stopped_at_once = False
+        self.requeue = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._install(signal.SIGINT)  # from here on Ctrl-C is ours (before training: stop at once)
@@ -311,24 +316,48 @@ class DeferredSignals(Callback):
             if trainer.global_step < trainer.max_steps:  # at the last step the run ends normally anyway
                 trainer.save_checkpoint(self.last_ckpt, weights_only=False)
                 self._stop = RunInterrupted(trainer.global_step, self.last_ckpt)
-        elif usr1 and self._lightning_usr1 is not None:
-            self._lightning_usr1(signal.SIGUSR1, None)
-            trainer.should_stop = True
-        elif usr1:  # not under Lightning's SLURM handling: still leave a resumable checkpoint
+        elif usr1:  # the checkpoint Lightning's SLURM handler writes; the requeue waits for the end of fit
             trainer.save_checkpoint(hpc_save_path(trainer), weights_only=False)
             trainer.should_stop = True
+            self.requeue = self._lightning_usr1 is not None  # under SLURM with auto-requeue
         if term and self._lightning_term is not None:
             self._lightning_term(signal.SIGTERM, None)  # every rank at once; Lightning stops after this batch
 
-    def _stop_here(self) -> None:
+    def _stop_here(self, trainer: Trainer) -> None:
         if self._stop is not None:
+            # a checkpointed stop, not a failure: the W&B run finishes cleanly (exit code 0), its rows written,
+            # before Lightning finalizes the loggers as "failed" for the exception
+            for logger in trainer.loggers:
+                logger.finalize("interrupted")
             raise self._stop
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._stop_here()
+        self._stop_here(trainer)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._stop_here()
+        self._stop_here(trainer)
+
+
+class SyncRequest(Callback):
+    """Rank zero asks the login-node watcher to sync this run's offline W&B segment (logger.wandb.sync_dir,
+    pipeline/sync.py) after each checkpoint and each validation; train.py asks once more after W&B finished."""
+
+    def __init__(self, requests):
+        self.requests = requests  # pipeline.sync.SyncRequests
+
+    def _ask(self, trainer: Trainer) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image") and not getattr(logger, "finished", False):  # WandbLogger
+                self.requests.request(Path(logger.experiment.dir).parent)  # RUN_DIR/wandb/offline-run-*/files
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self._ask(trainer)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        self._ask(trainer)
 
 
 class DataErrorCounter(Callback):

@@ -51,8 +51,12 @@ def config_from_argv(argv: Sequence[str], require_srun: bool = True):
     """CONFIG.yaml files and key=value overrides -> the validated config, with devices, nodes and run
     name taken from the launch (SLURM, W&B agent), else a run name derived from the config. Raises
     ValueError (ConfigError is one) on bad input."""
+    from pipeline.tracking import wandb_secrets
+
     files, overrides = split_argv(argv)
-    cfg = apply_cluster_env(C.load_config(files, overrides), require_srun=require_srun)
+    loaded = C.load_config(files, overrides)
+    C.refuse_secret_values(loaded, wandb_secrets())
+    cfg = apply_cluster_env(loaded, require_srun=require_srun)
     return name_from_config(cfg, files, overrides)
 
 

@@ -162,6 +162,8 @@ class WandbConfig:
     entity: Optional[str] = None  # W&B team or user; null: your default
     group: Optional[str] = None  # W&B group (sweeps group their runs by the sweep name)
     tags: List[str] = field(default_factory=list)  # W&B tags
+    log_checkpoints: Optional[Literal["best", "last", "all"]] = None  # W&B artifacts at each process end; null: none
+    sync_dir: Optional[str] = None  # offline: shared dir where rank zero asks `python -m pipeline.sync watch DIR` to sync
 
 
 @dataclass
@@ -423,6 +425,39 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"bad value for 'resume': {cfg.resume!r} is neither auto, never nor an existing checkpoint")
 
 
+def _leaves(node: Any, prefix: str = ""):
+    """(dotted key, value) of every leaf of plain containers (list items keyed by index)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else None
+    if items is None:
+        yield prefix, node
+        return
+    for k, v in items:
+        yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+
+
+def refuse_environment_values(cfg: DictConfig) -> None:
+    """No value may come from the environment (`${oc.env:...}`): the resolved config is written to config.yaml,
+    the console, W&B and every checkpoint, and an environment variable may hold a secret (a shared config with
+    `tags: ["${oc.env:WANDB_API_KEY}"]` uploaded the key). The way out is the value itself on the command line,
+    where the shell expands a variable the user chose to put there."""
+    for key, value in _leaves(OmegaConf.to_container(cfg, resolve=False)):
+        if isinstance(value, str) and "oc.env:" in value.replace(" ", ""):
+            raise ConfigError(f"{key}: values from the environment ({value}) are refused: the config is written to "
+                              f"config.yaml, W&B and checkpoints; give the value itself ({key}=...)")
+
+
+def refuse_secret_values(cfg: DictConfig, secrets: Sequence[str]) -> None:
+    """No value may hold one of `secrets` (the W&B API key: WANDB_API_KEY, the netrc password): refused at
+    start naming the key, never written anywhere. Keys shorter than 8 characters are not looked for."""
+    secrets = [s for s in secrets if s and len(s) >= 8]
+    if not secrets:
+        return
+    for key, value in _leaves(OmegaConf.to_container(cfg, resolve=True)):
+        if isinstance(value, str) and any(s in value for s in secrets):
+            raise ConfigError(f"{key} holds your W&B API key (WANDB_API_KEY or ~/.netrc): refused, it would be "
+                              f"written to config.yaml, W&B and checkpoints; wandb reads the key itself")
+
+
 def load_config(files: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = ()) -> DictConfig:
     """Defaults <- each YAML file in order <- `key=value` overrides; validated; `run.dir` resolved."""
     cfg = OmegaConf.structured(Config)
@@ -444,6 +479,7 @@ def load_config(files: Sequence[str | os.PathLike] = (), overrides: Sequence[str
         except Exception as e:
             raise ConfigError(f"cannot parse overrides {list(overrides)}: {e}") from None
         cfg = _merge(cfg, dot, "command line")
+    refuse_environment_values(cfg)
     validate(cfg)
     if cfg.run.dir is None:
         cfg.run.dir = str(Path("runs") / cfg.run.name)

@@ -174,3 +174,27 @@ def describe(cfg, env: Mapping[str, str] = os.environ) -> str:
     where = "SLURM allocation" if in_slurm_allocation(env) else "torchrun" if in_torchrun(env) else "local"
     return (f"run.name={cfg.run.name} run.dir={cfg.run.dir} trainer.devices={cfg.trainer.devices} "
             f"trainer.num_nodes={cfg.trainer.num_nodes} ({where})")
+
+
+def requeue_slurm_job(env: Mapping[str, str] = os.environ) -> bool:
+    """`scontrol requeue` this job (an array task as JOBID_TASKID), as Lightning's SLURM handler does; called
+    by global rank zero after a USR1 stop, once the loggers have finished. True when SLURM accepted it."""
+    import logging
+    import subprocess
+
+    log = logging.getLogger("pipeline.launch")
+    job = (f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" if env.get("SLURM_ARRAY_JOB_ID")
+           else env.get("SLURM_JOB_ID", ""))
+    if not re.fullmatch(r"[0-9_]+", job):
+        log.warning("not requeued: no SLURM job id in the environment")
+        return False
+    try:
+        code = subprocess.call(["scontrol", "requeue", job])
+    except OSError as e:
+        log.warning("requeueing SLURM job %s failed: %s", job, e)
+        return False
+    if code:
+        log.warning("requeueing SLURM job %s failed with exit code %d", job, code)
+    else:
+        log.warning("requeued SLURM job %s", job)
+    return code == 0

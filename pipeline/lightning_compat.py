@@ -7,6 +7,7 @@ versions tested). Nothing else in `pipeline` may touch a private Lightning or Da
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 
 
@@ -105,19 +106,72 @@ def resumable_csv_logger(run_dir: Path):
     return ResumableCSVLogger(save_dir=str(run_dir), name="", version="")
 
 
-def wandb_logger(**kwargs):
-    """Lightning's WandbLogger, minus the `anonymous` argument it always passes to wandb.init.
+def wandb_logger(checkpoints=None, **kwargs):
+    """Lightning's WandbLogger, writing one history that continues across resumes.
 
-    Lightning puts `anonymous=None` into its private `_wandb_init` dict whatever the caller says, and
-    wandb >= 0.19 prints "The anonymous setting has no effect and will be removed" for any value given,
-    None included: on every run. Leaving the key out is what wandb asks for.
+    - Each row goes to W&B under `step=` the trainer's logging step (the `step` of metrics.csv), so
+      `_step` is the same number in W&B as in metrics.csv: a resumed, requeued or extended run starts its
+      new W&B segment where the last one stopped instead of at `_step` 0 (stock WandbLogger lets W&B count
+      its `log` calls, per process). Rows logged with the same step merge into one row.
+    - The config is given once, to `wandb.init` (train.py: the whole resolved config); the module's
+      hyperparameters, a subset of it, are not logged a second time under the same names.
+    - `finalize` finishes the W&B run, so the last row is committed and the offline segment closed before
+      the process goes (a SLURM requeue kills the job right after train.py asks for it).
+    - `checkpoints` (a callable giving [(path, aliases)]) are logged as versions of the artifact
+      `model-<run id>` before the run finishes, unless it failed (logger.wandb.log_checkpoints).
+    - Minus the `anonymous` argument: Lightning puts `anonymous=None` into its private `_wandb_init` dict
+      whatever the caller says, and wandb >= 0.19 prints "The anonymous setting has no effect and will be
+      removed" for any value given, None included: on every run. Leaving the key out is what wandb asks for.
     """
     from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.utilities import rank_zero_only
 
-    logger = WandbLogger(**kwargs)
+    class StepWandbLogger(WandbLogger):
+        finished = False
+
+        @rank_zero_only
+        def log_metrics(self, metrics, step=None) -> None:
+            if self.finished:  # never a second W&B segment from this process
+                warnings.warn(f"W&B run already finished: step {step} not sent to W&B ({', '.join(sorted(metrics))})",
+                              stacklevel=2)
+                return None
+            if step is None:
+                return super().log_metrics(metrics, step)
+            self.experiment.log(dict(metrics, **{"trainer/global_step": step}), step=int(step))
+
+        @rank_zero_only
+        def log_hyperparams(self, params) -> None:  # the full config went to wandb.init
+            pass
+
+        @rank_zero_only
+        def finalize(self, status: str) -> None:
+            super().finalize(status)
+            if self._experiment is not None and not self.finished:
+                if checkpoints is not None and status != "failed":
+                    self.log_checkpoint_artifacts(checkpoints())
+                self.finished = True
+                self._experiment.finish(exit_code=1 if status == "failed" else 0)
+
+        def log_checkpoint_artifacts(self, found) -> None:
+            import wandb
+
+            for path, aliases in found:
+                art = wandb.Artifact(f"model-{self._experiment.id}", type="model",
+                                     metadata={"file": Path(path).name, "aliases": list(aliases)})
+                art.add_file(str(path), name=Path(path).name)  # copied to W&B's staging: last.ckpt may change
+                self._experiment.log_artifact(art, aliases=list(aliases))
+
+    logger = StepWandbLogger(**kwargs)
     if logger._wandb_init.get("anonymous", False) is None:
         del logger._wandb_init["anonymous"]
     return logger
+
+
+def log_step(trainer) -> int:
+    """The step Lightning labels the rows it logs now with (metrics.csv `step`, W&B `_step`): during a
+    validation at global step s it is s - 1, as the val/* row. ImageLogger puts its grids on that row.
+    Lightning's logger connector has it only as the private counter that align_log_step sets."""
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
 
 
 def validates_after_this_batch(trainer) -> bool:

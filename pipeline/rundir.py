@@ -138,8 +138,9 @@ def check_same_run(run_dir: str | os.PathLike, cfg, checkpoint_hparams: Optional
 def start_over(run_dir: str | os.PathLike) -> list:
     """resume=never in a directory that holds a run: remove its checkpoints (else a later resume=auto, or
     Lightning's own SLURM resume from hpc_ckpt_N.ckpt, would continue the old run under the new config)
-    and its metric rows. Returns what was removed."""
-    from pipeline.tracking import truncate_metrics_csv
+    and its metric rows, and its W&B run id (the new run is a new W&B run: its history starts again at step 0).
+    Returns what was removed."""
+    from pipeline.tracking import WANDB_ID_FILE, truncate_metrics_csv
 
     run_dir = Path(run_dir)
     removed = [p for p in [*run_dir.glob("hpc_ckpt_*.ckpt"), *(run_dir / "checkpoints").glob("*.ckpt")] if p.is_file()]
@@ -147,4 +148,7 @@ def start_over(run_dir: str | os.PathLike) -> list:
         p.unlink()
     if truncate_metrics_csv(run_dir / "metrics.csv", 0):
         removed.append(run_dir / "metrics.csv")
+    if (run_dir / WANDB_ID_FILE).is_file():
+        (run_dir / WANDB_ID_FILE).unlink()
+        removed.append(run_dir / WANDB_ID_FILE)
     return removed

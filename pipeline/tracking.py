@@ -27,6 +27,20 @@ def _has_wandb_credentials(env: Mapping[str, str]) -> bool:
         return False
 
 
+def wandb_secrets(env: Mapping[str, str] = os.environ) -> list:
+    """The W&B API keys this process could use (WANDB_API_KEY, the netrc password for the W&B host): values that
+    must never appear in a config (config.refuse_secret_values). Read only to compare, never stored."""
+    found = [env["WANDB_API_KEY"]] if env.get("WANDB_API_KEY") else []
+    host = env.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0].split(":")[0]
+    try:
+        entry = netrc.netrc(env.get("NETRC")).authenticators(host)
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        entry = None
+    if entry and entry[2]:
+        found.append(entry[2])
+    return found
+
+
 def resolve_wandb_mode(mode: Optional[str], env: Mapping[str, str] = os.environ) -> str:
     """`logger.wandb.mode` if set; else WANDB_MODE / WANDB_DISABLED; else online when credentials
     exist, offline otherwise (compute nodes without internet sync later with `wandb sync`)."""
@@ -39,23 +53,64 @@ def resolve_wandb_mode(mode: Optional[str], env: Mapping[str, str] = os.environ)
     return "online" if _has_wandb_credentials(env) else "offline"
 
 
+class RunIdError(ValueError):
+    """RUN_DIR/wandb_run_id.txt belongs to another run directory (copied, or the directory moved)."""
+
+
+def _owner(run_dir: Path) -> str:
+    return str(Path(run_dir).resolve())
+
+
+def _id_file_text(run_id: str, run_dir: Path) -> str:
+    return f"{run_id}\nowner: {_owner(run_dir)}\n"
+
+
+def read_wandb_run_id(run_dir: Path) -> Optional[str]:
+    """The W&B run id kept in RUN_DIR/wandb_run_id.txt, or None without one. RunIdError when the file names
+    another run directory as its owner: a copied file would log this run into another run's W&B history. A
+    file written before owners were recorded (the id alone) is taken as this directory's and given its owner."""
+    path = Path(run_dir) / WANDB_ID_FILE
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    run_id = lines[0].strip() if lines else ""
+    owner = next((line.split(":", 1)[1].strip() for line in lines[1:] if line.startswith("owner:")), None)
+    if not run_id:
+        raise RunIdError(f"{path} holds no W&B run id: delete it to start a new W&B run")
+    if owner is None:
+        _replace(path, _id_file_text(run_id, run_dir))
+    elif owner != _owner(run_dir):
+        raise RunIdError(f"{path} holds W&B run {run_id} of {owner}, not of this directory: copied, or the directory "
+                         f"moved. A new run: delete the file (a new W&B run starts); the same run, moved: set its "
+                         f"owner line to {_owner(run_dir)}")
+    return run_id
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def wandb_run_id(run_dir: Path) -> str:
     """The W&B run id of this run directory, created once and reused by every restart, so a resumed
-    or requeued job continues the same W&B run instead of starting a new one."""
+    or requeued job continues the same W&B run instead of starting a new one. The file records the
+    directory it belongs to (read_wandb_run_id refuses another directory's id)."""
+    found = read_wandb_run_id(run_dir)
+    if found is not None:
+        return found
     path = Path(run_dir) / WANDB_ID_FILE
-    if path.is_file():
-        return path.read_text().strip()
-    run_id = uuid.uuid4().hex[:12]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")  # unique per writer, threads too
-    tmp.write_text(run_id + "\n")
+    tmp.write_text(_id_file_text(uuid.uuid4().hex[:12], run_dir))
     try:
         os.link(tmp, path)  # atomic create-if-absent: a concurrent writer's id wins, never two ids
     except FileExistsError:
         pass
     finally:
         tmp.unlink()
-    return path.read_text().strip()
+    return read_wandb_run_id(run_dir)
 
 
 def truncate_metrics_csv(path: Path, global_step: int) -> int:

@@ -48,11 +48,31 @@ def build_loggers(cfg, run_dir: Path, rank_zero: bool):
             project=w.project, entity=w.entity, group=w.group, tags=list(w.tags), name=cfg.run.name,
             save_dir=str(run_dir), id=wandb_run_id(run_dir) if rank_zero else None, resume="allow",
             offline=(mode == "offline"), config=C.to_dict(cfg),
+            checkpoints=checkpoint_files(run_dir, w.log_checkpoints) if w.log_checkpoints else None,
         ))
     return loggers, mode
 
 
-def build_callbacks(cfg, run_dir: Path):
+def checkpoint_files(run_dir: Path, which: str):
+    """logger.wandb.log_checkpoints -> a callable giving the checkpoints to log as W&B artifacts now, each with
+    its aliases: `best` (the best-step*.ckpt kept), `last` (checkpoints/last.ckpt), `all` (both)."""
+    import torch
+
+    def found() -> list:
+        out = []
+        best = sorted((run_dir / "checkpoints").glob("best-step*.ckpt"))
+        if which in ("best", "all") and best:
+            out.append((best[-1], ["best", f"step-{int(best[-1].stem.split('step')[-1])}"]))
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if which in ("last", "all") and last.is_file():
+            step = torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("global_step")
+            out.append((last, ["latest", f"step-{step}"]))
+        return out
+
+    return found
+
+
+def build_callbacks(cfg, run_dir: Path, sync_requests=None):
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from pipeline.callbacks import (
@@ -64,6 +84,7 @@ def build_callbacks(cfg, run_dir: Path):
         LossWatch,
         StepLabels,
         StepSeed,
+        SyncRequest,
     )
 
     ckpt_dir = run_dir / "checkpoints"
@@ -83,6 +104,8 @@ def build_callbacks(cfg, run_dir: Path):
     callbacks.append(LastCheckpoint(ckpt_dir / "last.ckpt", cfg.checkpoint.every_n_steps))
     if cfg.logger.images_every_n_steps > 0:
         callbacks.append(ImageLogger(run_dir / "images", cfg.logger.images_every_n_steps, cfg.logger.num_images))
+    if sync_requests is not None:
+        callbacks.append(SyncRequest(sync_requests))
     if cfg.trainer.enable_progress_bar:
         from pipeline.console import RunProgress, progress_every
 
@@ -143,6 +166,7 @@ def train(cfg, command: Optional[str] = None) -> dict:
     from pipeline.checkpointing import CheckpointError
     from pipeline.console import quiet_known_noise
     from pipeline.rundir import RunDirError, RunLock
+    from pipeline.tracking import RunIdError
 
     quiet_known_noise()
     rank_zero = rank_zero_only.rank == 0
@@ -156,7 +180,7 @@ def train(cfg, command: Optional[str] = None) -> dict:
         # Global rank zero only: the other ranks start after it holds the lock, or end with it (rundir.py).
         lock = RunLock(run_dir).acquire() if rank_zero else None
         return _train(cfg, run_dir, rank_zero, command)
-    except (RunDirError, CheckpointError, C.ConfigError) as e:
+    except (RunDirError, CheckpointError, C.ConfigError, RunIdError) as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         if lock is not None:
@@ -171,7 +195,7 @@ def prepare_run_dir(cfg, run_dir: Path, rank_zero: bool):
     summary says about it)."""
     from pipeline.checkpointing import atomic_save, choose_resume, ensure_writable, remove_later_best, remove_temp_files
     from pipeline.rundir import check_same_run, start_over
-    from pipeline.tracking import truncate_metrics_csv
+    from pipeline.tracking import read_wandb_run_id, resolve_wandb_mode, truncate_metrics_csv
 
     def say(text: str) -> None:
         if rank_zero:
@@ -183,6 +207,8 @@ def prepare_run_dir(cfg, run_dir: Path, rank_zero: bool):
         remove_temp_files(run_dir, ckpt_dir)
         if cfg.resume == "never" and (removed := start_over(run_dir)):
             say(f"# resume=never: starting over in {run_dir}; removed {', '.join(p.name for p in removed)}")
+        if resolve_wandb_mode(cfg.logger.wandb.mode) != "disabled":
+            read_wandb_run_id(run_dir)  # another directory's id (copied) stops the run before anything is written
     resume = choose_resume(cfg.resume, run_dir, say)
     if resume and rank_zero:
         check_same_run(run_dir, cfg, resume[1].get("hyper_parameters"))
@@ -228,7 +254,13 @@ def _train(cfg, run_dir: Path, rank_zero: bool, command: Optional[str]) -> dict:
         module.vae.compile()  # in place: checkpoint keys stay unprefixed
 
     loggers, wandb_mode = build_loggers(cfg, run_dir, rank_zero)
-    callbacks = build_callbacks(cfg, run_dir)
+    sync_requests = None
+    if cfg.logger.wandb.sync_dir and wandb_mode == "offline" and rank_zero:
+        from pipeline.sync import SyncRequests
+        from pipeline.tracking import wandb_run_id
+
+        sync_requests = SyncRequests(Path(cfg.logger.wandb.sync_dir), run_dir, wandb_run_id(run_dir))
+    callbacks = build_callbacks(cfg, run_dir, sync_requests)
     trainer = build_trainer(cfg, run_dir, loggers, callbacks, AtomicCheckpointIO(preloaded=resume))
     if rank_zero:
         print("\n".join(summary_lines(cfg, dm, module, trainer, wandb_mode, resume_said)), flush=True)
@@ -248,6 +280,14 @@ def _train(cfg, run_dir: Path, rank_zero: bool, command: Optional[str]) -> dict:
         if rank_zero:
             report_interrupt(e if isinstance(e, RunInterrupted) else None, run_dir, command)
         raise SystemExit(INTERRUPTED_EXIT) from None
+    finally:
+        if sync_requests is not None:  # W&B has finished: the watcher syncs the whole segment
+            sync_requests.request()
+    signals = next(c for c in callbacks if isinstance(c, DeferredSignals))
+    if signals.requeue and rank_zero:  # after fit: every logger has finished (W&B's last rows are on disk)
+        from pipeline.launch import requeue_slurm_job
+
+        requeue_slurm_job()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
     if rank_zero:
         elbo = metrics.get("val/elbo")

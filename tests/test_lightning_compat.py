@@ -174,3 +174,42 @@ def test_skip_per_step_sigterm_broadcast_silences_the_loops_broadcast(tmp_path, 
     other = trainer(tmp_path, max_steps=1)
     other.fit_loop.epoch_loop._broadcast_sigterm_tensor()
     assert len(calls) == 2  # and only on it
+
+
+def test_log_step_is_the_step_of_the_validation_row(tmp_path):
+    """ImageLogger puts its grids on the W&B row of the validation's metrics: log_step during validation is
+    the step Lightning writes that validation's row under (metrics.csv)."""
+    class Stepped(Validated):
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", self.layer(batch).pow(2).mean())
+            if batch_idx == 0:
+                self.validated.append(compat.log_step(self.trainer))
+
+    m = Stepped()
+    trainer(tmp_path, max_steps=10, val_check_interval=5, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+            log_every_n_steps=1, enable_checkpointing=False, logger=compat.resumable_csv_logger(tmp_path)).fit(m)
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f) if r.get("val_loss")] == m.validated == [4, 9]
+
+
+def test_wandb_logger_sends_the_trainer_step_as_wandb_step_and_finishes(tmp_path, monkeypatch):
+    """Rows go to W&B under step= Lightning's step (the history continues across resumes); the config is not
+    logged a second time; finalize finishes the run, and nothing is logged after it."""
+    calls = []
+
+    class Run:
+        def log(self, data, step=None):
+            calls.append(("log", dict(data), step))
+
+        def finish(self, exit_code=0):
+            calls.append(("finish", exit_code))
+
+    logger = compat.wandb_logger(project="p", save_dir=str(tmp_path), offline=True)
+    logger._experiment = Run()  # Lightning's WandbLogger keeps the wandb run here
+    logger.log_metrics({"a": 1.0}, step=7)
+    logger.log_hyperparams({"lr": 1.0})
+    logger.finalize("success")
+    logger.finalize("success")
+    with pytest.warns(UserWarning, match="W&B run already finished: step 8 not sent"):
+        logger.log_metrics({"a": 2.0}, step=8)
+    assert calls == [("log", {"a": 1.0, "trainer/global_step": 7}, 7), ("finish", 0)]

@@ -1,8 +1,12 @@
-"""W&B mode resolution, run-id persistence and metrics.csv truncation on resume."""
+"""W&B mode resolution, run-id persistence and ownership, and metrics.csv truncation on resume."""
 import csv
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
-from pipeline.tracking import resolve_wandb_mode, truncate_metrics_csv, wandb_run_id
+import pytest
+
+from pipeline.tracking import RunIdError, read_wandb_run_id, resolve_wandb_mode, truncate_metrics_csv, wandb_run_id
+from tests.conftest import run_train
 
 
 def test_wandb_mode_resolution(tmp_path):
@@ -25,6 +29,40 @@ def test_run_id_is_created_once_and_reused(tmp_path):
     assert len(ids) == 1
     assert wandb_run_id(tmp_path) == ids.pop()
     assert wandb_run_id(tmp_path / "other") != wandb_run_id(tmp_path)
+
+
+def test_run_id_belongs_to_its_directory(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_id = wandb_run_id(a)
+    assert (a / "wandb_run_id.txt").read_text() == f"{run_id}\nowner: {a.resolve()}\n"
+    b.mkdir()
+    shutil.copy(a / "wandb_run_id.txt", b)  # a new directory never inherits an id by copying
+    with pytest.raises(RunIdError, match=rf"^{b / 'wandb_run_id.txt'} holds W&B run {run_id} of {a.resolve()}, not"):
+        wandb_run_id(b)
+    (b / "wandb_run_id.txt").write_text("legacy123456\n")  # written before owners: taken as this directory's
+    assert wandb_run_id(b) == "legacy123456" and read_wandb_run_id(b) == "legacy123456"
+    assert (b / "wandb_run_id.txt").read_text() == f"legacy123456\nowner: {b.resolve()}\n"
+    assert read_wandb_run_id(tmp_path / "none") is None
+
+
+@pytest.mark.slow
+def test_copied_run_id_stops_a_new_run_and_resume_never_starts_a_new_wandb_run(tiny_overrides, tmp_path):
+    first = tmp_path / "run"
+    args = [a for a in tiny_overrides if not a.startswith("logger.wandb.mode=")] + [
+        "logger.wandb.mode=offline", "trainer.max_steps=10"]
+    run_train(args)
+    run_id = read_wandb_run_id(first)
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(first / "wandb_run_id.txt", other)  # "the same W&B run, another beta"
+    proc = run_train([*args, f"run.dir={other}", "objective.beta=4"], check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and lines[-1].startswith(f"error: {other / 'wandb_run_id.txt'} holds W&B run {run_id}")
+    assert sorted(p.name for p in other.iterdir()) == ["checkpoints", "run.lock", "wandb_run_id.txt"]  # nothing written
+
+    proc = run_train([*args, "resume=never", "objective.beta=4"])  # start over in place: a new W&B run
+    assert "wandb_run_id.txt" in proc.stdout
+    assert read_wandb_run_id(first) not in (None, run_id)
 
 
 def test_truncate_metrics_drops_rows_after_checkpoint(tmp_path):

@@ -48,7 +48,7 @@ def test_default_run_writes_config_metrics_checkpoints_images_and_offline_wandb(
         assert len(list((run_dir / "images").glob(f"{kind}_step*.png"))) >= 3
 
     offline = list((run_dir / "wandb").glob("offline-run-*"))
-    run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
+    run_id = (run_dir / "wandb_run_id.txt").read_text().split()[0]
     assert len(offline) == 1 and offline[0].name.endswith(run_id)
     assert any(offline[0].rglob("*.wandb"))
 
@@ -61,10 +61,10 @@ def test_default_run_writes_config_metrics_checkpoints_images_and_offline_wandb(
 def test_resumed_run_keeps_its_wandb_run(tiny_overrides, tmp_path):
     run_dir = tmp_path / "run"
     run_train(tiny_overrides + ["logger.wandb.mode=offline", "trainer.max_steps=20"])
-    first_id = (run_dir / "wandb_run_id.txt").read_text().strip()
+    first_id = (run_dir / "wandb_run_id.txt").read_text().split()[0]
     proc = run_train(tiny_overrides + ["logger.wandb.mode=offline", "trainer.max_steps=30"])
     assert "resuming from" in proc.stdout and "(step 20)" in proc.stdout
-    assert (run_dir / "wandb_run_id.txt").read_text().strip() == first_id
+    assert (run_dir / "wandb_run_id.txt").read_text().split()[0] == first_id
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(first_id) for r in runs)  # one W&B run, two parts
     steps = [int(r["step"]) for r in read_metrics(run_dir) if r.get("train/loss")]

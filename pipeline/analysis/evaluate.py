@@ -230,7 +230,7 @@ def format_table(r: dict[str, Any]) -> str:
 
 def log_to_wandb(cfg, run_dir: Path | None, results: dict[str, Any]) -> str:
     """Add the scalar results to the run's W&B summary (same run id, same mode); returns what happened."""
-    from pipeline.tracking import WANDB_ID_FILE, resolve_wandb_mode
+    from pipeline.tracking import WANDB_ID_FILE, read_wandb_run_id, resolve_wandb_mode
 
     mode = resolve_wandb_mode(cfg.logger.wandb.mode)
     if mode == "disabled":
@@ -240,7 +240,7 @@ def log_to_wandb(cfg, run_dir: Path | None, results: dict[str, Any]) -> str:
     import wandb
 
     w = cfg.logger.wandb
-    run = wandb.init(id=(run_dir / WANDB_ID_FILE).read_text().strip(), resume="allow", project=w.project,
+    run = wandb.init(id=read_wandb_run_id(run_dir), resume="allow", project=w.project,
                      entity=w.entity, group=w.group, dir=str(run_dir), mode=mode)
     prefix = f"eval/{results['split']}"
     summary = {f"{prefix}/{k}": v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
