@@ -70,3 +70,41 @@ def test_two_nodes_by_two_ranks_train_and_split_the_data_exactly(two_nodes, pyth
         assert len(keys) == len(set(keys)), f"epoch {epoch}: a sample was read twice"
     full = [keys for epoch, keys in epochs.items() if len(keys) == per_epoch * 4 * batch]
     assert full, "no complete epoch"
+
+
+@pytest.mark.slurm
+def test_two_node_preemption_requeues_resumes_and_logs_no_traceback(two_nodes, python_bin, digits_root,  # noqa: F811
+                                                                   tmp_path):
+    """scancel -s USR1 on a 2 x 2 job streaming through the default loader workers: every rank stops at the
+    same batch, one checkpoint, requeue, resume, COMPLETED, each step once; and a routine requeue reads as
+    healthy: no traceback and no worker-killed error anywhere in the job's log."""
+    steps = 300
+    env = dict(script_env(two_nodes.env, python_bin), SLURM_CONF=two_nodes.env["SLURM_CONF"],
+               MASTER_PORT=str(free_port()))
+    job = two_nodes.sbatch(["--nodes=2", *CPU_DDP, str(TRAIN_SH), *TINY, f"data.root={digits_root}", "data.cache=none",
+                            f"trainer.max_steps={steps}", "checkpoint.every_n_steps=20",
+                            "trainer.val_check_interval=1000", "logger.wandb.mode=offline"],
+                           name="preempt2", cwd=tmp_path, env=env, wait=False)
+    run_dir = tmp_path / "runs" / f"preempt2-{job.id}"
+    try:
+        two_nodes.wait_for(lambda: (run_dir / "checkpoints" / "last.ckpt").is_file(), 240, "the first checkpoint",
+                           interval=0.1)
+        two_nodes.run(["scancel", "-s", "USR1", job.id])
+        two_nodes.wait_for(lambda: job.info().get("Restarts") == "1" and job.state() == "PENDING", 90,
+                           "the job to be requeued")
+        two_nodes.run(["scontrol", "update", f"jobid={job.id}", "StartTime=now"])
+        two_nodes.wait_gone(job.id, 300)
+    except (TimeoutError, ClusterError) as e:
+        pytest.fail(f"{e}{explain(job)}")
+    info, log = job.info(), job.log_text()
+    assert info.get("JobState") == "COMPLETED" and info.get("Restarts") == "1", explain(job)
+    hpc = sorted(run_dir.glob("hpc_ckpt_*.ckpt"))
+    assert len(hpc) == 1, explain(job)
+    saved = torch.load(hpc[0], weights_only=True)["global_step"]
+    assert 0 < saved < steps and f"(step {saved})" in log, explain(job)
+    assert sorted(train_steps(read_metrics(run_dir))) == list(range(steps)), explain(job)
+    run_id = (run_dir / "wandb_run_id.txt").read_text().split()[0]
+    parts = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(parts) == 2 and all(p.name.endswith(f"-{run_id}") for p in parts), (parts, explain(job))
+    for noise in ("Traceback", "is killed by signal", "Exception ignored", "Connection closed by peer"):
+        assert noise not in log, f"{noise!r} in the log of a routine requeue:{explain(job)}"
