@@ -193,12 +193,17 @@ class FinalValidation(Callback):
 
 
 class RunInterrupted(Exception):
-    """Ends `fit` on every rank after Ctrl-C's checkpoint (no validation, no requeue); train.py reports
-    it and exits with status 130."""
+    """Ends `fit` on every rank after a stop signal's checkpoint (no validation, no requeue); train.py reports
+    it and exits with `exit_status`: 130 after Ctrl-C, 143 after SIGTERM, 138 after USR1 outside SLURM
+    (128 + the signal number, as a shell reports a program ended by that signal)."""
 
-    def __init__(self, step: int, path: Path):
+    def __init__(self, step: int, path: Path, signum: int = signal.SIGINT):
         super().__init__(f"interrupted at step {step}")
-        self.step, self.path = step, Path(path)
+        self.step, self.path, self.signum = step, Path(path), signal.Signals(signum)
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + int(self.signum)
 
 
 class DeferredSignals(Callback):
@@ -213,16 +218,16 @@ class DeferredSignals(Callback):
     three flags there, none in between), so a signal waits at most that many batches: keep it well below
     the 90 s of `--signal=USR1@90` divided by the step time. Then:
 
-    - USR1: Lightning's own SLURM handler saves `hpc_ckpt_N.ckpt`, requeues the job (rank zero) and
-      finalizes loggers; without it (no SLURM) the same checkpoint is written. Training then stops.
-    - INT: `checkpoints/last.ckpt` is saved and RunInterrupted ends the run before the next batch or
-      validation (after this step's metrics are written); never a requeue. At the last step the run
-      simply finishes. A second Ctrl-C, or one before training starts, stops at once
-      (KeyboardInterrupt); `stopped_at_once` tells train.py.
-    - TERM, under DDP only: Lightning's SIGTERM handler runs on every rank at once (it broadcasts, so it
-      cannot run inside a signal handler on one rank without the others), Lightning stops after that batch.
-      Lightning's own per-step SIGTERM broadcast is switched off (lightning_compat). On a single device
-      Lightning's handler stays as it is (no collective involved).
+    - USR1 under SLURM: Lightning's own SLURM handler saves `hpc_ckpt_N.ckpt`, requeues the job (rank zero)
+      and finalizes loggers. Training then stops.
+    - USR1 without SLURM's handler: the same `hpc_ckpt_N.ckpt` is written and RunInterrupted ends the run
+      (exit 138): nothing requeues it, the same command continues it.
+    - INT and TERM (SLURM's time limit without --signal, `kill`): `checkpoints/last.ckpt` is saved and
+      RunInterrupted ends the run before the next batch or validation (after this step's metrics are
+      written); never a requeue; exit 130 / 143. At the last step the run simply finishes. A second Ctrl-C,
+      or one before training starts, stops at once (KeyboardInterrupt); `stopped_at_once` tells train.py.
+      Lightning's SIGTERM handler is replaced while training (it ends the run with status 0 and no
+      checkpoint), and under DDP its per-step SIGTERM broadcast is switched off (lightning_compat).
     """
 
     def __init__(self, last_ckpt: Path, every_n_steps: int = 1):
@@ -230,7 +235,6 @@ class DeferredSignals(Callback):
         self.every_n_steps = max(1, int(every_n_steps))
         self._received = {signal.SIGUSR1: False, signal.SIGINT: False, signal.SIGTERM: False}
         self._lightning_usr1 = None
-        self._lightning_term = None
         self._previous: dict = {}
         self._training = False
         self._rank_zero = True
@@ -238,8 +242,14 @@ class DeferredSignals(Callback):
         self.interrupts = 0
         self.stopped_at_once = False
 
+    def arm(self) -> None:
+        """From here on Ctrl-C is ours (before training: stop at once, exit 130). train.py calls it before
+        `fit`: Lightning runs the datamodule's set-up before any callback's, and exits 1 on a Ctrl-C there."""
+        if signal.getsignal(signal.SIGINT) != self._on_signal:
+            self._install(signal.SIGINT)
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._install(signal.SIGINT)  # from here on Ctrl-C is ours (before training: stop at once)
+        self.arm()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Lightning registered its SLURM handler when fit began; keep it and put ours in front.
@@ -247,10 +257,8 @@ class DeferredSignals(Callback):
         if callable(current) and current != self._on_signal:
             self._lightning_usr1 = current
         self._install(signal.SIGUSR1)
-        term = signal.getsignal(signal.SIGTERM)
-        if trainer.world_size > 1 and callable(term) and term != self._on_signal:
-            self._lightning_term = term
-            self._install(signal.SIGTERM)
+        self._install(signal.SIGTERM)
+        if trainer.world_size > 1:
             skip_per_step_sigterm_broadcast(trainer)
         self._training, self._rank_zero = True, trainer.is_global_zero
 
@@ -284,9 +292,13 @@ class DeferredSignals(Callback):
             self._say("Ctrl-C: saving a checkpoint at the end of this batch, then stopping "
                       "(Ctrl-C again: stop at once)")
         elif signum == signal.SIGTERM:
-            log.warning("received SIGTERM: stopping on every rank within %d batches", self.every_n_steps)
-        else:
+            log.warning("received SIGTERM: stopping on every rank within %d batches, after a checkpoint",
+                        self.every_n_steps)
+        elif self._lightning_usr1 is not None:
             log.warning("received signal %s: will checkpoint and requeue at the end of this batch", signum)
+        else:
+            log.warning("received signal %s: will checkpoint and stop at the end of this batch (outside SLURM "
+                        "nothing requeues the run)", signum)
         self._received[signum] = True
 
     def _agree(self, trainer: Trainer, pl_module: LightningModule) -> Optional[tuple]:
@@ -307,18 +319,19 @@ class DeferredSignals(Callback):
             return
         usr1, interrupt, term = agreed
         self._received = dict.fromkeys(self._received, False)
-        if interrupt:
-            if trainer.global_step < trainer.max_steps:  # at the last step the run ends normally anyway
-                trainer.save_checkpoint(self.last_ckpt, weights_only=False)
-                self._stop = RunInterrupted(trainer.global_step, self.last_ckpt)
-        elif usr1 and self._lightning_usr1 is not None:
+        if trainer.global_step >= trainer.max_steps and not (usr1 and self._lightning_usr1 is not None):
+            return  # the last step: the run ends normally anyway
+        if usr1 and self._lightning_usr1 is not None:  # first: SLURM's SIGTERM may follow its USR1
             self._lightning_usr1(signal.SIGUSR1, None)
             trainer.should_stop = True
-        elif usr1:  # not under Lightning's SLURM handling: still leave a resumable checkpoint
-            trainer.save_checkpoint(hpc_save_path(trainer), weights_only=False)
-            trainer.should_stop = True
-        if term and self._lightning_term is not None:
-            self._lightning_term(signal.SIGTERM, None)  # every rank at once; Lightning stops after this batch
+        elif interrupt or term:
+            trainer.save_checkpoint(self.last_ckpt, weights_only=False)
+            self._stop = RunInterrupted(trainer.global_step, self.last_ckpt,
+                                        signal.SIGINT if interrupt else signal.SIGTERM)
+        elif usr1:  # not under Lightning's SLURM handling: a resumable checkpoint, then stop (nothing requeues)
+            path = hpc_save_path(trainer)
+            trainer.save_checkpoint(path, weights_only=False)
+            self._stop = RunInterrupted(trainer.global_step, path, signal.SIGUSR1)
 
     def _stop_here(self) -> None:
         if self._stop is not None:
