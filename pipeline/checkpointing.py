@@ -134,7 +134,6 @@ def _check_archive(path: Path) -> None:
 
 def _write_error(path: Path, e: BaseException) -> CheckpointWriteError:
     reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-    reason = reason[:1].lower() + reason[1:]  # "no space left on device"
     return CheckpointWriteError(f"cannot write checkpoint {path}: {reason}")
 
 

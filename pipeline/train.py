@@ -330,7 +330,7 @@ def _train(cfg, run_dir: Path, rank_zero: bool, command: Optional[str]) -> dict:
         if e.filename is None or not Path(os.path.abspath(e.filename)).is_relative_to(os.path.abspath(run_dir)):
             raise  # not a run file (a shard, say): the data layer's errors say what it is
         _end_started_ranks(trainer)
-        raise SystemExit(f"error: cannot write {e.filename}: {_reason(e)}. The last checkpoint is kept in "
+        raise SystemExit(f"error: cannot write {e.filename}: {e.strerror or e}. The last checkpoint is kept in "
                          f"{ckpt_dir}.") from None
     except RunInterrupted as e:  # Ctrl-C, SIGTERM, USR1 outside SLURM: checkpointed at a batch end
         if rank_zero:
@@ -381,11 +381,6 @@ def _started_ranks_status(trainer, wait_s: float = 1.0) -> int:
         if bad or all(c is not None for c in codes) or time.monotonic() > deadline:
             return next((c if c > 0 else 128 - c for c in bad), 0)
         time.sleep(0.05)
-
-
-def _reason(e: OSError) -> str:
-    reason = e.strerror or str(e)
-    return reason[:1].lower() + reason[1:]  # "read-only file system", "no space left on device"
 
 
 def _end_started_ranks(trainer) -> None:

@@ -137,10 +137,13 @@ def beta4_run(digits_root, tmp_path_factory):
 
 
 def test_resume_from_another_runs_checkpoint_is_refused(beta4_run, tiny_overrides, tmp_path):
-    ckpt = beta4_run / CKPT
+    """The issue's case: this run (beta 1) exists, so its config.yaml matches; the checkpoint is beta 4's."""
+    run_dir, ckpt = tmp_path / "run", beta4_run / CKPT
+    run_train(tiny_overrides + ["trainer.max_steps=10"])
+    before = {p: p.read_bytes() for p in (run_dir / "config.yaml", run_dir / "metrics.csv", run_dir / CKPT)}
     line = one_error_line(run_train(tiny_overrides + [f"resume={ckpt}", "trainer.max_steps=20"], check=False))
     assert "objective.beta: 4.0 -> 1.0" in line and f"model.init_from={ckpt}" in line, line
-    assert not (tmp_path / "run" / "config.yaml").exists()
+    assert {p: p.read_bytes() for p in before} == before
 
 
 def test_resume_from_a_checkpoint_with_another_latent_dim_is_one_line(beta4_run, tiny_overrides, tmp_path):
@@ -264,7 +267,7 @@ def test_disk_full_during_a_checkpoint_says_so_naming_the_file(monkeypatch, tmp_
     monkeypatch.setattr(os, "fdopen", _full_after(50_000))
     with pytest.raises(CheckpointWriteError) as e:
         atomic_save({"state_dict": {"w": torch.zeros(100_000)}}, path)
-    assert str(e.value) == f"cannot write checkpoint {path}: no space left on device"
+    assert str(e.value) == f"cannot write checkpoint {path}: No space left on device"
     assert not list(path.parent.iterdir())  # no temporary file left behind
 
 
@@ -288,7 +291,7 @@ def test_a_real_full_disk_mid_run_is_one_line(tiny_overrides, tmp_path):
         cwd=REPO, env={k: v for k, v in os.environ.items() if not k.startswith("WANDB_")},
         capture_output=True, text=True, timeout=300)
     line = one_error_line(proc, status=1)
-    assert "no space left on device" in line and str(run_dir) in line, line
+    assert "No space left on device" in line and str(run_dir) in line, line
 
 
 ROFS = textwrap.dedent("""
@@ -319,7 +322,7 @@ def test_a_read_only_run_dir_mid_run_is_one_line(tiny_overrides, tmp_path):
     out = finish(proc)
     assert proc.returncode == 1, out[-4000:]
     assert "Traceback" not in out, out[-4000:]
-    assert re.search(rf"error: cannot write {re.escape(str(run_dir))}/\S+: read-only file system", out), out[-4000:]
+    assert re.search(rf"error: cannot write {re.escape(str(run_dir))}/\S+: Read-only file system", out), out[-4000:]
 
 
 # ------------------------------------------------------------------------------ DDP: a bad sample on one rank
