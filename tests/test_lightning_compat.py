@@ -174,3 +174,20 @@ def test_skip_per_step_sigterm_broadcast_silences_the_loops_broadcast(tmp_path, 
     other = trainer(tmp_path, max_steps=1)
     other.fit_loop.epoch_loop._broadcast_sigterm_tensor()
     assert len(calls) == 2  # and only on it
+
+
+def test_started_ranks_and_launched_by_rank_zero_read_the_local_launcher(tmp_path, monkeypatch):
+    """Rank zero of a local 2-process DDP run holds its started ranks in `launcher.procs` (empty before fit);
+    a rank started by it (LOCAL_RANK set, LightningEnvironment) is `launched_by_rank_zero`."""
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    assert isinstance(trainer.strategy.launcher.procs, list)
+    assert compat.started_ranks(trainer) == [] and not compat.launched_by_rank_zero(trainer)
+    assert type(trainer.strategy.cluster_environment) is LightningEnvironment
+    trainer.strategy.launcher.procs = ["rank 1"]
+    assert compat.started_ranks(trainer) == ["rank 1"]
+    monkeypatch.setattr(type(trainer.strategy), "global_rank", property(lambda self: 1))
+    assert compat.launched_by_rank_zero(trainer) and compat.started_ranks(trainer) == []
