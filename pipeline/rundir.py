@@ -9,6 +9,7 @@ refused, the other ranks never start (Lightning starts them after this point) or
 """
 from __future__ import annotations
 
+import codecs
 import fcntl
 import json
 import os
@@ -138,15 +139,26 @@ def check_run_files(run_dir: str | os.PathLike) -> None:
             raise RunDirError(f"{path} is {kind}: move it out of the run directory (or train under another run.name)")
     metrics = run_dir / "metrics.csv"
     if metrics.is_file():
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
         with metrics.open("rb") as f:
-            data = f.read()
-        try:
-            if b"\0" in data:
-                raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte")
-            data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise RunDirError(f"{metrics} is not a CSV text file (byte {e.start} is not text): move it out of the run "
-                              "directory, or resume=never to start over") from None
+            while True:
+                chunk = f.read(1 << 20)  # streamed: a long run's metrics.csv is not read into memory whole
+                try:
+                    if b"\0" in chunk:
+                        raise ValueError(offset + chunk.index(b"\0"))
+                    decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as e:
+                    raise RunDirError(_not_text(metrics, offset + e.start)) from None
+                except ValueError as e:
+                    raise RunDirError(_not_text(metrics, e.args[0])) from None
+                if not chunk:
+                    break
+                offset += len(chunk)
+
+
+def _not_text(path: Path, at: int) -> str:
+    return (f"{path} is not a CSV text file (byte {at} is not text): move it out of the run directory (the run "
+            "then starts a new one)")
 
 
 def check_same_run(run_dir: str | os.PathLike, cfg, checkpoint_hparams: Optional[dict] = None,

@@ -101,6 +101,7 @@ def test_a_run_file_that_is_a_directory_is_one_line(name, tiny_overrides, tmp_pa
     assert str(tmp_path / "run" / name) in line and "directory" in line
 
 
+@pytest.mark.slow
 def test_a_metrics_csv_that_is_not_text_is_one_line(tiny_overrides, tmp_path):
     run_train(tiny_overrides + ["trainer.max_steps=10"])
     metrics = tmp_path / "run" / "metrics.csv"
@@ -114,6 +115,7 @@ def test_a_run_dir_that_is_a_file_is_exit_2(tiny_overrides, tmp_path):
     assert str(tmp_path / "run") in one_error_line(run_train(tiny_overrides, check=False))
 
 
+@pytest.mark.slow
 def test_lowering_max_steps_below_a_finished_run_leaves_it_as_it_is(tiny_overrides, tmp_path):
     run_dir = tmp_path / "run"
     run_train(tiny_overrides + ["trainer.max_steps=20"])
@@ -136,6 +138,7 @@ def beta4_run(digits_root, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_resume_from_another_runs_checkpoint_is_refused(beta4_run, tiny_overrides, tmp_path):
     """The issue's case: this run (beta 1) exists, so its config.yaml matches; the checkpoint is beta 4's."""
     run_dir, ckpt = tmp_path / "run", beta4_run / CKPT
