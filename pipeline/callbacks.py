@@ -194,12 +194,17 @@ class FinalValidation(Callback):
 
 
 class RunInterrupted(Exception):
-    """Ends `fit` on every rank after Ctrl-C's checkpoint (no validation, no requeue); train.py reports
-    it and exits with status 130."""
+    """Ends `fit` on every rank after a stop signal's checkpoint (no validation, no requeue); train.py reports
+    it and exits with `exit_status`: 130 after Ctrl-C, 143 after SIGTERM, 138 after USR1 outside SLURM
+    (128 + the signal number, as a shell reports a program ended by that signal)."""
 
-    def __init__(self, step: int, path: Path):
+    def __init__(self, step: int, path: Path, signum: int = signal.SIGINT):
         super().__init__(f"interrupted at step {step}")
-        self.step, self.path = step, Path(path)
+        self.step, self.path, self.signum = step, Path(path), signal.Signals(signum)
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + int(self.signum)
 
 
 class DeferredSignals(Callback):
@@ -214,19 +219,19 @@ class DeferredSignals(Callback):
     three flags there, none in between), so a signal waits at most that many batches: keep it well below
     the 90 s of `--signal=USR1@90` divided by the step time. Then:
 
-    - USR1: `hpc_ckpt_N.ckpt` is saved (the checkpoint Lightning's SLURM handler writes and resumes
-      from) and training stops after this step's rows (and a validation, as on any stop) are logged.
-      Under SLURM's auto-requeue `requeue` is set: train.py asks SLURM to requeue the job once fit has
-      returned, i.e. after the loggers finished (W&B's last rows committed; the requeue kills the job).
-      Lightning's own handler would requeue inside the batch, before those rows are written.
-    - INT: `checkpoints/last.ckpt` is saved and RunInterrupted ends the run before the next batch or
-      validation (after this step's metrics are written); never a requeue. At the last step the run
-      simply finishes. A second Ctrl-C, or one before training starts, stops at once
-      (KeyboardInterrupt); `stopped_at_once` tells train.py.
-    - TERM, under DDP only: Lightning's SIGTERM handler runs on every rank at once (it broadcasts, so it
-      cannot run inside a signal handler on one rank without the others), Lightning stops after that batch.
-      Lightning's own per-step SIGTERM broadcast is switched off (lightning_compat). On a single device
-      Lightning's handler stays as it is (no collective involved).
+    - USR1 under SLURM's auto-requeue: `hpc_ckpt_N.ckpt` is saved (the checkpoint Lightning's SLURM handler
+      writes and resumes from) and training stops after this step's rows (and a validation, as on any stop)
+      are logged. `requeue` is set: train.py asks SLURM to requeue the job once fit has returned, i.e. after
+      the loggers finished (W&B's last rows committed; the requeue kills the job, loader workers included,
+      when nothing is left to lose). Lightning's own handler would requeue inside the batch.
+    - USR1 without SLURM's handler: the same `hpc_ckpt_N.ckpt` is written and RunInterrupted ends the run
+      (exit 138): nothing requeues it, the same command continues it.
+    - INT and TERM (SLURM's time limit without --signal, `kill`): `checkpoints/last.ckpt` is saved and
+      RunInterrupted ends the run before the next batch or validation (after this step's metrics are
+      written); never a requeue; exit 130 / 143. At the last step the run simply finishes. A second Ctrl-C,
+      or one before training starts, stops at once (KeyboardInterrupt); `stopped_at_once` tells train.py.
+      Lightning's SIGTERM handler is replaced while training (it ends the run with status 0 and no
+      checkpoint), and under DDP its per-step SIGTERM broadcast is switched off (lightning_compat).
     """
 
     def __init__(self, last_ckpt: Path, every_n_steps: int = 1):
@@ -234,7 +239,6 @@ class DeferredSignals(Callback):
         self.every_n_steps = max(1, int(every_n_steps))
         self._received = {signal.SIGUSR1: False, signal.SIGINT: False, signal.SIGTERM: False}
         self._lightning_usr1 = None
-        self._lightning_term = None
         self._previous: dict = {}
         self._training = False
         self._rank_zero = True
@@ -243,8 +247,14 @@ class DeferredSignals(Callback):
         self.stopped_at_once = False
         self.requeue = False
 
+    def arm(self) -> None:
+        """From here on Ctrl-C is ours (before training: stop at once, exit 130). train.py calls it before
+        `fit`: Lightning runs the datamodule's set-up before any callback's, and exits 1 on a Ctrl-C there."""
+        if signal.getsignal(signal.SIGINT) != self._on_signal:
+            self._install(signal.SIGINT)
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._install(signal.SIGINT)  # from here on Ctrl-C is ours (before training: stop at once)
+        self.arm()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Lightning registered its SLURM handler when fit began; keep it and put ours in front.
@@ -252,10 +262,8 @@ class DeferredSignals(Callback):
         if callable(current) and current != self._on_signal:
             self._lightning_usr1 = current
         self._install(signal.SIGUSR1)
-        term = signal.getsignal(signal.SIGTERM)
-        if trainer.world_size > 1 and callable(term) and term != self._on_signal:
-            self._lightning_term = term
-            self._install(signal.SIGTERM)
+        self._install(signal.SIGTERM)
+        if trainer.world_size > 1:
             skip_per_step_sigterm_broadcast(trainer)
         self._training, self._rank_zero = True, trainer.is_global_zero
 
@@ -289,9 +297,13 @@ class DeferredSignals(Callback):
             self._say("Ctrl-C: saving a checkpoint at the end of this batch, then stopping "
                       "(Ctrl-C again: stop at once)")
         elif signum == signal.SIGTERM:
-            log.warning("received SIGTERM: stopping on every rank within %d batches", self.every_n_steps)
-        else:
+            log.warning("received SIGTERM: stopping on every rank within %d batches, after a checkpoint",
+                        self.every_n_steps)
+        elif self._lightning_usr1 is not None:
             log.warning("received signal %s: will checkpoint and requeue at the end of this batch", signum)
+        else:
+            log.warning("received signal %s: will checkpoint and stop at the end of this batch (outside SLURM "
+                        "nothing requeues the run)", signum)
         self._received[signum] = True
 
     def _agree(self, trainer: Trainer, pl_module: LightningModule) -> Optional[tuple]:
@@ -312,16 +324,21 @@ class DeferredSignals(Callback):
             return
         usr1, interrupt, term = agreed
         self._received = dict.fromkeys(self._received, False)
-        if interrupt:
-            if trainer.global_step < trainer.max_steps:  # at the last step the run ends normally anyway
-                trainer.save_checkpoint(self.last_ckpt, weights_only=False)
-                self._stop = RunInterrupted(trainer.global_step, self.last_ckpt)
-        elif usr1:  # the checkpoint Lightning's SLURM handler writes; the requeue waits for the end of fit
+        slurm_usr1 = usr1 and self._lightning_usr1 is not None  # under SLURM with auto-requeue
+        if trainer.global_step >= trainer.max_steps and not slurm_usr1:
+            return  # the last step: the run ends normally anyway
+        if slurm_usr1:  # first: SLURM's SIGTERM may follow its USR1. The requeue waits for the end of fit
             trainer.save_checkpoint(hpc_save_path(trainer), weights_only=False)
             trainer.should_stop = True
-            self.requeue = self._lightning_usr1 is not None  # under SLURM with auto-requeue
-        if term and self._lightning_term is not None:
-            self._lightning_term(signal.SIGTERM, None)  # every rank at once; Lightning stops after this batch
+            self.requeue = True
+        elif interrupt or term:
+            trainer.save_checkpoint(self.last_ckpt, weights_only=False)
+            self._stop = RunInterrupted(trainer.global_step, self.last_ckpt,
+                                        signal.SIGINT if interrupt else signal.SIGTERM)
+        elif usr1:  # not under Lightning's SLURM handling: a resumable checkpoint, then stop (nothing requeues)
+            path = hpc_save_path(trainer)
+            trainer.save_checkpoint(path, weights_only=False)
+            self._stop = RunInterrupted(trainer.global_step, path, signal.SIGUSR1)
 
     def _stop_here(self, trainer: Trainer) -> None:
         if self._stop is not None:

@@ -169,6 +169,24 @@ def _write_error(path: Path, e: BaseException) -> CheckpointWriteError:
     return CheckpointWriteError(f"cannot write checkpoint {path}: {reason}")
 
 
+class _Writes:
+    """A file object for torch.save that keeps the OSError of a failed write: torch reports it only as
+    `unexpected pos N vs M` (a full disk, a quota), so the error would not say what happened."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def write_temp(checkpoint: dict, path: str | os.PathLike, save: Callable = torch.save) -> Path:
     """Write `checkpoint` (with its checksum) to a new temporary file beside `path`, on disk and checked to
     read back as a checkpoint archive; `commit_temp` then puts it in place. CheckpointWriteError naming
@@ -178,10 +196,16 @@ def write_temp(checkpoint: dict, path: str | os.PathLike, save: Callable = torch
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # In the destination directory: the rename in commit_temp is then atomic (same filesystem).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # at most 0644, whatever the umask
         try:
             with os.fdopen(fd, "wb") as f:
-                save(with_checksum(checkpoint), f)
+                writes = _Writes(f)
+                try:
+                    save(with_checksum(checkpoint), writes)
+                except RuntimeError:
+                    if writes.error is not None:
+                        raise writes.error from None
+                    raise
                 f.flush()
                 os.fsync(f.fileno())  # the data is on disk before any name points at it
             _check_archive(tmp)

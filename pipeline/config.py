@@ -100,6 +100,7 @@ class ModelConfig:
     learned_variance: LearnedVariance = "pixel"  # for `gaussian_learned`
     logvar_min: float = -10.0  # clamp for every log-variance (encoder and decoder): no inf/NaN
     logvar_max: float = 10.0  # upper clamp for every log-variance
+    init_from: Optional[str] = None  # warm start: a checkpoint's model weights (same architecture), new optimizer, step 0
 
 
 @dataclass
@@ -374,12 +375,31 @@ def _nearest(bad: str, valid: Sequence[str]) -> str:
     return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
+def _check_sections(base: DictConfig, other: Any, source: str, prefix: str = "") -> None:
+    """A YAML file that is not a mapping, or a section given as a list or a value (`data: [1, 2]`):
+    ConfigError naming it (OmegaConf raises a TypeError, or an error without a key or message)."""
+    if not isinstance(other, DictConfig):
+        what = "a list" if isinstance(other, (list, tuple)) or OmegaConf.is_list(other) else type(other).__name__
+        where = f"'{prefix.rstrip('.')}'" if prefix else "the file"
+        raise ConfigError(f"{source}: {where} must be a mapping of keys (key: value), not {what}")
+    for k in other.keys():
+        if isinstance(k, str) and k in base and OmegaConf.is_dict(base._get_node(k)):
+            value = other._get_node(k)
+            if OmegaConf.is_dict(value):
+                _check_sections(base._get_node(k), value, source, f"{prefix}{k}.")
+            elif not OmegaConf.is_missing(other, k):
+                shown = OmegaConf.to_container(value) if OmegaConf.is_list(value) else other[k]
+                raise ConfigError(f"{source}: bad value for '{prefix}{k}': {shown!r}; '{prefix}{k}' is a section: "
+                                  f"give its keys ({prefix}{k}.<key>=...)")
+
+
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    _check_sections(base, other, source)
     try:
         return OmegaConf.merge(base, other)
     except (ConfigKeyError, ValidationError, OmegaConfBaseException) as e:
         key = getattr(e, "full_key", None) or ""
-        msg = getattr(e, "msg", str(e)).splitlines()[0].split(" Did you mean")[0].rstrip(".")
+        msg = (getattr(e, "msg", None) or str(e)).splitlines()[0].split(" Did you mean")[0].rstrip(".")
         literal = re.fullmatch(r"Invalid value '(.*)', expected one of \[(.*)\]", msg)
         if literal:  # a Literal field: the same words as every other bad value
             allowed = ", ".join(a.strip().strip("'") for a in literal.group(2).split(","))
@@ -423,6 +443,36 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("'model.logvar_min' must be below 'model.logvar_max'")
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_file():
         raise ConfigError(f"bad value for 'resume': {cfg.resume!r} is neither auto, never nor an existing checkpoint")
+    if cfg.model.init_from is not None and not Path(cfg.model.init_from).is_file():
+        raise ConfigError(f"bad value for 'model.init_from': {cfg.model.init_from!r} is not an existing checkpoint")
+    for key in ("seed", "data.seed"):  # numpy's and Lightning's range; -1 failed deep in seed_everything
+        value = _get(cfg, key)
+        if value is not None and not 0 <= value <= SEED_MAX:
+            raise ConfigError(f"bad value for '{key}': {value}; must be in [0, {SEED_MAX}]")
+    _check_devices(cfg.trainer.devices)
+
+
+SEED_MAX = 2**32 - 1
+
+
+def _check_devices(devices: Any) -> None:
+    """trainer.devices: "auto", a count >= 1, or a non-empty list of device indices (0 and -1 reached
+    Lightning as a traceback)."""
+    bad = f"bad value for 'trainer.devices': {devices!r}; must be auto, a number of devices >= 1 or a list of device indices"
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text == "auto":
+            return
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts or not all(p.isdigit() for p in parts) or (len(parts) == 1 and not text.endswith(",") and int(parts[0]) < 1):
+            raise ConfigError(bad)
+    elif isinstance(devices, bool) or (isinstance(devices, int) and devices < 1):
+        raise ConfigError(bad)
+    elif isinstance(devices, (list, tuple)) or hasattr(devices, "__len__"):
+        if not len(devices) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices):
+            raise ConfigError(bad)
+    elif not isinstance(devices, int):
+        raise ConfigError(bad)
 
 
 def _leaves(node: Any, prefix: str = ""):
@@ -476,8 +526,12 @@ def load_config(files: Sequence[str | os.PathLike] = (), overrides: Sequence[str
     if overrides:
         try:
             dot = OmegaConf.from_dotlist(list(overrides))
-        except Exception as e:
-            raise ConfigError(f"cannot parse overrides {list(overrides)}: {e}") from None
+        except Exception as e:  # OmegaConf's messages go on with `full_key: ...` lines: one line, naming the key
+            first, key = (str(e).splitlines() or [""])[0], getattr(e, "full_key", None)
+            if key:
+                given = [o for o in overrides if o.split("=", 1)[0].strip() == key or o.startswith(f"{key}.")]
+                raise ConfigError(f"command line: bad value for '{key}' ({', '.join(given)}): {first}") from None
+            raise ConfigError(f"cannot parse overrides {list(overrides)}: {first}") from None
         cfg = _merge(cfg, dot, "command line")
     refuse_environment_values(cfg)
     validate(cfg)

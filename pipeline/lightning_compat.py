@@ -179,3 +179,21 @@ def validates_after_this_batch(trainer) -> bool:
     on_train_batch_end). LastCheckpoint then takes its checkpoint after that validation. This is the loop's
     own decision (val_check_interval, limit_val_batches=0, a stop request), which no public API exposes."""
     return bool(trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+
+
+def started_ranks(trainer) -> list:
+    """The processes (subprocess.Popen) of the ranks Lightning started from this process: rank zero of a
+    one-node run launched without srun or torchrun (`_SubprocessScriptLauncher.procs`, a public attribute of
+    a private class); [] elsewhere. Its child-process observer SIGKILLs this process within 5 s of any of them
+    exiting with a status other than 0."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+    return list(getattr(launcher, "procs", None) or []) if trainer.is_global_zero else []
+
+
+def launched_by_rank_zero(trainer) -> bool:
+    """Whether this rank is a process that Lightning's own launcher started from rank zero (LOCAL_RANK set by
+    it, LightningEnvironment), not by srun or torchrun: its exit status is seen only by that launcher's
+    observer, which SIGKILLs rank zero on a status other than 0."""
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    return not trainer.is_global_zero and type(trainer.strategy.cluster_environment) is LightningEnvironment

@@ -9,6 +9,7 @@ refused, the other ranks never start (Lightning starts them after this point) or
 """
 from __future__ import annotations
 
+import codecs
 import fcntl
 import json
 import os
@@ -43,6 +44,19 @@ def _drop_in_child() -> None:
 os.register_at_fork(after_in_child=_drop_in_child)
 
 
+RUN_FILE_MODE = 0o644  # at most: run files are never group- or world-writable, whatever the umask
+
+
+def restrict_umask() -> int:
+    """Add 022 to this process's umask (inherited by DDP ranks, loader workers and W&B): everything a run
+    writes (checkpoints, config.yaml, metrics.csv, the W&B run id, images) is then at most 0644 (directories
+    0755), even under `umask 000`, where anyone could replace a checkpoint. A stricter umask stays.
+    Returns the previous umask."""
+    previous = os.umask(0o022)
+    os.umask(previous | 0o022)
+    return previous
+
+
 def holder_info(env: Mapping[str, str] = os.environ) -> dict:
     info = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     if env.get("SLURM_JOB_ID"):
@@ -69,7 +83,7 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, RUN_FILE_MODE)
         except OSError as e:
             raise RunDirError(f"cannot write to run directory {self.run_dir}: {e.strerror or e}") from None
         try:
@@ -111,7 +125,44 @@ class RunLock:
         self.release()
 
 
-def check_same_run(run_dir: str | os.PathLike, cfg, checkpoint_hparams: Optional[dict] = None) -> None:
+RUN_FILES = ("config.yaml", "metrics.csv", "wandb_run_id.txt")  # what a run reads back from RUN_DIR
+
+
+def check_run_files(run_dir: str | os.PathLike) -> None:
+    """RunDirError naming the file when one the run reads back is not a plain file, or metrics.csv is not
+    text: said at start in one line, not a traceback from the CSV logger or the YAML parser."""
+    run_dir = Path(run_dir)
+    for name in RUN_FILES:
+        path = run_dir / name
+        if (path.exists() or path.is_symlink()) and not path.is_file():
+            kind = "a directory" if path.is_dir() else "not a regular file"
+            raise RunDirError(f"{path} is {kind}: move it out of the run directory (or train under another run.name)")
+    metrics = run_dir / "metrics.csv"
+    if metrics.is_file():
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        with metrics.open("rb") as f:
+            while True:
+                chunk = f.read(1 << 20)  # streamed: a long run's metrics.csv is not read into memory whole
+                try:
+                    if b"\0" in chunk:
+                        raise ValueError(offset + chunk.index(b"\0"))
+                    decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as e:
+                    raise RunDirError(_not_text(metrics, offset + e.start)) from None
+                except ValueError as e:
+                    raise RunDirError(_not_text(metrics, e.args[0])) from None
+                if not chunk:
+                    break
+                offset += len(chunk)
+
+
+def _not_text(path: Path, at: int) -> str:
+    return (f"{path} is not a CSV text file (byte {at} is not text): move it out of the run directory (the run "
+            "then starts a new one)")
+
+
+def check_same_run(run_dir: str | os.PathLike, cfg, checkpoint_hparams: Optional[dict] = None,
+                   checkpoint: Optional[str] = None) -> None:
     """Before resuming in `run_dir`: RunDirError listing every key that differs from the run's saved
     config.yaml and changes what is trained (config.OPERATIONAL_KEYS lists what may differ). Without a
     config.yaml (a checkpoint from elsewhere), the sections the checkpoint carries (model, objective,
@@ -127,12 +178,27 @@ def check_same_run(run_dir: str | os.PathLike, cfg, checkpoint_hparams: Optional
     else:
         return
     diffs = C.identity_differences(saved, cfg)
+    if diffs and checkpoint is not None:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diffs)
+        raise RunDirError(
+            f"resume={checkpoint} continues another run ({listed}; old values {source}): resuming takes its "
+            "optimizer and step under these keys. For a warm start from its weights (new optimizer, step 0) give "
+            f"model.init_from={checkpoint} instead")
     if diffs:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diffs)
         raise RunDirError(
             f"cannot resume {run_dir} with a different config ({listed}; old values {source}): these keys "
             "change what is trained. Train a new run (run.name=<new name>), or start this one over in place "
             "(resume=never)")
+
+
+def check_resume_path(checkpoint: str | os.PathLike, cfg, checkpoint_hparams: Optional[dict] = None) -> None:
+    """resume=<path>: the checkpoint must continue the run this config describes, as resume=auto's must.
+    Compared with the config.yaml of the run it was saved in (RUN/checkpoints/*.ckpt, RUN/hpc_ckpt_N.ckpt),
+    else with the sections the checkpoint carries. RunDirError naming the keys and model.init_from."""
+    path = Path(checkpoint)
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    check_same_run(run, cfg, checkpoint_hparams, checkpoint=str(checkpoint))
 
 
 def start_over(run_dir: str | os.PathLike) -> list:

@@ -12,13 +12,15 @@ defaults (pipeline/config.py); `key=value` arguments override them. A run not na
 named after its config files and the overrides that change what is trained. Outputs in RUN_DIR
 (`run.dir`, default runs/<run.name>): config.yaml, metrics.csv, checkpoints/{last,best-*}.ckpt, images/,
 wandb/, run.lock (held while training: one writer per run directory, pipeline/rundir.py). Ctrl-C
-checkpoints at the end of the current batch and exits with status 130 (a second Ctrl-C stops at once);
-the same command resumes.
+checkpoints at the end of the current batch and exits with status 130 (a second Ctrl-C stops at once),
+SIGTERM the same with status 143, USR1 outside SLURM with 138; the same command resumes. Bad input: one
+line, status 2; a failing disk: one line, status 1.
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import signal
 import sys
@@ -34,6 +36,8 @@ from pipeline.launch import describe
 
 log = logging.getLogger("pipeline.train")
 INTERRUPTED_EXIT = 130  # Ctrl-C: 128 + SIGINT, what a shell reports for a program ended by it
+TERMINATED_EXIT = 143  # SIGTERM (kill, SLURM's time limit): 128 + SIGTERM, checkpointed first
+USR1_EXIT = 138  # USR1 outside SLURM: 128 + SIGUSR1, checkpointed, and nothing requeues the run
 
 
 def build_loggers(cfg, run_dir: Path, rank_zero: bool):
@@ -143,16 +147,26 @@ def build_trainer(cfg, run_dir: Path, loggers, callbacks, checkpoint_io=None):
     )
 
 
-def report_interrupt(stop, run_dir: Path, command: Optional[str]) -> None:
-    """Where a Ctrl-C left the run and how to continue it (`stop`: None when it stopped at once)."""
+# What ended a run early, as the lines say it; the exit status is 128 + the signal number (callbacks.RunInterrupted)
+STOPPED_BY = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1"}
+
+
+def report_interrupt(stop, run_dir: Path, command: Optional[str], signum: int = signal.SIGINT) -> None:
+    """Where a stop signal left the run and how to continue it (`stop`: None when it stopped at once)."""
     from pipeline.checkpointing import resume_candidates
 
-    if stop is not None:
+    by = STOPPED_BY.get(signum, f"signal {int(signum)}")
+    if stop is not None and signum == signal.SIGUSR1:
+        print(f"# {by} at step {stop.step}: checkpoint saved to {stop.path}; stopped (outside SLURM nothing "
+              "requeues the run)", flush=True)
+    elif stop is not None and signum == signal.SIGTERM:
+        print(f"# {by} at step {stop.step}: checkpoint saved to {stop.path}; stopped", flush=True)
+    elif stop is not None:
         print(f"# interrupted at step {stop.step}: checkpoint saved to {stop.path}", flush=True)
     else:
         last = next(iter(resume_candidates(run_dir)), None)
-        print("# stopped at once (Ctrl-C); " + (f"the newest checkpoint is {last}" if last
-                                               else "no checkpoint yet: the run starts over"), flush=True)
+        print(f"# stopped at once ({by}); " + (f"the newest checkpoint is {last}" if last
+                                              else "no checkpoint yet: the run starts over"), flush=True)
     print(f"# continue with the same command: {command or 'the command that started it'}", flush=True)
 
 
@@ -163,16 +177,20 @@ def train(cfg, command: Optional[str] = None) -> dict:
     SystemExit(INTERRUPTED_EXIT) after saying how to continue (`command`: the command line that started it)."""
     from lightning.pytorch.utilities import rank_zero_only
 
-    from pipeline.checkpointing import CheckpointError
+    from pipeline.checkpointing import CheckpointError, CheckpointWriteError
     from pipeline.console import quiet_known_noise
-    from pipeline.rundir import RunDirError, RunLock
+    from pipeline.rundir import RunDirError, RunLock, restrict_umask
     from pipeline.tracking import RunIdError
 
     quiet_known_noise()
+    restrict_umask()  # run files at most 0644 whatever the umask: nobody else can replace a checkpoint
     rank_zero = rank_zero_only.rank == 0
     run_dir = Path(cfg.run.dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # it, or a directory above it, is a file: status 2
+        _bad_input(f"run directory {run_dir} cannot be created: it or a directory above it is a file, not a "
+                   "directory. Give another run.dir (or run.name)")
     except OSError as e:
         raise SystemExit(f"error: cannot create run directory {run_dir}: {e.strerror or e}") from None
     lock = None
@@ -180,11 +198,22 @@ def train(cfg, command: Optional[str] = None) -> dict:
         # Global rank zero only: the other ranks start after it holds the lock, or end with it (rundir.py).
         lock = RunLock(run_dir).acquire() if rank_zero else None
         return _train(cfg, run_dir, rank_zero, command)
-    except (RunDirError, CheckpointError, C.ConfigError, RunIdError) as e:
+    except CheckpointWriteError as e:  # the disk (full, read-only, a quota), not the input: status 1
         raise SystemExit(f"error: {e}") from None
+    except (RunDirError, CheckpointError, C.ConfigError, RunIdError) as e:
+        _bad_input(e)
     finally:
         if lock is not None:
             lock.release()
+
+
+BAD_INPUT_EXIT = 2  # a config, run directory or checkpoint that cannot be used: as a config error
+
+
+def _bad_input(e: BaseException | str) -> None:
+    """One line on stderr, exit status 2 (bad input, as config errors; a failing disk stays status 1)."""
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    raise SystemExit(BAD_INPUT_EXIT) from None
 
 
 def prepare_run_dir(cfg, run_dir: Path, rank_zero: bool):
@@ -194,7 +223,7 @@ def prepare_run_dir(cfg, run_dir: Path, rank_zero: bool):
     after that checkpoint. Returns ((checkpoint path, its verified contents) or None, what the start-up
     summary says about it)."""
     from pipeline.checkpointing import atomic_save, choose_resume, ensure_writable, remove_later_best, remove_temp_files
-    from pipeline.rundir import check_same_run, start_over
+    from pipeline.rundir import RunDirError, check_resume_path, check_run_files, check_same_run, start_over
     from pipeline.tracking import read_wandb_run_id, resolve_wandb_mode, truncate_metrics_csv
 
     def say(text: str) -> None:
@@ -203,6 +232,7 @@ def prepare_run_dir(cfg, run_dir: Path, rank_zero: bool):
 
     ckpt_dir = run_dir / "checkpoints"
     if rank_zero:
+        check_run_files(run_dir)
         ensure_writable(ckpt_dir)  # now, not at the first save hours in
         remove_temp_files(run_dir, ckpt_dir)
         if cfg.resume == "never" and (removed := start_over(run_dir)):
@@ -211,7 +241,14 @@ def prepare_run_dir(cfg, run_dir: Path, rank_zero: bool):
             read_wandb_run_id(run_dir)  # another directory's id (copied) stops the run before anything is written
     resume = choose_resume(cfg.resume, run_dir, say)
     if resume and rank_zero:
+        if cfg.resume not in ("auto", "never"):  # another run's checkpoint continues that run, not this one
+            check_resume_path(resume[0], cfg, resume[1].get("hyper_parameters"))
         check_same_run(run_dir, cfg, resume[1].get("hyper_parameters"))
+    if resume and int(resume[1].get("global_step", 0)) > cfg.trainer.max_steps:
+        raise RunDirError(
+            f"{resume[0]} is at step {resume[1].get('global_step')}, already past trainer.max_steps="
+            f"{cfg.trainer.max_steps}: nothing to train, and the run is left as it is. Raise trainer.max_steps to "
+            "extend it, train a new run (run.name=<new name>), or start this one over (resume=never)")
     if resume and cfg.resume == "auto" and Path(resume[0]).name.startswith("best-"):
         # The fallback when last.ckpt and hpc_ckpt_N do not load: continue from a copy at last.ckpt, so
         # that Lightning, which never deletes the checkpoint it resumed from, can drop this best later.
@@ -232,14 +269,51 @@ def prepare_run_dir(cfg, run_dir: Path, rank_zero: bool):
     return resume, said
 
 
+# The model keys that fix the shapes of the weights: a warm start (model.init_from) needs them equal.
+WEIGHT_SHAPE_KEYS = ("arch", "latent_dim", "hidden_dims", "conv_channels", "likelihood", "learned_variance")
+
+
+def warm_start(module, path: str) -> str:
+    """model.init_from: load the model weights of checkpoint `path` into `module` (the optimizer, the step
+    and the schedules start fresh). RunDirError naming the key when its architecture or input shape differs
+    (not torch's size-mismatch traceback). Returns what the start-up summary says."""
+    from pipeline.checkpointing import load_verified
+    from pipeline.rundir import RunDirError
+
+    checkpoint = load_verified(path)  # the checkpointing helper: checksum first, then the state
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or not isinstance(state, dict):
+        raise RunDirError(f"model.init_from={path}: not a training checkpoint (no hyper_parameters / state_dict)")
+    theirs = hparams.get("model") or {}
+    diffs = [(f"model.{k}", theirs.get(k), getattr(module.model_cfg, k)) for k in WEIGHT_SHAPE_KEYS
+             if k in theirs and theirs.get(k) != getattr(module.model_cfg, k)]
+    if "input_shape" in hparams and list(hparams["input_shape"]) != list(module.input_shape):
+        diffs.append(("input shape (data)", list(hparams["input_shape"]), list(module.input_shape)))
+    if diffs:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs)
+        raise RunDirError(f"model.init_from={path}: its weights do not fit this model ({listed}): give the same "
+                          "architecture, or start without model.init_from")
+    weights = {k[len("vae."):]: v for k, v in state.items() if k.startswith("vae.")}
+    try:
+        module.vae.load_state_dict(weights)
+    except RuntimeError as e:  # missing / unexpected keys or sizes that the keys above did not explain
+        first = (str(e).strip().splitlines() or [""])[-1].strip()[:200]
+        raise RunDirError(f"model.init_from={path}: its weights do not fit this model ({first})") from None
+    return f"model weights from {path} (step {checkpoint.get('global_step', '?')}); new optimizer, step 0"
+
+
 def _train(cfg, run_dir: Path, rank_zero: bool, command: Optional[str]) -> dict:
     import lightning.pytorch as pl
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from pipeline.callbacks import DeferredSignals, LossBoundExceeded, RunInterrupted
     from pipeline.checkpointing import AtomicCheckpointIO, CheckpointError
+    from pipeline.cli import data_errors
     from pipeline.console import summary_lines
     from pipeline.data.datamodule import ShardDataModule
     from pipeline.data.prepare import ensure_prepared
+    from pipeline.lightning_compat import launched_by_rank_zero
     from pipeline.module import VAEModule
 
     ckpt_dir = run_dir / "checkpoints"
@@ -250,6 +324,8 @@ def _train(cfg, run_dir: Path, rank_zero: bool, command: Optional[str]) -> dict:
     module = VAEModule(model=C.to_dict(cfg.model), objective=C.to_dict(cfg.objective), optim=C.to_dict(cfg.optim),
                        input_shape=tuple(dm.input_shape), max_steps=cfg.trainer.max_steps,
                        binarize=cfg.data.binarize)
+    if cfg.model.init_from and not resume:  # a resumed run has its own weights already
+        resume_said = warm_start(module, cfg.model.init_from)
     if cfg.trainer.compile:
         module.vae.compile()  # in place: checkpoint keys stay unprefixed
 
@@ -262,6 +338,8 @@ def _train(cfg, run_dir: Path, rank_zero: bool, command: Optional[str]) -> dict:
         sync_requests = SyncRequests(Path(cfg.logger.wandb.sync_dir), run_dir, wandb_run_id(run_dir))
     callbacks = build_callbacks(cfg, run_dir, sync_requests)
     trainer = build_trainer(cfg, run_dir, loggers, callbacks, AtomicCheckpointIO(preloaded=resume))
+    signals = next(c for c in callbacks if isinstance(c, DeferredSignals))
+    signals.arm()  # a Ctrl-C in Lightning's set-up stops at once with status 130, not Lightning's 1
     if rank_zero:
         print("\n".join(summary_lines(cfg, dm, module, trainer, wandb_mode, resume_said)), flush=True)
     started = time.time()
@@ -273,17 +351,39 @@ def _train(cfg, run_dir: Path, rank_zero: bool, command: Optional[str]) -> dict:
     except CheckpointError:
         _end_started_ranks(trainer)  # rank zero's save failed; the others wait in its barrier
         raise
-    except (RunInterrupted, SystemExit) as e:  # Ctrl-C; Lightning exits 1 after a KeyboardInterrupt
-        signals = next(c for c in callbacks if isinstance(c, DeferredSignals))
-        if isinstance(e, SystemExit) and not signals.stopped_at_once:
+    except RuntimeError as e:  # another rank ended (its own message says why): one line here, not gloo's traceback
+        if trainer.world_size == 1 or not _peer_lost(e):
+            raise
+        status = _started_ranks_status(trainer)
+        print(f"# rank {trainer.global_rank}: stopped because another rank ended"
+              f"{f' with exit status {status}' if status else ''} (its message is above)", file=sys.stderr, flush=True)
+        raise SystemExit(status or 1) from None
+    except OSError as e:  # a run file that cannot be written mid-run (read-only or full disk): the CSV logger
+        if e.filename is None or not Path(os.path.abspath(e.filename)).is_relative_to(os.path.abspath(run_dir)):
+            raise  # not a run file (a shard, say): the data layer's errors say what it is
+        _end_started_ranks(trainer)
+        raise SystemExit(f"error: cannot write {e.filename}: {e.strerror or e}. The last checkpoint is kept in "
+                         f"{ckpt_dir}.") from None
+    except RunInterrupted as e:  # Ctrl-C, SIGTERM, USR1 outside SLURM: checkpointed at a batch end
+        if rank_zero:
+            report_interrupt(e, run_dir, command, e.signum)
+        # A rank Lightning started from rank zero exits 0 after this stop that every rank agreed on: a status
+        # other than 0 makes rank zero's child-process observer SIGKILL it before it reports. Rank zero's
+        # status (and every rank's under srun or torchrun) is the signal's.
+        raise SystemExit(0 if launched_by_rank_zero(trainer) else e.exit_status) from None
+    except data_errors():  # this rank's data: one line from main(); the ranks it started stop quietly
+        _end_started_ranks(trainer)
+        raise
+    except SystemExit as e:  # Lightning exits 1 after a KeyboardInterrupt, 0 after its own SIGTERM handling
+        term = isinstance(e, SIGTERMException)  # SIGTERM outside the training loop (set-up, teardown)
+        if not (signals.stopped_at_once or term):
             raise
         if rank_zero:
-            report_interrupt(e if isinstance(e, RunInterrupted) else None, run_dir, command)
-        raise SystemExit(INTERRUPTED_EXIT) from None
+            report_interrupt(None, run_dir, command, signal.SIGTERM if term else signal.SIGINT)
+        raise SystemExit(TERMINATED_EXIT if term else INTERRUPTED_EXIT) from None
     finally:
         if sync_requests is not None:  # W&B has finished: the watcher syncs the whole segment
             sync_requests.request()
-    signals = next(c for c in callbacks if isinstance(c, DeferredSignals))
     if signals.requeue and rank_zero:  # after fit: every logger has finished (W&B's last rows are on disk)
         from pipeline.launch import requeue_slurm_job
 
@@ -297,6 +397,29 @@ def _train(cfg, run_dir: Path, rank_zero: bool, command: Optional[str]) -> dict:
         if wandb_mode == "offline":
             print(f"# upload later with: wandb sync {run_dir / 'wandb'}/offline-run-*", flush=True)
     return metrics
+
+
+_PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe|[Pp]eer .*(closed|lost)|NCCL .*(remote|abort)")
+
+
+def _peer_lost(e: BaseException) -> bool:
+    """A collective that failed because another rank's process is gone (gloo: `Connection closed by peer`)."""
+    return isinstance(e, RuntimeError) and bool(_PEER_LOST.search(str(e)))
+
+
+def _started_ranks_status(trainer, wait_s: float = 1.0) -> int:
+    """The first status other than 0 among the ranks this process started (0 if none yet): the rank whose
+    error ended the run. Waits at most `wait_s` (well inside the 5 s after which Lightning's observer kills us)."""
+    from pipeline.lightning_compat import started_ranks
+
+    deadline = time.monotonic() + wait_s
+    procs = started_ranks(trainer)
+    while True:
+        codes = [p.poll() for p in procs]
+        bad = [c for c in codes if c]
+        if bad or all(c is not None for c in codes) or time.monotonic() > deadline:
+            return next((c if c > 0 else 128 - c for c in bad), 0)
+        time.sleep(0.05)
 
 
 def _end_started_ranks(trainer) -> None:

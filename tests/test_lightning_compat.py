@@ -213,3 +213,20 @@ def test_wandb_logger_sends_the_trainer_step_as_wandb_step_and_finishes(tmp_path
     with pytest.warns(UserWarning, match="W&B run already finished: step 8 not sent"):
         logger.log_metrics({"a": 2.0}, step=8)
     assert calls == [("log", {"a": 1.0, "trainer/global_step": 7}, 7), ("finish", 0)]
+
+
+def test_started_ranks_and_launched_by_rank_zero_read_the_local_launcher(tmp_path, monkeypatch):
+    """Rank zero of a local 2-process DDP run holds its started ranks in `launcher.procs` (empty before fit);
+    a rank started by it (LOCAL_RANK set, LightningEnvironment) is `launched_by_rank_zero`."""
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    assert isinstance(trainer.strategy.launcher.procs, list)
+    assert compat.started_ranks(trainer) == [] and not compat.launched_by_rank_zero(trainer)
+    assert type(trainer.strategy.cluster_environment) is LightningEnvironment
+    trainer.strategy.launcher.procs = ["rank 1"]
+    assert compat.started_ranks(trainer) == ["rank 1"]
+    monkeypatch.setattr(type(trainer.strategy), "global_rank", property(lambda self: 1))
+    assert compat.launched_by_rank_zero(trainer) and compat.started_ranks(trainer) == []
