@@ -87,7 +87,7 @@ def test_training_refuses_a_downloaded_checkpoint_and_a_planted_last(finished_ru
     proc = run_train(TINY + [f"data.root={digits_root}", f"run.dir={tmp_path / 'other'}", f"resume={down}"],
                      check=False)
     err = proc.stderr.strip().splitlines()
-    assert proc.returncode != 0 and len(err) == 1 and str(down) in err[0] and "refused" in err[0], proc.stderr
+    assert proc.returncode == 2 and len(err) == 1 and str(down) in err[0] and "refused" in err[0], proc.stderr
 
     # resume=auto with a planted last.ckpt: refused with a warning, the best checkpoint continues the run
     run = tmp_path / "run"
