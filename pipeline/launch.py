@@ -109,7 +109,7 @@ def default_run_name(env: Mapping[str, str] = os.environ) -> Optional[str]:
     return f"{name}-{env['SLURM_JOB_ID']}"
 
 
-def _device_count(devices) -> Optional[int]:
+def device_count(devices) -> Optional[int]:
     """How many devices (= processes per node) a `trainer.devices` value asks for; None for "all"."""
     if devices in DEFAULT_DEVICES:
         return None
@@ -151,7 +151,7 @@ def apply_cluster_env(cfg, env: Mapping[str, str] = os.environ, require_srun: bo
 def _apply_layout(cfg, per_node: int, nnodes: int, launcher: str, per_node_flag: str, nodes_flag: str,
                   fill: bool = True):
     """Refuse trainer.devices / trainer.num_nodes that contradict the launcher's layout; fill them in."""
-    asked = _device_count(cfg.trainer.devices)
+    asked = device_count(cfg.trainer.devices)
     if asked is not None and asked != per_node:
         raise ValueError(
             f"trainer.devices={cfg.trainer.devices} contradicts {launcher} of {per_node} process(es) per node (one "
@@ -164,7 +164,7 @@ def _apply_layout(cfg, per_node: int, nnodes: int, launcher: str, per_node_flag:
 
 
 def _fill_layout(cfg, per_node: int, nnodes: int):
-    if _device_count(cfg.trainer.devices) is None:  # keep an explicit, consistent list of device ids as given
+    if device_count(cfg.trainer.devices) is None:  # keep an explicit, consistent list of device ids as given
         cfg.trainer.devices = per_node
     cfg.trainer.num_nodes = nnodes
     return cfg

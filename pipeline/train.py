@@ -303,6 +303,14 @@ def warm_start(module, path: str) -> str:
     return f"model weights from {path} (step {checkpoint.get('global_step', '?')}); new optimizer, step 0"
 
 
+def expected_world_size(cfg) -> int:
+    """Processes the run will have (devices x nodes, as the launch filled them in); 1 where Lightning decides
+    later ("auto"): the checks that depend on it then also run again at set-up."""
+    from pipeline.launch import device_count
+
+    return (device_count(cfg.trainer.devices) or 1) * int(cfg.trainer.num_nodes)
+
+
 def _train(cfg, run_dir: Path, rank_zero: bool, command: Optional[str]) -> dict:
     import lightning.pytorch as pl
     from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -317,10 +325,12 @@ def _train(cfg, run_dir: Path, rank_zero: bool, command: Optional[str]) -> dict:
     from pipeline.module import VAEModule
 
     ckpt_dir = run_dir / "checkpoints"
-    resume, resume_said = prepare_run_dir(cfg, run_dir, rank_zero)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # model init; per-batch noise: StepSeed
+    # The data first: a bad source, shape or size fails here, before any run file or W&B run exists.
     ensure_prepared(cfg.data)
     dm = ShardDataModule(cfg.data)
+    dm.preflight(expected_world_size(cfg))
+    resume, resume_said = prepare_run_dir(cfg, run_dir, rank_zero)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # model init; per-batch noise: StepSeed
     module = VAEModule(model=C.to_dict(cfg.model), objective=C.to_dict(cfg.objective), optim=C.to_dict(cfg.optim),
                        input_shape=tuple(dm.input_shape), max_steps=cfg.trainer.max_steps,
                        binarize=cfg.data.binarize)

@@ -157,6 +157,17 @@ class ShardDataModule(pl.LightningDataModule):
         if stage in (None, "test"):
             self._check_eval("test")
 
+    def preflight(self, world_size: int) -> None:
+        """`setup("fit")`'s checks for `world_size` ranks, before the Trainer (and W&B) start: a run that cannot
+        train fails with nothing else begun. Lightning's own set-up checks again with the real world size."""
+        saved = self.world_size
+        self.world_size = world_size
+        try:
+            self._check_train()
+            self._check_eval("val", against_train=True)
+        finally:
+            self.world_size = saved
+
     def _check_train(self) -> int:
         src, B, R = self.source("train"), self.cfg.batch_size, self.world_size
         if src is None:
