@@ -174,12 +174,14 @@ class VAEModule(pl.LightningModule):
 
     # ---- data -------------------------------------------------------------------------------
     def to_float(self, image: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, C, H, W] -> float in [0, 1] (binarized per `binarize`), on the image's device."""
-        x = image.float() / 255.0
+        """uint8 [B, C, H, W] -> float in [0, 1] (binarized per `binarize`), on the image's device: fp32, or
+        fp64 when the weights are (64-true). bf16 / fp16 weights (bf16-true) keep fp32 data: the model casts
+        its input, and the likelihood compares with the exact pixel values."""
+        x = image.to(torch.promote_types(self.vae.to_mu_logvar.weight.dtype, torch.float32)) / 255.0
         if self.binarize == "dynamic":
             x = torch.bernoulli(x)
         elif self.binarize == "threshold":
-            x = (x > 0.5).float()
+            x = (x > 0.5).to(x.dtype)
         return x
 
     # ---- the objective ----------------------------------------------------------------------

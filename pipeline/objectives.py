@@ -42,8 +42,11 @@ def _upcast(t: Tensor) -> Tensor:
 
 
 def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
-    """z = mu + exp(logvar / 2) * eps, eps ~ N(0, I) from the global torch RNG. [..., D] -> [..., D]."""
-    return mu + torch.exp(0.5 * _guard(logvar)) * torch.randn_like(mu)
+    """z = mu + exp(logvar / 2) * eps, eps ~ N(0, I) from the global torch RNG. [..., D] -> [..., D].
+    eps and z are at least fp32 (bf16 / fp16 mu and logvar are widened first): the same draws as
+    randn_like(mu) for fp32 and fp64."""
+    mu, logvar = _upcast(mu), _upcast(logvar)
+    return mu + torch.exp(0.5 * _guard(logvar)) * torch.randn(mu.shape, dtype=mu.dtype, device=mu.device)
 
 
 def kl_per_dim(mu: Tensor, logvar: Tensor) -> Tensor:
