@@ -335,9 +335,12 @@ class DeferredSignals(Callback):
 class DataErrorCounter(Callback):
     """Logs `data/skipped_samples`: this rank's running count of unreadable samples skipped under
     data.on_error=warn (kept in the loader's checkpointed state, so it survives resume). Logged only
-    once something was skipped, so clean runs carry no empty column."""
+    once something was skipped, so clean runs carry no empty column, and only on steps whose metrics are
+    written: logging a Python number makes a device tensor from it (a host-to-device copy on a GPU)."""
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        if not logs_written_this_step(trainer):
+            return
         skipped = getattr(trainer.datamodule, "skipped_samples", 0)
         if skipped:
             pl_module.log("data/skipped_samples", float(skipped), on_step=True, on_epoch=False)
