@@ -53,3 +53,14 @@ def test_configure_optimizers_asks_for_fused_adamw_from_the_parameters_devices(d
     monkeypatch.setattr(accel, "fused_adamw", lambda types, *a: set(device_types) == {"cuda"})
     module.configure_optimizers()
     assert made["fused"] is fused
+
+
+def test_evaluate_on_cuda_n_makes_gpu_n_the_current_device(monkeypatch):
+    from pipeline.analysis.evaluate import use_device
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: chosen.append(dev))
+    assert use_device(torch.device("cuda", 3)) == torch.device("cuda", 3)
+    assert use_device(torch.device("cuda")) == torch.device("cuda")  # plain "cuda": the current one already
+    assert use_device(torch.device("cpu")) == torch.device("cpu")
+    assert chosen == [torch.device("cuda", 3)]
