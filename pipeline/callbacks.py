@@ -133,14 +133,15 @@ class ImageLogger(Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
+            # fp32 input (the model casts it to its weights' dtype); fp32 output before the grids (bf16-true)
             x = (self._batch if images is None else images[: self.num_images]).to(pl_module.device).float() / 255.0
-            recon = pl_module.reconstruct(x)
+            recon = pl_module.reconstruct(x).float()
             pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # input, reconstruction, input, ...
             n = x.shape[0]
             latent_dim, likelihood = pl_module.model_cfg.latent_dim, pl_module.model_cfg.likelihood
             gen = torch.Generator().manual_seed(0)  # fixed draw; leaves the global RNG alone
             z = torch.randn(64, latent_dim, generator=gen).to(pl_module.device)
-            samples = decoder_mean(pl_module.vae.decode(z), likelihood)
+            samples = decoder_mean(pl_module.vae.decode(z), likelihood).float()
             dims = list(range(min(latent_dim, self.max_traversal_dims)))
             values = torch.linspace(-self.traversal_range, self.traversal_range, self.traversal_steps)
             trav = pl_module.traverse(x[:1], dims, values)  # [len(dims) * steps, C, H, W]
@@ -380,9 +381,12 @@ class SyncRequest(Callback):
 class DataErrorCounter(Callback):
     """Logs `data/skipped_samples`: this rank's running count of unreadable samples skipped under
     data.on_error=warn (kept in the loader's checkpointed state, so it survives resume). Logged only
-    once something was skipped, so clean runs carry no empty column."""
+    once something was skipped, so clean runs carry no empty column, and only on steps whose metrics are
+    written: logging a Python number makes a device tensor from it (a host-to-device copy on a GPU)."""
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        if not logs_written_this_step(trainer):
+            return
         skipped = getattr(trainer.datamodule, "skipped_samples", 0)
         if skipped:
             pl_module.log("data/skipped_samples", float(skipped), on_step=True, on_epoch=False)

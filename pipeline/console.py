@@ -156,7 +156,8 @@ def _size(n: Optional[int]) -> str:
     return "?" if n is None else f"{n:,}"
 
 
-def summary_lines(cfg, dm, module, trainer, wandb_mode: str, resume: Optional[str]) -> List[str]:
+def summary_lines(cfg, dm, module, trainer, wandb_mode: str, resume: Optional[str],
+                  defaults: Optional[str] = None) -> List[str]:
     """The start-up summary: where the run writes, what it trains on and with, and what differs from
     the defaults (the full config is RUN_DIR/config.yaml)."""
     counts = {s: (dm.source(s).total if dm.source(s) is not None else 0) for s in ("train", "val", "test")}
@@ -177,17 +178,25 @@ def summary_lines(cfg, dm, module, trainer, wandb_mode: str, resume: Optional[st
         mib = dm.train_image_bytes() / 2**20
         loader = (f"train split held in {place} (data.cache={cfg.data.cache}, {mib:,.1f} MiB per process, no workers); "
                   f"val/test streamed by {workers}")
-    return [
+    devices = f"{accelerator} x {trainer.num_devices}{nodes} ({strategy}, precision {trainer.precision})"
+    if defaults:
+        devices += f"; {defaults}"
+    lines = [
         f"# run       {cfg.run.dir}  (full config: {cfg.run.dir}/config.yaml)",
         f"# data      {data}: {_size(counts['train'])} train / {_size(counts['val'])} val / {_size(counts['test'])} "
         f"test images of {shape}, batch {cfg.data.batch_size} per device",
         f"# loader    {loader}",
         f"# model     {m.arch} VAE, latent {m.latent_dim}, {m.likelihood} likelihood, {params:,} parameters; "
         f"beta {cfg.objective.beta:g} ({cfg.objective.kl_schedule} KL schedule)",
-        f"# devices   {accelerator} x {trainer.num_devices}{nodes} ({strategy}, {t.precision})",
+        f"# devices   {devices}",
         f"# steps     {t.max_steps}; validate every {t.val_check_interval} and at the end; "
         f"checkpoint every {cfg.checkpoint.every_n_steps}",
         f"# wandb     {wandb_mode} (project {cfg.logger.wandb.project}{group})",
         f"# start     {resume or 'fresh (no checkpoint in the run dir)'}",
         "# changed   " + ("  ".join(f"{k}={v}" for k, v in changed.items()) if changed else "nothing (all defaults)"),
     ]
+    if str(t.devices) in ("auto", "-1") and trainer.num_devices > 1:  # not SLURM's: launch.py fills those in
+        lines.insert(5, f"# NOTE      trainer.devices={t.devices} took all {trainer.num_devices} {accelerator} devices "
+                        f"on this node: global batch {cfg.data.batch_size * trainer.num_devices * trainer.num_nodes}; "
+                        "trainer.devices=1 trains on one")
+    return lines

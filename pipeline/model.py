@@ -6,6 +6,13 @@
 `params` is what `objectives.log_likelihood` expects for cfg.likelihood: logits [B, C, H, W]
 (bernoulli), the mean [B, C, H, W] (gaussian), or (mean [B, C, H, W], logvar [B, C, H, W] or
 [B, C, 1, 1]) (gaussian_learned, per pixel / per channel). No devices or distributed code here.
+
+Precision: inputs of any float dtype are cast to the weights' dtype (bf16-true, 64-true). Under autocast
+(bf16-mixed, 16-mixed) the layers whose outputs enter the objective directly run in the weights' dtype
+(fp32) with autocast off: the encoder's mu/logvar head, the decoder's final layer and the per-channel
+log-variance head (`full_precision`). A decoder mean rounded to bf16 (a step of 2^-8 near 1.0) biases a
+Gaussian log-likelihood by ~ulp^2/(24 sigma^2) per pixel, and the rounding cannot be undone by upcasting
+later. The modules and state_dict keys are the same as without this.
 """
 from __future__ import annotations
 
@@ -27,6 +34,23 @@ def _mlp(widths: Sequence[int]) -> nn.Sequential:
         layers += [nn.Linear(a, b), nn.SiLU()]
     layers.append(nn.Linear(widths[-2], widths[-1]))
     return nn.Sequential(*layers)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+def full_precision(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) in the layer's own parameter dtype, with autocast off (fp32 under bf16-mixed / 16-mixed;
+    bf16 under bf16-true, where there is nothing wider to run in)."""
+    x = x.to(layer.weight.dtype)
+    if _autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return layer(x)
+    return layer(x)
 
 
 def num_conv_stages(height: int, width: int, requested: int) -> int:
@@ -107,21 +131,28 @@ class VAE(nn.Module):
     def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """x: float in [0, 1], [B, C, H, W] -> (mu, logvar), each [B, D]; logvar clamped to
         [logvar_min, logvar_max]."""
+        x = x.to(self.to_mu_logvar.weight.dtype)  # the weights' dtype: bf16-true, 64-true
         h = self.encoder(2.0 * x - 1.0)  # centred input conditions the first layer better
-        mu, logvar = self.to_mu_logvar(h).chunk(2, dim=-1)
+        mu, logvar = full_precision(self.to_mu_logvar, h).chunk(2, dim=-1)
         return mu, logvar.clamp(self.logvar_min, self.logvar_max)
 
     def decode(self, z: torch.Tensor) -> objectives.Params:
         """z: [N, D] (any leading dims, flattened and restored) -> likelihood params, see module doc."""
         lead = z.shape[:-1]
-        z = z.reshape(-1, self.latent_dim)
+        z = z.reshape(-1, self.latent_dim).to(self.to_mu_logvar.weight.dtype)  # fp32 noise, bf16-true weights
         c, h, w = self.input_shape
-        out = self.decoder(z)
         if self.arch == "conv":
-            out = self.decoder_out(out[:, :, :h, :w])
+            out = full_precision(self.decoder_out, self.decoder(z)[:, :, :h, :w])
+        else:  # the MLP's last Linear outside autocast; the same modules (and state_dict keys) as before
+            mlp, unflatten = self.decoder
+            *body, last = mlp
+            out = z
+            for layer in body:
+                out = layer(out)
+            out = unflatten(full_precision(last, out))
         if self.likelihood == "gaussian_learned":
             if self.logvar_head is not None:
-                mean, logvar = out, self.logvar_head(z)[:, :, None, None]
+                mean, logvar = out, full_precision(self.logvar_head, z)[:, :, None, None]
             else:
                 mean, logvar = out[:, :c], out[:, c:]
             logvar = logvar.clamp(self.logvar_min, self.logvar_max)

@@ -27,7 +27,7 @@ import torchmetrics
 from torch import nn
 from torchmetrics.utilities import dim_zero_cat
 
-from pipeline import objectives, schedules
+from pipeline import accel, objectives, schedules
 from pipeline.config import Binarize, ModelConfig, ObjectiveConfig, OptimConfig, choices, section, to_dict
 from pipeline.lightning_compat import logs_written_this_step
 from pipeline.model import VAE
@@ -84,7 +84,7 @@ class ExactSums(torchmetrics.Metric):
             self.codes.append(terms["mu"].detach().float())
             self.factors.append(factors.detach().to(mu.device))
         batch = {
-            "count": mu.new_tensor(float(mu.shape[0])),
+            "count": mu.shape[0],  # a Python number: added as a kernel argument, no host-to-device copy
             "recon": terms["recon"].double().sum(),
             "kl": terms["kl"].double().sum(),
             "elbo": terms["elbo"].double().sum(),
@@ -174,12 +174,14 @@ class VAEModule(pl.LightningModule):
 
     # ---- data -------------------------------------------------------------------------------
     def to_float(self, image: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, C, H, W] -> float in [0, 1] (binarized per `binarize`), on the image's device."""
-        x = image.float() / 255.0
+        """uint8 [B, C, H, W] -> float in [0, 1] (binarized per `binarize`), on the image's device: fp32, or
+        fp64 when the weights are (64-true). bf16 / fp16 weights (bf16-true) keep fp32 data: the model casts
+        its input, and the likelihood compares with the exact pixel values."""
+        x = image.to(torch.promote_types(self.vae.to_mu_logvar.weight.dtype, torch.float32)) / 255.0
         if self.binarize == "dynamic":
             x = torch.bernoulli(x)
         elif self.binarize == "threshold":
-            x = (x > 0.5).float()
+            x = (x > 0.5).to(x.dtype)
         return x
 
     # ---- the objective ----------------------------------------------------------------------
@@ -274,8 +276,14 @@ class VAEModule(pl.LightningModule):
     # ---- optimizers -------------------------------------------------------------------------
     def configure_optimizers(self):
         cfg = self.optim_cfg
+        params = list(self.parameters())
+        trainer = self._trainer
+        # fused: one kernel for the whole update on CUDA (accel.fused_adamw); None leaves torch's choice
+        fused = accel.fused_adamw({p.device.type for p in params},
+                                  getattr(trainer, "precision", "32-true") if trainer is not None else "32-true",
+                                  getattr(trainer, "gradient_clip_val", 0) if trainer is not None else 0)
         optimizer = torch.optim.AdamW(
-            self.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+            params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=fused or None
         )
         # A pure function of the scheduler's step count, which the checkpoint restores.
         scheduler = torch.optim.lr_scheduler.LambdaLR(

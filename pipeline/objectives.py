@@ -42,8 +42,11 @@ def _upcast(t: Tensor) -> Tensor:
 
 
 def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
-    """z = mu + exp(logvar / 2) * eps, eps ~ N(0, I) from the global torch RNG. [..., D] -> [..., D]."""
-    return mu + torch.exp(0.5 * _guard(logvar)) * torch.randn_like(mu)
+    """z = mu + exp(logvar / 2) * eps, eps ~ N(0, I) from the global torch RNG. [..., D] -> [..., D].
+    eps and z are at least fp32 (bf16 / fp16 mu and logvar are widened first): the same draws as
+    randn_like(mu) for fp32 and fp64."""
+    mu, logvar = _upcast(mu), _upcast(logvar)
+    return mu + torch.exp(0.5 * _guard(logvar)) * torch.randn(mu.shape, dtype=mu.dtype, device=mu.device)
 
 
 def kl_per_dim(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -164,19 +167,22 @@ def iwae_bound(
 
     k=1 is a single-sample ELBO estimate; the bound rises to log p(x) as k grows. Samples are
     decoded `chunk_size` at a time (decode sees [chunk*B, D]) and a running logsumexp is kept, so
-    k=5000 fits in memory. The noise for sample i is drawn on its own ([B, D] per sample, in
-    order, from the global RNG), so the result does not depend on chunk_size. Wrap in
+    k=5000 fits in memory. The noise is drawn in blocks of `noise_block_samples(k, B, D)` samples, one
+    randn([n, B, D]) each (in order, from the global RNG, fp32 or wider), whatever chunk_size: the result
+    does not depend on it, and k=5000 is a handful of kernels, not one per sample. Wrap in
     torch.no_grad() for evaluation; gradients flow otherwise.
     """
     if k < 1 or chunk_size < 1:
         raise ValueError(f"iwae_bound needs k >= 1 and chunk_size >= 1, got k={k}, chunk_size={chunk_size}")
     mu, logvar = encode(x)
+    mu, logvar = _upcast(mu), _upcast(logvar)
     std = torch.exp(0.5 * _guard(logvar))
     batch = mu.shape[0]
-    total = torch.full((batch,), -math.inf, dtype=_upcast(mu).dtype, device=mu.device)
+    total = torch.full((batch,), -math.inf, dtype=mu.dtype, device=mu.device)
+    noise = _noise_blocks(k, mu)
     for start in range(0, k, chunk_size):
         n = min(chunk_size, k - start)
-        eps = torch.stack([torch.randn_like(mu) for _ in range(n)])  # [n, B, D]
+        eps = noise(n)  # [n, B, D]
         z = mu + std * eps
         params = decode(z.reshape(n * batch, -1))
         if isinstance(params, tuple):
@@ -190,6 +196,37 @@ def iwae_bound(
         )  # [n, B]
         total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
     return total - math.log(k)
+
+
+IWAE_NOISE_BLOCK = 1024  # importance samples per randn call, at most
+IWAE_NOISE_ELEMENTS = 2**24  # and at most this many noise values (64 MB of fp32) per block
+
+
+def noise_block_samples(k: int, batch: int, dim: int) -> int:
+    """Importance samples drawn per randn call in iwae_bound: at most IWAE_NOISE_BLOCK, at most
+    IWAE_NOISE_ELEMENTS values, at least one."""
+    return max(1, min(k, IWAE_NOISE_BLOCK, IWAE_NOISE_ELEMENTS // max(1, batch * dim)))
+
+
+def _noise_blocks(k: int, like: Tensor) -> Callable[[int], Tensor]:
+    """next(n) -> the next n of k noise draws [n, *like.shape], served from blocks of noise_block_samples
+    draws (one randn each), so the draws depend on k and the shape only, not on how they are taken."""
+    block = noise_block_samples(k, like.shape[0], like[0].numel())
+    held: list = [like.new_empty((0, *like.shape)), 0]  # current block, draws made so far
+
+    def take(n: int) -> Tensor:
+        parts = []
+        while n > 0:
+            if len(held[0]) == 0:
+                size = min(block, k - held[1])
+                held[0] = torch.randn((size, *like.shape), dtype=like.dtype, device=like.device)
+                held[1] += size
+            part, held[0] = held[0][:n], held[0][n:]
+            parts.append(part)
+            n -= len(part)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    return take
 
 
 def bits_per_dim(nats: Tensor, num_dims: int) -> Tensor:

@@ -134,7 +134,7 @@ def build_trainer(cfg, run_dir: Path, loggers, callbacks, checkpoint_io=None):
     return pl.Trainer(
         default_root_dir=str(run_dir),
         max_steps=t.max_steps, max_epochs=-1,
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=_strategy(t.strategy),
         precision=t.precision,
         val_check_interval=t.val_check_interval, check_val_every_n_epoch=None, num_sanity_val_steps=0,
         limit_val_batches=t.limit_val_batches,  # None: all (1.0 would print a notice on every run)
@@ -145,6 +145,34 @@ def build_trainer(cfg, run_dir: Path, loggers, callbacks, checkpoint_io=None):
         # one dispatch for our stateless callbacks, no profiler contexts: ~0.15 ms of a short step (pipeline/hooks.py)
         logger=loggers, callbacks=grouped(callbacks), plugins=plugins, profiler=NullProfiler(),
     )
+
+
+def _strategy(name: str):
+    """trainer.strategy, with DDP's gradients as views into its buckets (pipeline/accel.py)."""
+    from pipeline.accel import ddp_kwargs
+
+    kwargs = ddp_kwargs(name)
+    if kwargs is None:
+        return name
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return DDPStrategy(**kwargs)
+
+
+def apply_device_defaults(cfg, trainer) -> str:
+    """TF32 matmuls and cuDNN autotuning for the device the run trains on (pipeline/accel.py); returns the
+    start-up summary's line for them and fused AdamW."""
+    from pipeline import accel
+
+    device = trainer.strategy.root_device.type
+    matmul = accel.matmul_precision(device)
+    if matmul is not None:
+        torch.set_float32_matmul_precision(matmul)
+    benchmark = accel.cudnn_benchmark(cfg.model.arch, device, cfg.trainer.deterministic)
+    if benchmark is not None:
+        torch.backends.cudnn.benchmark = benchmark
+    fused = accel.fused_adamw({device}, str(trainer.precision), cfg.trainer.gradient_clip_val)
+    return accel.describe(device, fused, matmul, benchmark, accel.ddp_kwargs(cfg.trainer.strategy))
 
 
 # What ended a run early, as the lines say it; the exit status is 128 + the signal number (callbacks.RunInterrupted)
@@ -350,8 +378,9 @@ def _train(cfg, run_dir: Path, rank_zero: bool, command: Optional[str]) -> dict:
     trainer = build_trainer(cfg, run_dir, loggers, callbacks, AtomicCheckpointIO(preloaded=resume))
     signals = next(c for c in callbacks if isinstance(c, DeferredSignals))
     signals.arm()  # a Ctrl-C in Lightning's set-up stops at once with status 130, not Lightning's 1
+    defaults = apply_device_defaults(cfg, trainer)
     if rank_zero:
-        print("\n".join(summary_lines(cfg, dm, module, trainer, wandb_mode, resume_said)), flush=True)
+        print("\n".join(summary_lines(cfg, dm, module, trainer, wandb_mode, resume_said, defaults)), flush=True)
     started = time.time()
     try:
         # every checkpoint is read by AtomicCheckpointIO: weights-only unpickling, then the checksum

@@ -45,3 +45,25 @@ def test_checksum_cost_times_a_first_epoch_each_way(digits_root):
     assert len(r["runs_on"]) == len(r["runs_off"]) == 1
     assert r["verify_on_samples_per_s"] > 0 and r["verify_off_samples_per_s"] > 0
     assert math.isfinite(r["cost"])
+
+
+def test_step_timer_synchronises_only_at_the_window_ends_like_the_bare_loop(monkeypatch):
+    """Both loops are timed the same way: one device sync when the window opens (after the warm-up steps) and
+    one when it closes (the last step); none in between, where the bare loop has none either."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.analysis import bench as B
+
+    syncs = []
+    monkeypatch.setattr(B, "_sync", lambda device: syncs.append(device))
+    timer = B.make_timer(warmup=3, device="cuda")
+    trainer = SimpleNamespace(global_step=0, max_steps=10, world_size=2)
+    batch = {"image": torch.zeros(4, 1, 2, 2)}
+    for step in range(1, 11):
+        trainer.global_step = step
+        timer.on_train_batch_end(trainer, None, None, batch, step - 1)
+        assert len(syncs) == (0 if step < 3 else 1 if step < 10 else 2), step
+    r = timer.result()
+    assert r["images"] == 7 * 4 * 2 and r["seconds"] > 0

@@ -318,3 +318,25 @@ def test_iwae_on_bernoulli_decoder_with_tuple_free_params_and_grad():
     assert bound.shape == (4,) and torch.isfinite(bound).all()
     bound.sum().backward()
     assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+
+
+def test_iwae_draws_noise_in_blocks_whatever_the_chunk_size(lg, monkeypatch):
+    """One randn per block of importance samples (k=2500 with blocks of 1024: 3 calls), not one per sample,
+    and the same bound for any chunk_size (blocks straddle chunks)."""
+    encode = lg.encoder(std_scale=2.0, shift=0.5)
+    x = lg.x[:8]
+    calls = []
+    randn, randn_like = torch.randn, torch.randn_like
+    monkeypatch.setattr(torch, "randn", lambda *a, **kw: calls.append(a[0]) or randn(*a, **kw))
+    monkeypatch.setattr(torch, "randn_like", lambda *a, **kw: calls.append("like") or randn_like(*a, **kw))
+    k = 2500
+    assert O.noise_block_samples(k, 8, lg.D) == O.IWAE_NOISE_BLOCK == 1024
+    bounds = {}
+    for chunk in (2500, 300, 7):
+        calls.clear()
+        torch.manual_seed(0)
+        bounds[chunk] = O.iwae_bound(x, encode, lg.decode, "gaussian", lg.s, k=k, chunk_size=chunk)
+        assert [tuple(c) for c in calls] == [(1024, 8, lg.D), (1024, 8, lg.D), (452, 8, lg.D)], chunk
+    for chunk in (300, 7):
+        torch.testing.assert_close(bounds[chunk], bounds[2500], atol=1e-10, rtol=0)
+    assert O.noise_block_samples(5000, 4096, 1024) == 4  # large batches x latents: blocks stay <= 2^24 values

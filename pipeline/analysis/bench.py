@@ -107,7 +107,9 @@ def _sync(device: str) -> None:
 # ------------------------------------------------------------------------------------ measurements
 def make_timer(warmup: int, device: str):
     """A Callback timing the optimizer steps after `warmup`: from the end of step `warmup` to the end of
-    the last step, counting the images of the batches in between (all ranks: x world size)."""
+    the last step (trainer.max_steps), counting the images of the batches in between (all ranks: x world
+    size). The device is synchronised at the window's two ends only, as in `measure_bare`: a sync after
+    every step would keep the host from queueing ahead on a GPU and bias the ratio against the pipeline."""
     from lightning.pytorch import Callback
 
     class StepTimer(Callback):
@@ -119,7 +121,8 @@ def make_timer(warmup: int, device: str):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if self.start is not None:
                 self.images += int(batch["image"].shape[0]) * trainer.world_size
-            if trainer.global_step >= warmup:
+            step = trainer.global_step
+            if (self.start is None and step >= warmup) or (self.start is not None and step >= trainer.max_steps):
                 _sync(device)
                 now = time.perf_counter()
                 if self.start is None:

@@ -66,6 +66,14 @@ def resolve_checkpoint(target: str | os.PathLike) -> tuple[Path, Path | None]:
     return ckpt, run_dir
 
 
+def use_device(dev: torch.device) -> torch.device:
+    """`--device cuda:N` also makes GPU N the current device, so kernels, the caching allocator and any
+    tensor made on plain "cuda" go there, not to GPU 0."""
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
+    return dev
+
+
 def load_module(ckpt: Path, device: torch.device):
     """(VAEModule in eval mode on `device`, the checkpoint's global step). EvalError naming the file when
     it is not a readable checkpoint, lacks the VAEModule hyperparameters, or its weights do not fit them."""
@@ -263,7 +271,7 @@ def evaluate(target: str | os.PathLike, split: str = "test", iwae_samples: int =
     if iwae_samples < 1:
         raise EvalError(f"--iwae-samples must be >= 1, got {iwae_samples}")
     ckpt, run_dir = resolve_checkpoint(target)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = use_device(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     module, step = load_module(ckpt, dev)
     cfg = load_eval_config(run_dir, ckpt, files, overrides)
     torch.manual_seed(cfg.seed)  # the sampled z's: rerunning gives the same numbers

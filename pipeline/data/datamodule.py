@@ -35,6 +35,13 @@ AUTO_CACHE_BYTES = 512 << 20  # data.cache=auto holds decoded training splits up
 ANNOUNCE_FILL_BYTES = 128 << 20  # a fill this large takes seconds (~115 MB/s measured, npy shards): say so
 
 
+def pin_batches(pin_memory: bool, device: torch.device | None) -> bool:
+    """Whether host batches are page-locked: data.pin_memory, for a run on a CUDA device. Decided from the
+    device the run trains on, not from torch.cuda.is_available(): a CPU run on a GPU machine would otherwise
+    open a CUDA context on GPU 0 in every rank (pinning needs one)."""
+    return bool(pin_memory) and device is not None and torch.device(device).type == "cuda"
+
+
 class ShardDataModule(pl.LightningDataModule):
     """Train/val/test loaders over WebDataset shards, configured by a DataConfig.
 
@@ -267,8 +274,11 @@ class ShardDataModule(pl.LightningDataModule):
         if train and split == "train":
             stream.cache = self._training_cache(stream, src)
         trainer = getattr(self, "trainer", None)
+        pin = pin_batches(self.cfg.pin_memory, trainer.strategy.root_device if trainer is not None else None)
+        if stream.cache is not None:
+            stream.cache.pin = pin
         loader = ShardLoader(stream, num_workers=0 if stream.cache is not None else self.cfg.num_workers,
-                             pin_memory=bool(self.cfg.pin_memory) and torch.cuda.is_available(),
+                             pin_memory=pin,
                              start_epoch=trainer.current_epoch if train and trainer is not None else 0)
         self._loaders.append(loader)
         return loader

@@ -47,11 +47,36 @@ def join(parts: list[Read]) -> Read:
     return [it for p in parts for it in as_items(p)]
 
 
+class Batch(dict):
+    """A batch as the loader hands it out, which the DataLoader's pin-memory thread can pin (data.pin_memory
+    on a CUDA run): torch pins tensors only, and small arrays leave the loader workers as numpy
+    (BY_VALUE_MAX_BYTES). torch calls `pin_memory()` on a Mapping that has one from 2.3 on; before, the
+    arrays stay pageable."""
+
+    def pin_memory(self, device=None) -> Batch:
+        return Batch({k: _pinned(v) for k, v in self.items()})
+
+
+def _pinned(value):
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        value = torch.from_numpy(value)
+    return value.pin_memory() if isinstance(value, torch.Tensor) else value
+
+
+def pinned_empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """Page-locked host memory (torch's caching host allocator reuses it batch after batch)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
 class SplitCache:
     """A split's decoded samples in canonical order (shard 0's positions, then shard 1's, ...) held by the
     training process, in its RAM or on the accelerator (data.cache). Filled by `ShardStream.fill_cache`,
     which reads every shard through the same reader and decoder as the loader workers (with the same
-    checks); batches are then rows of it, chosen by the same layout, so they are the stream's batches."""
+    checks); batches are then rows of it, chosen by the same layout, so they are the stream's batches.
+    `pin`: a host cache builds each batch in page-locked memory (set for CUDA runs with data.pin_memory), so
+    the copy to the GPU is asynchronous; pageable memory makes `non_blocking=True` wait for the copy."""
+
+    pin = False
 
     def __init__(self, columns: Columns, counts, device: torch.device | str | None = None):
         self.offsets = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))[:-1]])
@@ -69,7 +94,11 @@ class SplitCache:
         index = torch.from_numpy(rows)
         if self.device.type != "cpu":
             index = index.to(self.device, non_blocking=True)
-        batch = {name: torch.index_select(t, 0, index) for name, t in self.tensors.items()}
+        if self.pin and self.device.type == "cpu":
+            batch = {name: torch.index_select(t, 0, index, out=pinned_empty((len(index), *t.shape[1:]), t.dtype))
+                     for name, t in self.tensors.items()}
+        else:
+            batch = {name: torch.index_select(t, 0, index) for name, t in self.tensors.items()}
         batch["key"] = self.keys[rows].tolist()
         batch["skipped"] = 0
         return batch
@@ -99,11 +128,11 @@ def columns_of(items: list[Item | None]) -> Columns | None:
 
 def for_transfer(batch: dict) -> dict:
     """In a loader worker: arrays above BY_VALUE_MAX_BYTES become tensors (shared memory); the rest travel
-    by value."""
+    by value. A Batch: the pin-memory thread pins the arrays too."""
     for k, v in batch.items():
         if isinstance(v, np.ndarray) and v.nbytes > BY_VALUE_MAX_BYTES:
             batch[k] = torch.from_numpy(v)
-    return batch
+    return Batch(batch)
 
 
 class ShardStream(IterableDataset):
@@ -155,7 +184,7 @@ class ShardStream(IterableDataset):
             else:
                 batches = self._eval_batches(reader, lane)
             for batch in batches:
-                yield for_transfer(batch) if info is not None else batch
+                yield for_transfer(batch) if info is not None else Batch(batch)
         finally:
             reader.close()
 

@@ -1,0 +1,66 @@
+"""The accelerator defaults (pipeline/accel.py) as chosen for each device, and their wiring on CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import accel
+from pipeline.module import VAEModule
+from pipeline.train import _strategy
+
+
+def test_fused_adamw_only_with_every_parameter_on_cuda_and_never_where_lightning_cannot_clip():
+    assert accel.fused_adamw({"cuda"}) is True
+    assert accel.fused_adamw({"cuda"}, "bf16-mixed", 1.0) is True
+    assert accel.fused_adamw({"cuda"}, "16-mixed", 0.0) is True
+    assert accel.fused_adamw({"cuda"}, "16-mixed", 1.0) is False  # fp16 unscaling inside: no clipping
+    assert accel.fused_adamw({"cpu"}) is False
+    assert accel.fused_adamw({"cuda", "cpu"}) is False
+    assert accel.fused_adamw(set()) is False
+
+
+def test_tf32_and_cudnn_benchmark_on_cuda_only_and_benchmark_not_when_deterministic():
+    assert accel.matmul_precision("cuda") == "high" and accel.matmul_precision("cpu") is None
+    assert accel.cudnn_benchmark("conv", "cuda", deterministic=False) is True
+    assert accel.cudnn_benchmark("conv", "cuda", deterministic=True) is None
+    assert accel.cudnn_benchmark("mlp", "cuda", deterministic=False) is None
+    assert accel.cudnn_benchmark("conv", "cpu", deterministic=False) is None
+
+
+def test_ddp_strategy_has_gradients_as_bucket_views():
+    assert accel.ddp_kwargs("ddp") == {"gradient_as_bucket_view": True}
+    assert accel.ddp_kwargs("auto") is None and _strategy("auto") == "auto"
+    strategy = _strategy("ddp")
+    assert strategy._ddp_kwargs == {"gradient_as_bucket_view": True}
+
+
+def test_summary_line_says_what_was_chosen():
+    line = accel.describe("cuda", True, "high", True, {"gradient_as_bucket_view": True})
+    assert line == "fused AdamW on, fp32 matmul precision high, cudnn.benchmark on, DDP gradient_as_bucket_view"
+    assert accel.describe("cpu", False, None, None, None) == "cpu: torch defaults"
+
+
+@pytest.mark.parametrize("device_types,fused", [({"cpu"}, None), ({"cuda"}, True)])
+def test_configure_optimizers_asks_for_fused_adamw_from_the_parameters_devices(device_types, fused, monkeypatch):
+    module = VAEModule({"arch": "mlp", "latent_dim": 2, "hidden_dims": [8]}, {}, {}, (1, 4, 4), max_steps=5)
+    made = {}
+    real = torch.optim.AdamW
+
+    def recording(params, **kwargs):
+        made.update(kwargs)
+        return real(params, **{**kwargs, "fused": None})  # no CUDA here to fuse on
+    monkeypatch.setattr(torch.optim, "AdamW", recording)
+    monkeypatch.setattr(accel, "fused_adamw", lambda types, *a: set(device_types) == {"cuda"})
+    module.configure_optimizers()
+    assert made["fused"] is fused
+
+
+def test_evaluate_on_cuda_n_makes_gpu_n_the_current_device(monkeypatch):
+    from pipeline.analysis.evaluate import use_device
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: chosen.append(dev))
+    assert use_device(torch.device("cuda", 3)) == torch.device("cuda", 3)
+    assert use_device(torch.device("cuda")) == torch.device("cuda")  # plain "cuda": the current one already
+    assert use_device(torch.device("cpu")) == torch.device("cpu")
+    assert chosen == [torch.device("cuda", 3)]
