@@ -26,7 +26,7 @@ from typing import List, Sequence
 from pipeline.data import shards
 from pipeline.data.decode import ImageSpec, SampleError, header_shape
 
-INDEX_FORMAT = "vae-pipeline-index/1"
+INDEX_FORMAT = shards.INDEX_FORMAT
 
 
 class IndexingError(ValueError):
@@ -112,6 +112,11 @@ def index_shards(urls: Sequence[str], out: Path, *, split: str = "train", source
 
     out = Path(out)
     path = out / shards.MANIFEST
+    piped = next((u for u in urls if u.startswith("pipe:")), None)
+    if piped is not None:  # the loader refuses them: a downloaded manifest must not run commands
+        raise IndexingError(f"{piped[:80]}: a manifest may not hold pipe: commands (training refuses them); "
+                            "index local copies or http(s) URLs, or train on data.train='pipe:...' directly "
+                            "with data.steps_per_epoch")
     manifest = {"format": INDEX_FORMAT, "splits": {}}
     if path.is_file():  # another split indexed before: keep it
         manifest = shards.load_manifest(path)

@@ -33,6 +33,7 @@ from pipeline.files import SPLITS, TMP_PREFIX, fsync_dir, tmp_path, write_json_a
 
 MANIFEST = "manifest.json"
 FORMAT = "vae-pipeline-shards/1"
+INDEX_FORMAT = "vae-pipeline-index/1"  # `prepare index` manifests (pipeline.data.index)
 IMAGE, LABEL, FACTORS = "npy", "label.cls", "factors.npy"  # sample field names (file suffixes)
 SHARD_RE = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}\.tar$")
 
@@ -145,7 +146,7 @@ def _octal(field: bytes, what: str) -> int:
     try:
         return int(digits, 8) if digits else 0
     except ValueError:
-        raise ValueError(f"bad {what} field {field!r}") from None
+        raise ValueError(f"not a tar header (its {what} field is not a number)") from None  # no bytes echoed
 
 
 def iter_tar_members(stream) -> Iterator[Tuple[str, bytes]]:
@@ -446,8 +447,13 @@ def write_dataset(out_dir: Path, fetch: FetchFn, splits: Dict[str, np.ndarray], 
 
 
 # ------------------------------------------------------------------------------------------ reading
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def load_manifest(path: Path) -> dict:
-    """Parse and sanity-check a manifest; errors name the file and the problem."""
+    """Parse and sanity-check a manifest (field types included); errors name the file, the field and the
+    problem. A manifest is data: where its shards may be is checked by `shard_location`."""
     path = Path(path)
     try:
         manifest = json.loads(path.read_text())
@@ -458,13 +464,72 @@ def load_manifest(path: Path) -> dict:
     splits = manifest.get("splits") if isinstance(manifest, dict) else None
     if not isinstance(splits, dict):
         raise ShardFormatError(f"{path}: not a shard manifest (no 'splits' table)")
+    for key in ("shape",):
+        value = manifest.get(key)
+        if value is not None and not (isinstance(value, list) and all(_is_int(d) and d > 0 for d in value)):
+            raise ShardFormatError(f"{path}: field {key!r} is {str(value)[:60]}, expected a list of positive integers")
     for split, entry in splits.items():
+        where = f"{path}: split {split!r}"
+        if not isinstance(entry, dict):
+            raise ShardFormatError(f"{where} is {type(entry).__name__}, expected a table")
         shards = entry.get("shards")
-        if not isinstance(shards, list) or any("name" not in s or "samples" not in s for s in shards):
-            raise ShardFormatError(f"{path}: split {split!r} has no valid 'shards' list")
-        if sum(s["samples"] for s in shards) != entry.get("total"):
-            raise ShardFormatError(f"{path}: split {split!r}: shard sample counts do not add up to 'total'")
+        if not isinstance(shards, list) or any(not isinstance(s, dict) or "name" not in s or "samples" not in s
+                                               for s in shards):
+            raise ShardFormatError(f"{where} has no valid 'shards' list")
+        seen = set()
+        for i, s in enumerate(shards):
+            name, samples, digest = s["name"], s["samples"], s.get("sha256")
+            if not isinstance(name, str) or not name:
+                raise ShardFormatError(f"{where}: shard {i} has name {str(name)[:60]}, expected a file name")
+            if name in seen:
+                raise ShardFormatError(f"{where}: shard {name} is listed twice (it would be read twice per epoch)")
+            seen.add(name)
+            if not _is_int(samples) or samples < 0:
+                raise ShardFormatError(f"{where}: shard {name}: 'samples' is {str(samples)[:40]}, "
+                                       "expected a non-negative integer")
+            if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+                raise ShardFormatError(f"{where}: shard {name}: 'sha256' is {str(digest)[:40]}, expected 64 hex digits")
+        if not _is_int(entry.get("total")) or sum(s["samples"] for s in shards) != entry.get("total"):
+            raise ShardFormatError(f"{where}: shard sample counts do not add up to 'total'")
+        value = entry.get("shape")
+        if value is not None and not (isinstance(value, list) and all(_is_int(d) and d > 0 for d in value)):
+            raise ShardFormatError(f"{where}: field 'shape' is {str(value)[:60]}, expected a list of positive integers")
+        value = entry.get("shapes")
+        if value is not None and not (isinstance(value, dict) and all(
+                isinstance(k, str) and re.fullmatch(r"\d+x\d+x\d+", k) for k in value)):
+            raise ShardFormatError(f"{where}: field 'shapes' is {str(value)[:60]}, expected a table of CxHxW shapes")
+        value = entry.get("members")
+        if value is not None and not (isinstance(value, (dict, list)) and all(isinstance(k, str) for k in value)):
+            raise ShardFormatError(f"{where}: field 'members' is {str(value)[:60]}, expected member suffixes")
     return manifest
+
+
+def shard_location(path: Path, manifest: dict, name: str) -> str:
+    """Where a shard a manifest at `path` names is: a path inside the manifest's directory; for an index
+    (`prepare index`), also the absolute path or http(s) URL it was indexed from. Never a `pipe:` command
+    (a downloaded manifest would run it: only what the user types may be one), never outside the directory
+    through `..` or a link. Anything else is a ShardFormatError naming the manifest and the entry."""
+    path = Path(path)
+    index = manifest.get("format") == INDEX_FORMAT
+    if name.startswith("pipe:"):
+        raise ShardFormatError(f"{path}: shard entry {name[:80]!r} is a pipe: command; a manifest is data and "
+                               "may not run commands (type pipe: sources yourself: data.train='pipe:...')")
+    scheme = name.split("/")[0]
+    if ":" in scheme:
+        if index and scheme in ("http:", "https:") and name.split("/")[1:2] == [""]:
+            return name
+        raise ShardFormatError(f"{path}: shard entry {name[:80]!r}: a manifest's shards are files in its "
+                               "directory (an index's: also absolute paths and http(s) URLs)")
+    if os.path.isabs(name):
+        if index and ".." not in Path(name).parts:
+            return name
+        raise ShardFormatError(f"{path}: shard entry {name[:80]!r} is an absolute path; this manifest's shards "
+                               "must be files in its directory")
+    base = path.parent.resolve()
+    target = (path.parent / name).resolve()
+    if ".." in Path(name).parts or (target != base and base not in target.parents):
+        raise ShardFormatError(f"{path}: shard entry {name[:80]!r} lies outside {path.parent}")
+    return str(path.parent / name)
 
 
 def verify_dataset(out_dir: Path) -> List[str]:
@@ -474,7 +539,7 @@ def verify_dataset(out_dir: Path) -> List[str]:
     problems = []
     for entry in manifest["splits"].values():
         for shard in entry["shards"]:
-            path = out_dir / shard["name"]
+            path = Path(shard_location(out_dir / MANIFEST, manifest, shard["name"]))
             if not path.is_file():
                 problems.append(f"{path}: missing")
             elif sha256_file(path) != shard.get("sha256"):

@@ -42,8 +42,7 @@ def _from_manifest(path: Path, split: str, origin: str) -> SplitSource | None:
     entry = manifest["splits"].get(split)
     if entry is None:
         return None
-    names = [s["name"] for s in entry["shards"]]
-    urls = tuple(n if "://" in n or n.startswith("pipe:") else str(path.parent / n) for n in names)
+    urls = tuple(shards.shard_location(path, manifest, s["name"]) for s in entry["shards"])
     shape = tuple(entry.get("shape") or manifest.get("shape") or ()) or None
     shapes = tuple(tuple(int(d) for d in s.split("x")) for s in entry["shapes"]) if "shapes" in entry else None
     members = tuple(entry["members"]) if "members" in entry else None
