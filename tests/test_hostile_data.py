@@ -4,11 +4,14 @@ images (16-bit PNGs, duplicate keys, lying size fields and .npy headers) are rep
 `prepare` is safe to kill and to run twice. Each test fails on the code before the fix."""
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from data_helpers import data_cfg, keys_of, module_for, write_dataset
 
@@ -118,3 +121,51 @@ def test_manifest_fields_of_the_wrong_type_are_one_line(tmp_path, field, value):
     edit_manifest(root, edit)
     message = train_source_error(data_cfg(root, batch_size=8))
     assert str(root / "manifest.json") in message and "\n" not in message
+
+
+# ---------------------------------------------------------------------------- lying shards
+def write_members(path: Path, members) -> None:
+    """A tar of (name, bytes) members, in order, as other tools might write it."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def foreign_dataset(root: Path, members, samples: int) -> Path:
+    """root/train-000000.tar of `members` plus a manifest listing it with `samples` samples (no sha256)."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_members(root / "train-000000.tar", members)
+    manifest = {"format": shards.FORMAT, "shape": [1, 4, 4], "splits": {"train": {
+        "total": samples, "shape": [1, 4, 4], "shards": [{"name": "train-000000.tar", "samples": samples}]}}}
+    (root / shards.MANIFEST).write_text(json.dumps(manifest))
+    return root
+
+
+def good(i: int) -> list:
+    return [(f"k{i:04d}.npy", shards.npy_bytes(np.full((1, 4, 4), i % 256, np.uint8))), (f"k{i:04d}.cls", b"1")]
+
+
+def test_npy_header_claiming_112_gib_is_one_error_not_an_allocation(tmp_path):
+    huge = shards.npy_bytes(np.zeros((1, 4, 4), np.uint8)).replace(b"(1, 4, 4)", b"(3, 200000, 200000)")
+    members = [m for i in range(20) for m in good(i)] + [("k0020.npy", huge), ("k0020.cls", b"1")]
+    root = foreign_dataset(tmp_path / "ds", members, 21)
+    with pytest.raises(shards.ShardFormatError) as e:
+        keys_of(module_for(data_cfg(root, batch_size=7)).train_dataloader())
+    assert "train-000000.tar" in str(e.value) and "k0020" in str(e.value) and "header says" in str(e.value)
+
+
+def test_tar_size_field_of_2_to_the_80_is_one_error(tmp_path):
+    members = [m for i in range(20) for m in good(i)]
+    root = foreign_dataset(tmp_path / "ds", members, 20)
+    path = root / "train-000000.tar"
+    raw = bytearray(path.read_bytes())
+    at = 512 * 2 * 10  # the header of sample k0010's first member
+    raw[at + 124:at + 136] = b"\x80" + (1 << 80).to_bytes(11, "big")  # GNU base-256 size
+    raw[at + 148:at + 156] = b" " * 8
+    raw[at + 148:at + 156] = f"{sum(raw[at:at + 512]):06o}\0 ".encode()
+    path.write_bytes(bytes(raw))
+    with pytest.raises(shards.ShardFormatError) as e:
+        keys_of(module_for(data_cfg(root, batch_size=5)).train_dataloader())
+    assert "train-000000.tar" in str(e.value) and "truncated member data" in str(e.value)

@@ -106,17 +106,34 @@ def encode_image(image: np.ndarray, fmt: str, quality: int = 95) -> bytes:
 _NPY_HEADERS: Dict[bytes, Tuple[np.dtype, tuple, bool, int]] = {}  # raw header -> parsed; samples share one
 
 
+def _npy_header(data: bytes) -> Tuple[np.dtype, tuple, bool, int]:
+    """(dtype, shape, Fortran order, element count) from a .npy header alone: nothing is allocated, so a
+    header that claims more than the blob holds (112 GiB in 200 bytes) is an error, not an allocation."""
+    f = io.BytesIO(data)
+    try:
+        major, _ = np.lib.format.read_magic(f)
+        read = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0}.get(major)
+        if read is None:
+            raise ValueError(f"unsupported .npy format version {major}")
+        shape, fortran, dtype = read(f)
+    except (ValueError, TypeError, SyntaxError, EOFError) as e:
+        raise ValueError(f"bad .npy header: {e}") from None
+    if dtype.hasobject:
+        raise ValueError(".npy blob holds Python objects (not loaded)")
+    count = int(np.prod(shape, dtype=object)) if shape else 1
+    return dtype, tuple(shape), bool(fortran), count
+
+
 def decode_npy(data: bytes) -> np.ndarray:
     """np.load for one .npy blob, parsing each distinct header once (the header parse dominates)."""
-    if data[:6] != b"\x93NUMPY":
+    if len(data) < 10 or data[:6] != b"\x93NUMPY":
         raise ValueError("not a .npy blob")
     hlen_size = 2 if data[6] == 1 else 4
     start = 8 + hlen_size + int.from_bytes(data[8:8 + hlen_size], "little")
     header = data[:start]
     parsed = _NPY_HEADERS.get(header)
     if parsed is None:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)  # validates the header once
-        parsed = (arr.dtype, arr.shape, bool(np.isfortran(arr)), arr.size)
+        parsed = _npy_header(data)
         if len(_NPY_HEADERS) < 64:
             _NPY_HEADERS[header] = parsed
     dtype, shape, fortran, count = parsed
@@ -149,6 +166,21 @@ def _octal(field: bytes, what: str) -> int:
         raise ValueError(f"not a tar header (its {what} field is not a number)") from None  # no bytes echoed
 
 
+def _read_up_to(stream, n: int) -> bytes:
+    """Up to n bytes; a large n (a member size field can claim 2^80 bytes) is read in pieces, so a lying
+    header costs what the stream holds, not an allocation of n bytes (or an OverflowError)."""
+    if n <= 1 << 26:
+        return stream.read(n)
+    parts, got = [], 0
+    while got < n:
+        part = stream.read(min(1 << 24, n - got))
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
 def iter_tar_members(stream) -> Iterator[Tuple[str, bytes]]:
     """(name, data) of the regular files in a tar stream, read sequentially (pipes and HTTP work).
 
@@ -169,7 +201,7 @@ def iter_tar_members(stream) -> Iterator[Tuple[str, bytes]]:
         size = _octal(header[124:136], "size")
         kind = header[156:157]
         padded = (size + 511) & ~511
-        data = stream.read(padded)
+        data = _read_up_to(stream, padded)
         if len(data) < padded:
             raise EOFError(f"truncated member data ({len(data)} of {padded} bytes)")
         data = data[:size] if padded != size else data
