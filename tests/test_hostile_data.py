@@ -169,3 +169,21 @@ def test_tar_size_field_of_2_to_the_80_is_one_error(tmp_path):
     with pytest.raises(shards.ShardFormatError) as e:
         keys_of(module_for(data_cfg(root, batch_size=5)).train_dataloader())
     assert "train-000000.tar" in str(e.value) and "truncated member data" in str(e.value)
+
+
+@pytest.mark.parametrize("where", ["later", "adjacent"])
+def test_duplicate_sample_key_names_shard_and_key_or_is_skipped_and_counted(tmp_path, where):
+    members = [m for i in range(20) for m in good(i)]
+    dup = [("k0005.npy", shards.npy_bytes(np.full((1, 4, 4), 99, np.uint8))), ("k0005.cls", b"2")]
+    if where == "later":  # k0005 again after k0019: 21 samples as webdataset groups them
+        members, samples, batch = members + dup, 21, 7
+    else:  # k0005's members twice in a row: one sample holding two images (the second won)
+        members, samples, batch = members[:12] + dup + members[12:], 20, 5
+    root = foreign_dataset(tmp_path / "ds", members, samples)
+    with pytest.raises(shards.ShardFormatError) as e:
+        keys_of(module_for(data_cfg(root, batch_size=batch)).train_dataloader())
+    assert "train-000000.tar" in str(e.value) and "'k0005'" in str(e.value) and "duplicate" in str(e.value)
+    batches = list(module_for(data_cfg(root, batch_size=batch, on_error="warn")).train_dataloader())
+    assert len(batches) == samples // batch and sum(int(b["skipped"]) for b in batches) == 1
+    assert all(b["image"].shape == (batch, 1, 4, 4) for b in batches)
+    assert 99 not in {int(b["image"][i].max()) for b in batches for i in range(batch)}  # the duplicate's image

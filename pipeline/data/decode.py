@@ -243,6 +243,8 @@ class ImageSpec:
         return (self.channels, self.size, self.size) if self.channels and self.size else None
 
     def image_member(self, raw: Dict[str, bytes]) -> str:
+        if shards.DUPLICATE in raw:
+            raise SampleError("duplicate sample key: another sample of this shard has the same key")
         member = next((k for k in self.image_keys if k in raw), None)
         if member is None:
             has = ", ".join(sorted(k for k in raw if not k.startswith("__"))) or "nothing"

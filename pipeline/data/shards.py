@@ -145,6 +145,8 @@ def decode_npy(data: bytes) -> np.ndarray:
 
 def decode_sample(sample: Dict[str, bytes]) -> Tuple[np.ndarray, Optional[int], Optional[np.ndarray]]:
     """Raw sample dict (suffix -> bytes) -> (image uint8 [C, H, W], label or None, factors or None)."""
+    if DUPLICATE in sample:
+        raise ValueError(f"sample key {sample.get('__key__')!r} occurs twice in the shard")
     if IMAGE not in sample:
         raise ValueError(f"sample {sample.get('__key__')!r} has no .{IMAGE} member (has {sorted(sample)})")
     image = decode_npy(sample[IMAGE])
@@ -215,13 +217,19 @@ def iter_tar_members(stream) -> Iterator[Tuple[str, bytes]]:
             long_name = None  # directories, links, devices: skipped
 
 
+DUPLICATE = "__duplicate__"  # marks a sample whose key an earlier sample of the shard had: unreadable
+
+
 def iter_tar_samples(stream, name: str) -> Iterator[Dict[str, bytes]]:
     """Samples (dicts: "__key__" and suffix -> bytes) of a tar stream, grouped by consecutive key
     (webdataset's rule: the key is the path up to the first dot of the file name).
 
-    Errors (truncation, bad headers) raise ShardFormatError naming `name`.
+    Errors (truncation, bad headers) raise ShardFormatError naming `name`. A sample whose key an earlier one
+    had (or with a member twice) comes with a DUPLICATE member: decoders report it as unreadable, so it
+    follows data.on_error at its position (raise: the shard and key named; warn: skipped and counted).
     """
     current: Optional[Dict[str, bytes]] = None
+    seen = set()  # keys met so far: a key twice is a DUPLICATE sample (plain webdataset raises; we report it)
     try:
         for path, data in iter_tar_members(stream):
             slash = path.rfind("/") + 1
@@ -233,6 +241,11 @@ def iter_tar_samples(stream, name: str) -> Iterator[Dict[str, bytes]]:
                 if current is not None:
                     yield current
                 current = {"__key__": key}
+                if key in seen:
+                    current[DUPLICATE] = b""
+                seen.add(key)
+            elif suffix in current:  # the same member twice in a row: two samples under one key
+                current[DUPLICATE] = b""
             current[suffix] = data
     except (EOFError, OSError, ValueError, UnicodeDecodeError) as e:
         raise ShardFormatError(f"{name}: unreadable tar data after sample "
@@ -315,6 +328,7 @@ def index_tar(path: str) -> Optional[TarIndex]:
     end: List[int] = []
     members: Dict[str, Tuple[List[int], List[int]]] = {}
     long_name: Optional[str] = None
+    seen = set()
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
@@ -352,6 +366,9 @@ def index_tar(path: str) -> Optional[TarIndex]:
                     continue  # webdataset metadata or extension-less members, as the parser skips them
                 key, suffix = name[:dot], name[dot + 1:].lower()
                 if key != current:
+                    if key in seen:
+                        return None  # a duplicate sample key: the parser reports it
+                    seen.add(key)
                     current = key
                     keys.append(key.encode())
                     start.append(data_at - 512)
