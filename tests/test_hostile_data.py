@@ -187,3 +187,65 @@ def test_duplicate_sample_key_names_shard_and_key_or_is_skipped_and_counted(tmp_
     assert len(batches) == samples // batch and sum(int(b["skipped"]) for b in batches) == 1
     assert all(b["image"].shape == (batch, 1, 4, 4) for b in batches)
     assert 99 not in {int(b["image"][i].max()) for b in batches for i in range(batch)}  # the duplicate's image
+
+
+# ---------------------------------------------------------------------------- remote sources
+def train_cli(tmp_path, *args, timeout=90) -> subprocess.CompletedProcess:
+    """`python -m pipeline.train` as a user runs it, on a tiny model for two steps; stops a hang at `timeout`."""
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "pipeline.train", "trainer.accelerator=cpu", "trainer.max_steps=2",
+                           "logger.wandb.mode=disabled", f"run.dir={tmp_path / 'run'}", "data.batch_size=8",
+                           "model.hidden_dims=[16]", "model.latent_dim=2", "data.image_size=4", "data.channels=1",
+                           "data.steps_per_epoch=2", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def error_line_only(proc) -> str:
+    """The run ended with status 2 and one `error:` line, no traceback."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), proc.stderr[-3000:]
+    return last
+
+
+@pytest.fixture
+def shard_dir(tmp_path):
+    root = tmp_path / "ds"
+    write_dataset(root, {"train": [40, 40]})
+    return root
+
+
+@pytest.mark.slow
+def test_stalled_pipe_source_ends_after_read_timeout(tmp_path, shard_dir):
+    """A source that sends part of a shard, then nothing: data.read_timeout later, one line naming it
+    (was: blocked for ever)."""
+    url = f"pipe:head -c 2600 {shard_dir}/train-000000.tar; exec sleep 300"
+    proc = train_cli(tmp_path, f"data.train={url}", "data.read_timeout=2")
+    line = error_line_only(proc)
+    assert url in line and "sent nothing for 2 s (data.read_timeout)" in line
+
+
+@pytest.mark.slow
+def test_pipe_source_exiting_non_zero_is_one_line_and_skipped_under_warn(tmp_path, shard_dir):
+    script = tmp_path / "fetch.sh"  # shard 1 fails after 4 samples with status 3
+    script.write_text(f'if [ "$1" = 0 ]; then cat {shard_dir}/train-000000.tar; '
+                      f'else head -c 9000 {shard_dir}/train-000001.tar; exit 3; fi\n')
+    url = f"pipe:sh {script} 1"
+    line = error_line_only(train_cli(tmp_path, f"data.train={url}"))
+    assert url in line and "exited with status 3" in line
+    proc = train_cli(tmp_path, f"data.train=pipe:sh {script} {{0..1}}", "data.on_error=warn", "resume=never")
+    assert proc.returncode == 0 and "# done" in proc.stdout, proc.stderr[-3000:]
+    assert "skipping unreadable data" in proc.stderr and "exited with status 3" in proc.stderr
+
+
+@pytest.mark.slow
+def test_http_connection_refused_is_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/train-000000.tar"
+    line = error_line_only(train_cli(tmp_path, f"data.train={url}"))
+    assert url in line and "could not connect" in line

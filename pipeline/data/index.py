@@ -52,7 +52,7 @@ class _Hashing:
 
 def scan_shard(url: str, image_keys: Sequence[str], on_error: str = "raise") -> dict:
     """One shard's entry: samples, sha256, bytes, member counts, image shapes, bad samples (on_error=warn)."""
-    import webdataset as wds
+    from pipeline.data.sources import open_shard
 
     spec = ImageSpec(image_keys=tuple(image_keys))
     members: Counter = Counter()
@@ -60,7 +60,7 @@ def scan_shard(url: str, image_keys: Sequence[str], on_error: str = "raise") -> 
     bad: List[str] = []  # the first few messages
     samples = unreadable = 0
     try:
-        stream = wds.gopen(url, "rb")
+        stream = open_shard(url)
         hashing, read_all = _Hashing(stream), False
         try:
             for raw in shards.iter_tar_samples(hashing, url):
