@@ -249,3 +249,39 @@ def test_http_connection_refused_is_one_line(tmp_path):
     url = f"http://127.0.0.1:{port}/train-000000.tar"
     line = error_line_only(train_cli(tmp_path, f"data.train={url}"))
     assert url in line and "could not connect" in line
+
+
+# ---------------------------------------------------------------------------- images
+def png16(value: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(value.astype(np.uint16)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+GREY16 = (np.arange(16 * 16).reshape(16, 16) * 257).astype(np.uint16)  # 0 .. 65535 in steps of 257
+
+
+def test_16_bit_png_is_scaled_to_8_bits_in_the_loader(tmp_path):
+    members = [(f"k{i:04d}.png", png16(GREY16)) for i in range(8)]
+    root = foreign_dataset(tmp_path / "ds", members, 8)
+    edit_manifest(root, lambda m: (m.update(shape=[1, 16, 16]), m["splits"]["train"].update(shape=[1, 16, 16])))
+    batch = next(iter(module_for(data_cfg(root, batch_size=8)).train_dataloader()))
+    image = np.asarray(batch["image"])
+    assert image.shape == (8, 1, 16, 16)
+    assert (image == (GREY16 >> 8).astype(np.uint8)).all()  # was: 255 wherever the value was over 255
+
+
+def test_16_bit_png_is_scaled_to_8_bits_by_prepare_images(tmp_path):
+    from pipeline.data.prepare import main as prepare_main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(10):
+        (src / f"{i}.png").write_bytes(png16(GREY16))
+    assert prepare_main(["images", "--source", str(src), "--out", str(tmp_path / "out"), "--no-progress",
+                         "--workers", "1", "--val-fraction", "0", "--test-fraction", "0"]) == 0
+    with open(tmp_path / "out" / "train-000000.tar", "rb") as f:
+        sample = next(shards.iter_tar_samples(f, "train-000000.tar"))
+    assert (shards.decode_npy(sample["npy"])[0] == (GREY16 >> 8).astype(np.uint8)).all()

@@ -82,7 +82,9 @@ def load_pil(fp, channels: Optional[int], size: Optional[int], resize: str) -> n
         if size is not None:
             im.draft("L" if channels == 1 else None, (size, size))
         mode = "L" if (channels or channels_of_mode(im.mode)) == 1 else "RGB"
-        out = im.convert(mode)  # decodes; RGBA, palette, CMYK, 16-bit grey... -> L or RGB
+        if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):  # 16-bit grey -> 8 bits
+            im = Image.fromarray((np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8), "L")
+        out = im.convert(mode)  # decodes; RGBA, palette, CMYK... -> L or RGB
     if size is not None:
         out = fit(out, size, resize)
     return pil_to_chw(out)
