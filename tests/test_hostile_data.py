@@ -285,3 +285,17 @@ def test_16_bit_png_is_scaled_to_8_bits_by_prepare_images(tmp_path):
     with open(tmp_path / "out" / "train-000000.tar", "rb") as f:
         sample = next(shards.iter_tar_samples(f, "train-000000.tar"))
     assert (shards.decode_npy(sample["npy"])[0] == (GREY16 >> 8).astype(np.uint8)).all()
+
+
+# ---------------------------------------------------------------------------- what a run says
+@pytest.mark.slow
+def test_summary_names_the_data_at_data_root(tmp_path, shard_dir):
+    """`# data` names what data.root holds (was: `digits (<root>)` for any root, foreign shards included)."""
+    from pipeline.data.prepare import main as prepare_main
+
+    idx = tmp_path / "idx"
+    assert prepare_main(["index", "--source", str(shard_dir), "--out", str(idx), "--no-progress", "--workers", "1"]) == 0
+    proc = train_cli(tmp_path, f"data.root={idx}", "data.train=null")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("# data"))
+    assert line.startswith(f"# data      indexed shards ({idx}): 80 train"), line
