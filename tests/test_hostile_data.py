@@ -299,3 +299,45 @@ def test_summary_names_the_data_at_data_root(tmp_path, shard_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("# data"))
     assert line.startswith(f"# data      indexed shards ({idx}): 80 train"), line
+
+
+# ---------------------------------------------------------------------------- prepare: killed, or twice
+def test_killed_prepare_is_refused_by_training_a_second_writer_is_named_and_a_rerun_starts_over(tmp_path):
+    import os
+    import signal
+    import socket
+    import time
+
+    out = tmp_path / "ds"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen([sys.executable, "-m", "pipeline.prepare", "dsprites", "--out", str(out), "--limit",
+                              "400000", "--shard-size", "300", "--no-progress", "--workers", "1"],
+                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "train-000001.tar").exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "-m", "pipeline.prepare", "digits", "--out", str(out),
+                                 "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2, second.stderr
+        err = second.stderr.strip().splitlines()
+        assert len(err) == 1 and f"pid {first.pid} on host {socket.gethostname()}" in err[0], err
+        assert first.poll() is None  # the first writer was left alone
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert not (out / "manifest.json").exists() and (out / "train-000000.tar").exists()
+    message = train_source_error(data_cfg(tmp_path, train=str(out), steps_per_epoch=2, batch_size=8))
+    assert str(out) in message and "has not finished" in message and "\n" not in message
+    with pytest.raises(DataSetupError, match="has not finished"):  # a brace pattern of its shards too
+        module_for(data_cfg(tmp_path, train=f"{out}/train-{{000000..000001}}.tar", steps_per_epoch=2))
+
+    rerun = subprocess.run([sys.executable, "-m", "pipeline.prepare", "digits", "--out", str(out), "--no-progress"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    listed = {s["name"] for e in manifest["splits"].values() for s in e["shards"]}
+    assert {p.name for p in out.glob("*.tar")} == listed  # the killed run's shards are gone
+    assert not (out / shards.INCOMPLETE).exists()
+    assert keys_of(module_for(data_cfg(tmp_path, train=str(out))).train_dataloader())

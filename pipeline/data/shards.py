@@ -14,7 +14,9 @@ Deterministic: same samples in, same bytes out (USTAR headers with mtime 0, uid/
 mode 0444; `np.save` headers carry no timestamps; the manifest has sorted keys and no dates).
 Atomic: each shard goes to a hidden temp name, is fsynced and renamed; an old manifest is removed
 before the first rename and the new one is written (the same way) last, so a killed run leaves either
-the old complete dataset or no manifest, and never a half-written file under a final name.
+the old complete dataset or no manifest, and never a half-written file under a final name. While a
+writer runs, and after one was killed, DIR/.prepare-incomplete marks the directory (training refuses it,
+a new prepare starts it over); one writer at a time (flock on DIR/.write.lock, naming its holder).
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ import numpy as np
 from pipeline.files import SPLITS, TMP_PREFIX, fsync_dir, tmp_path, write_json_atomic
 
 MANIFEST = "manifest.json"
+INCOMPLETE = ".prepare-incomplete"  # present while a prepare writes (or after one was killed): not a dataset
+WRITE_LOCK = ".write.lock"  # flock of the process writing the directory (holder's pid and host inside)
 FORMAT = "vae-pipeline-shards/1"
 INDEX_FORMAT = "vae-pipeline-index/1"  # `prepare index` manifests (pipeline.data.index)
 IMAGE, LABEL, FACTORS = "npy", "label.cls", "factors.npy"  # sample field names (file suffixes)
@@ -460,10 +464,53 @@ def write_dataset(out_dir: Path, fetch: FetchFn, splits: Dict[str, np.ndarray], 
     Images are stored as `fmt` (npy, png, or jpg at `quality`). Stale shards of an earlier run into the
     same directory are removed once the new manifest is in place.
     """
-    from tqdm import tqdm  # only the writer needs it
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock = _writer_lock(out_dir)
+    try:
+        return _write_dataset(out_dir, fetch, splits, shard_size=shard_size, shape=shape, source=source,
+                              key_fn=key_fn, meta=meta, progress=progress, chunk=chunk, fmt=fmt, quality=quality,
+                              unit=unit)
+    finally:
+        os.ftruncate(lock, 0)  # no holder any more (and the directory's bytes do not depend on the pid)
+        os.close(lock)  # releases the flock
+
+
+class WriterBusyError(ValueError):
+    """Another process is writing a dataset into the same directory; the message names it."""
+
+
+def _writer_lock(out_dir: Path) -> int:
+    """An exclusive flock on DIR/.write.lock (dies with its process), holding who took it; a second writer
+    gets WriterBusyError naming the first (pid, host, since)."""
+    import fcntl
+
+    from pipeline.rundir import describe_holder, holder_info
+
+    fd = os.open(out_dir / WRITE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0).decode())
+        except ValueError:
+            holder = None
+        os.close(fd)
+        raise WriterBusyError(f"{out_dir}: another prepare is writing into this directory: "
+                              f"{describe_holder(holder)}; wait for it to end, or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode(), 0)
+    return fd
+
+
+def _write_dataset(out_dir: Path, fetch: FetchFn, splits: Dict[str, np.ndarray], *, shard_size: int,
+                   shape: Sequence[int], source: str, key_fn: Callable[[int], str], meta: Optional[dict],
+                   progress: bool, chunk: int, fmt: str, quality: int, unit: str) -> dict:
+    from tqdm import tqdm  # only the writer needs it
+
+    incomplete = out_dir / INCOMPLETE  # until the manifest is in place: training refuses the directory
+    incomplete.write_text("a prepare into this directory started and has not finished\n")
+    fsync_dir(out_dir)
     for stale in out_dir.glob(f"{TMP_PREFIX}*"):  # temp files of a killed run
         stale.unlink(missing_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # from now on the directory is "not prepared"
@@ -492,6 +539,8 @@ def write_dataset(out_dir: Path, fetch: FetchFn, splits: Dict[str, np.ndarray], 
     for old in out_dir.iterdir():
         if SHARD_RE.match(old.name) and old.name not in written:
             old.unlink()
+    incomplete.unlink()
+    fsync_dir(out_dir)
     return manifest
 
 

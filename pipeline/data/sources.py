@@ -144,6 +144,7 @@ def shard_urls(spec: str, split: str | None = None) -> list[str]:
     import webdataset as wds
 
     if os.path.isdir(spec):
+        _refuse_incomplete(Path(spec))
         tars = sorted(p for p in Path(spec).glob("*.tar") if not p.name.startswith("."))
         if any(shards.SHARD_RE.match(p.name) for p in tars):  # our naming: only this split's shards
             tars = [p for p in tars if split and p.name.startswith(f"{split}-")]
@@ -158,7 +159,16 @@ def shard_urls(spec: str, split: str | None = None) -> list[str]:
     missing = [u for u in urls if not is_remote(u) and not os.path.exists(u)]
     if missing:
         raise DataSetupError(f"{spec}: shard {missing[0]} does not exist")
+    for parent in {Path(u).parent for u in urls if not is_remote(u)}:
+        _refuse_incomplete(parent)
     return urls
+
+
+def _refuse_incomplete(directory: Path) -> None:
+    if (directory / shards.INCOMPLETE).exists():
+        raise DataSetupError(f"{directory}: a `python -m pipeline.prepare` into this directory has not finished "
+                             f"(it is running, or was killed: {shards.INCOMPLETE} is there and no manifest); "
+                             "wait for it, or run it again")
 
 
 def resolve_source(spec: str | None, split: str, root: str) -> SplitSource | None:
