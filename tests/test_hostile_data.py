@@ -341,3 +341,40 @@ def test_killed_prepare_is_refused_by_training_a_second_writer_is_named_and_a_re
     assert {p.name for p in out.glob("*.tar")} == listed  # the killed run's shards are gone
     assert not (out / shards.INCOMPLETE).exists()
     assert keys_of(module_for(data_cfg(tmp_path, train=str(out))).train_dataloader())
+
+
+# ---------------------------------------------------------------------------- prepare images
+def test_prepare_images_reads_every_pil_format_and_says_what_it_found_skipped_and_labelled(tmp_path, capsys):
+    from PIL import Image
+
+    from pipeline.data.prepare import main as prepare_main
+
+    src = tmp_path / "src"
+    (src / "cats").mkdir(parents=True)
+    grey = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    for i, fmt in enumerate(["png", "webp", "bmp", "tif", "gif", "ppm"]):
+        Image.fromarray(grey).convert("RGB").save(src / ("cats" if i % 2 else "") / f"{i}.{fmt}")
+    (src / "notes.txt").write_text("not an image")
+    assert prepare_main(["images", "--source", str(src), "--out", str(tmp_path / "out"), "--no-progress",
+                         "--workers", "1", "--val-fraction", "0", "--test-fraction", "0"]) == 0
+    err = capsys.readouterr().out
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["total"] == 6  # was 1: .webp .bmp .tif .gif .ppm ignored
+    assert "found 6 images" in err and "skipped 1 other files (.txt 1)" in err
+    assert "no labels: images at mixed depths (3 at depth 0, 3 at depth 1)" in err
+
+
+def test_prepare_images_stops_on_an_unreadable_path_naming_it(tmp_path, capsys):
+    from PIL import Image
+
+    from pipeline.data.prepare import main as prepare_main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), i, np.uint8)).save(src / f"{i}.png")
+    (src / "gone.png").symlink_to(tmp_path / "nowhere.png")  # was: skipped silently
+    out = tmp_path / "out"
+    assert prepare_main(["images", "--source", str(src), "--out", str(out), "--no-progress", "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(src / "gone.png") in err[0] and not (out / "manifest.json").exists()
