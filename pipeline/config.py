@@ -75,6 +75,7 @@ class DataConfig:
     steps_per_epoch: Optional[int] = None  # default: floor(total / (world_size * batch_size))
     on_error: OnError = "raise"  # unreadable data: raise stops naming the shard; warn skips, counts, logs it
     verify_checksums: bool = True  # sha256 of each shard checked against the manifest as read (once per worker)
+    read_timeout: float = 120.0  # seconds a pipe: / http(s) shard may send nothing before it counts as unreadable (on_error)
     cache: Cache = "auto"  # train split decoded in the training process: host RAM, device; auto: host if <= 512 MiB
     seed: Optional[int] = None  # data order; default: the root `seed`
     binarize: Binarize = "none"  # dynamic: Bernoulli resample each time (MNIST-style); threshold: > 0.5
@@ -263,7 +264,7 @@ POSITIVE = (
     "data.batch_size", "model.latent_dim", "trainer.max_steps", "trainer.val_check_interval",
     "trainer.log_every_n_steps", "trainer.accumulate_grad_batches", "checkpoint.every_n_steps",
     "objective.cycles", "optim.lr", "model.gaussian_sigma", "trainer.num_nodes",
-    "trainer.signal_every_n_steps",
+    "trainer.signal_every_n_steps", "data.read_timeout",
 )
 NON_NEGATIVE = (
     "data.num_workers", "data.shuffle_buffer", "objective.beta", "objective.warmup_steps",
@@ -284,7 +285,7 @@ OPERATIONAL_KEYS = (
     "trainer.enable_progress_bar", "trainer.devices", "trainer.num_nodes", "trainer.accelerator",
     "trainer.strategy", "trainer.compile", "trainer.deterministic",
     "data.num_workers", "data.pin_memory", "data.cache", "data.on_error", "data.verify_checksums",
-    "trainer.signal_every_n_steps",
+    "data.read_timeout", "trainer.signal_every_n_steps",
 )
 RUN_NAME_MAX = 80  # characters: a directory name that stays readable in `ls` and W&B
 

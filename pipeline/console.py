@@ -12,6 +12,7 @@ import re
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any, List, Optional
 
 from lightning.pytorch.callbacks import TQDMProgressBar
@@ -156,6 +157,23 @@ def _size(n: Optional[int]) -> str:
     return "?" if n is None else f"{n:,}"
 
 
+def data_name(root: str) -> str:
+    """What data.root holds, for the summary: the dataset its manifest names (digits, dsprites, mnist, images,
+    ...), "indexed shards" for a `prepare index` manifest, else "shards"."""
+    import json
+
+    from pipeline.data.shards import INDEX_FORMAT, MANIFEST
+
+    try:
+        manifest = json.loads((Path(root) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return "shards"
+    name = manifest.get("dataset") if isinstance(manifest, dict) else None
+    if isinstance(name, str) and name:
+        return name[:40]
+    return "indexed shards" if isinstance(manifest, dict) and manifest.get("format") == INDEX_FORMAT else "shards"
+
+
 def summary_lines(cfg, dm, module, trainer, wandb_mode: str, resume: Optional[str],
                   defaults: Optional[str] = None) -> List[str]:
     """The start-up summary: where the run writes, what it trains on and with, and what differs from
@@ -169,7 +187,7 @@ def summary_lines(cfg, dm, module, trainer, wandb_mode: str, resume: Optional[st
     nodes = f" x {trainer.num_nodes} nodes" if trainer.num_nodes > 1 else ""
     changed = C.changed_keys(cfg)
     group = f", group {cfg.logger.wandb.group}" if cfg.logger.wandb.group else ""
-    data = cfg.data.train or f"{cfg.data.dataset or 'digits'} ({cfg.data.root})"
+    data = cfg.data.train or f"{data_name(cfg.data.root)} ({cfg.data.root})"
     workers = f"{cfg.data.num_workers} loader workers" if cfg.data.num_workers else "the training process"
     if dm.cache_device() is None:
         loader = f"every split streamed by {workers} (data.cache={cfg.data.cache})"

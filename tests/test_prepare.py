@@ -46,7 +46,7 @@ def test_digits_manifest_matches_files(tmp_path):
     assert manifest["shape"] == [1, 8, 8] and manifest["dataset"] == "digits"
     assert {k: v["total"] for k, v in manifest["splits"].items()} == {"train": 1437, "val": 180, "test": 180}
     assert shards.verify_dataset(out) == []  # every sha256 matches its file
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if p.name != shards.WRITE_LOCK)  # the lock stays, as flock's do
     listed = sorted(s["name"] for e in manifest["splits"].values() for s in e["shards"])
     assert names == sorted(listed + ["manifest.json"])
     assert [s["samples"] for s in manifest["splits"]["train"]["shards"]] == [400, 400, 400, 237]
@@ -212,7 +212,9 @@ def test_a_crash_mid_write_leaves_no_partial_shard_and_no_manifest(tmp_path, mon
     with pytest.raises(RuntimeError):
         prepare("digits", out, shard_size=300, progress=False, seed=1)
     assert not (out / "manifest.json").exists()  # readers see "not prepared", never a mix
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files
+    assert (out / shards.INCOMPLETE).exists()  # training refuses the directory (tests/test_hostile_data.py)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")  # no temp files
+                and p.name not in (shards.INCOMPLETE, shards.WRITE_LOCK)]
     for tar in out.glob("*.tar"):  # whatever is under a final name is a complete shard
         assert sum(1 for _ in shards.iter_tar_samples(open(tar, "rb"), str(tar))) in (300, 237, 180)
 

@@ -135,7 +135,7 @@ class ShardDataModule(pl.LightningDataModule):
         if shape is None and src.shape is not None:
             shape = spec.target(src.shape)
         if shape is None:  # no manifest: decode the first sample
-            raw = first_sample(src)
+            raw = first_sample(src, self.cfg.read_timeout)
             try:
                 shape = tuple(spec.decode(raw)[0].shape)
             except (SampleError, ValueError) as e:
@@ -270,7 +270,7 @@ class ShardDataModule(pl.LightningDataModule):
                              shuffle_buffer=self.cfg.shuffle_buffer,
                              num_batches=self.steps_per_epoch if train else None, on_error=self.cfg.on_error,
                              verify_checksums=self.cfg.verify_checksums,
-                             spec=self.spec, shape=self.split_shape(split))
+                             spec=self.spec, shape=self.split_shape(split), read_timeout=self.cfg.read_timeout)
         if train and split == "train":
             stream.cache = self._training_cache(stream, src)
         trainer = getattr(self, "trainer", None)

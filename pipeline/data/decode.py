@@ -82,7 +82,9 @@ def load_pil(fp, channels: Optional[int], size: Optional[int], resize: str) -> n
         if size is not None:
             im.draft("L" if channels == 1 else None, (size, size))
         mode = "L" if (channels or channels_of_mode(im.mode)) == 1 else "RGB"
-        out = im.convert(mode)  # decodes; RGBA, palette, CMYK, 16-bit grey... -> L or RGB
+        if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):  # 16-bit grey -> 8 bits
+            im = Image.fromarray((np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8), "L")
+        out = im.convert(mode)  # decodes; RGBA, palette, CMYK... -> L or RGB
     if size is not None:
         out = fit(out, size, resize)
     return pil_to_chw(out)
@@ -243,6 +245,8 @@ class ImageSpec:
         return (self.channels, self.size, self.size) if self.channels and self.size else None
 
     def image_member(self, raw: Dict[str, bytes]) -> str:
+        if shards.DUPLICATE in raw:
+            raise SampleError("duplicate sample key: another sample of this shard has the same key")
         member = next((k for k in self.image_keys if k in raw), None)
         if member is None:
             has = ", ".join(sorted(k for k in raw if not k.startswith("__"))) or "nothing"

@@ -26,7 +26,7 @@ from typing import List, Sequence
 from pipeline.data import shards
 from pipeline.data.decode import ImageSpec, SampleError, header_shape
 
-INDEX_FORMAT = "vae-pipeline-index/1"
+INDEX_FORMAT = shards.INDEX_FORMAT
 
 
 class IndexingError(ValueError):
@@ -52,7 +52,7 @@ class _Hashing:
 
 def scan_shard(url: str, image_keys: Sequence[str], on_error: str = "raise") -> dict:
     """One shard's entry: samples, sha256, bytes, member counts, image shapes, bad samples (on_error=warn)."""
-    import webdataset as wds
+    from pipeline.data.sources import open_shard
 
     spec = ImageSpec(image_keys=tuple(image_keys))
     members: Counter = Counter()
@@ -60,7 +60,7 @@ def scan_shard(url: str, image_keys: Sequence[str], on_error: str = "raise") -> 
     bad: List[str] = []  # the first few messages
     samples = unreadable = 0
     try:
-        stream = wds.gopen(url, "rb")
+        stream = open_shard(url)
         hashing, read_all = _Hashing(stream), False
         try:
             for raw in shards.iter_tar_samples(hashing, url):
@@ -112,6 +112,11 @@ def index_shards(urls: Sequence[str], out: Path, *, split: str = "train", source
 
     out = Path(out)
     path = out / shards.MANIFEST
+    piped = next((u for u in urls if u.startswith("pipe:")), None)
+    if piped is not None:  # the loader refuses them: a downloaded manifest must not run commands
+        raise IndexingError(f"{piped[:80]}: a manifest may not hold pipe: commands (training refuses them); "
+                            "index local copies or http(s) URLs, or train on data.train='pipe:...' directly "
+                            "with data.steps_per_epoch")
     manifest = {"format": INDEX_FORMAT, "splits": {}}
     if path.is_file():  # another split indexed before: keep it
         manifest = shards.load_manifest(path)

@@ -95,6 +95,8 @@ def prepare(dataset: str, out: Path, *, source: Optional[str] = None, shard_size
                                     unit="img" if dataset == "images" else "sample")
     except recipes.RecipeError as e:  # a file whose pixels fail to decode, met while writing
         raise PrepareError(f"{e}; no manifest was written, {out} holds no dataset now") from None
+    except shards.WriterBusyError as e:
+        raise PrepareError(str(e)) from None
     finally:
         recipe.close()
 

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from pipeline.data import shards
-from pipeline.data.sources import is_remote
+from pipeline.data.sources import DEFAULT_READ_TIMEOUT, is_remote, open_shard
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,10 @@ class _Hashing:
 class Reader:
     """Sequential access to one worker's shards; keeps the current shard open across reads."""
 
-    def __init__(self, urls: Sequence[str], on_error: str, checks: ShardChecks | None = None):
-        self.urls, self.on_error = urls, on_error
+    def __init__(self, urls: Sequence[str], on_error: str, checks: ShardChecks | None = None,
+                 timeout: float = DEFAULT_READ_TIMEOUT):
+        """`timeout`: seconds a remote (pipe:, http) shard may send nothing before it counts as unreadable."""
+        self.urls, self.on_error, self.timeout = urls, on_error, timeout
         self.checks = checks if checks is not None else ShardChecks(None, None)
         self.shard: int | None = None
         self.pos = 0  # position of the next sample of the open shard
@@ -139,13 +141,11 @@ class Reader:
         self.expected = None
 
     def _open(self, shard: int) -> None:
-        import webdataset as wds
-
         self.finish()
         self.close()
         self.shard = shard
         try:
-            self.stream = wds.gopen(self.urls[shard], "rb")
+            self.stream = open_shard(self.urls[shard], self.timeout)
             self.expected = self.checks.to_verify(shard)
             if self.expected is not None:
                 self.stream = _Hashing(self.stream)

@@ -14,7 +14,9 @@ naming the file and what is wrong.
 from __future__ import annotations
 
 import gzip
+import os
 import struct
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -277,7 +279,41 @@ def npz(source: Optional[str]) -> Recipe:
 
 
 # -------------------------------------------------------------------------------------------- images
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+def _pil_suffixes() -> set:
+    """Every file suffix PIL opens (png, jpg, webp, bmp, tif, gif, ppm, ...)."""
+    from PIL import Image
+
+    Image.init()
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def _counts(counter: Counter) -> str:
+    return ", ".join(f"{k or '(none)'} {n}" for k, n in counter.most_common(8)) + (", ..." if len(counter) > 8 else "")
+
+
+def _image_files(root: Path) -> Tuple[List[Path], Counter]:
+    """Image files under root (recursive, sorted) and the suffixes of the other files skipped. A directory or
+    file that cannot be read (permissions, a dangling link) is a RecipeError naming it: never silently fewer."""
+    suffixes = _pil_suffixes()
+    files, skipped = [], Counter()
+
+    def unreadable(e: OSError):
+        raise RecipeError(f"{e.filename}: cannot read this directory: {e.strerror or e}")
+
+    for top, dirs, names in os.walk(root, onerror=unreadable, followlinks=True):
+        dirs.sort()
+        for name in names:
+            path = Path(top) / name
+            suffix = path.suffix.lower()
+            if name.startswith("."):
+                continue
+            if suffix not in suffixes:
+                skipped[suffix] += 1
+                continue
+            if not os.access(path, os.R_OK) or not path.is_file():
+                raise RecipeError(f"{path}: cannot read this file (permissions, or a link to nothing)")
+            files.append(path)
+    return sorted(files), skipped
 
 
 def _image_header(path: Path) -> Tuple[int, int, str]:
@@ -327,8 +363,9 @@ class _Workers:
 
 
 def images(source: Optional[str], size: Optional[int] = None, workers: int = 1, progress: bool = False) -> Recipe:
-    """A folder of PNG/JPEG files (recursive). Labels come from first-level subfolders when every
-    image sits in one (ImageFolder layout, at least two classes).
+    """A folder of images in any format PIL reads (recursive). Labels come from first-level subfolders when
+    every image sits in one (ImageFolder layout, at least two classes). Prints what it found, what it skipped
+    and how labels were assigned; an unreadable directory or file stops it naming the path.
 
     Streams: `build` reads every file's header (in `workers` processes, checking each file), and `fetch`
     decodes, converts and resizes only the chunk of files asked for, in the same processes; the recipe
@@ -338,9 +375,10 @@ def images(source: Optional[str], size: Optional[int] = None, workers: int = 1, 
     root = source_path(source, "images needs --source DIR", directory=True)
     if size is not None and size <= 0:
         raise RecipeError(f"--size must be positive, got {size}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
+    files, skipped = _image_files(root)
     if not files:
-        raise RecipeError(f"{root}: empty folder: no .png/.jpg/.jpeg files found (searched recursively)")
+        raise RecipeError(f"{root}: empty folder: no image files found (searched recursively for every format PIL reads"
+                          f"{'; skipped: ' + _counts(skipped) if skipped else ''})")
     pool = _Workers(min(workers, len(files)))
     try:
         headers = list(progress_bar(pool.map(_image_header, files), total=len(files), unit="img", leave=False,
@@ -366,6 +404,18 @@ def images(source: Optional[str], size: Optional[int] = None, workers: int = 1, 
     if len(classes) >= 2:
         index = {c: i for i, c in enumerate(classes)}
         labels, meta = np.array([index[r[0]] for r in rel], dtype=np.int64), {"classes": classes}
+        shown = ", ".join(classes[:6]) + (", ..." if len(classes) > 6 else "")
+        how = f"labels from the {len(classes)} first-level subfolders ({shown})"
+    else:
+        depths = Counter(len(r) - 1 for r in rel)
+        how = ("no labels: " + ("images at mixed depths (" + ", ".join(
+            f"{n} at depth {d}" for d, n in sorted(depths.items())) + "); labels need every image in a "
+            "first-level subfolder" if len(depths) > 1 else "one subfolder only" if classes else
+            "images not in first-level class subfolders"))
+    found = Counter(p.suffix.lower() for p in files)
+    print(f"{root}: found {len(files)} images ({_counts(found)})"
+          f"{'; skipped ' + str(sum(skipped.values())) + ' other files (' + _counts(skipped) + ')' if skipped else ''}"
+          f"; {how}", flush=True)
 
     def fetch(idx):
         out = np.empty((len(idx), *shape), dtype=np.uint8)

@@ -14,7 +14,9 @@ Deterministic: same samples in, same bytes out (USTAR headers with mtime 0, uid/
 mode 0444; `np.save` headers carry no timestamps; the manifest has sorted keys and no dates).
 Atomic: each shard goes to a hidden temp name, is fsynced and renamed; an old manifest is removed
 before the first rename and the new one is written (the same way) last, so a killed run leaves either
-the old complete dataset or no manifest, and never a half-written file under a final name.
+the old complete dataset or no manifest, and never a half-written file under a final name. While a
+writer runs, and after one was killed, DIR/.prepare-incomplete marks the directory (training refuses it,
+a new prepare starts it over); one writer at a time (flock on DIR/.write.lock, naming its holder).
 """
 from __future__ import annotations
 
@@ -32,7 +34,10 @@ import numpy as np
 from pipeline.files import SPLITS, TMP_PREFIX, fsync_dir, tmp_path, write_json_atomic
 
 MANIFEST = "manifest.json"
+INCOMPLETE = ".prepare-incomplete"  # present while a prepare writes (or after one was killed): not a dataset
+WRITE_LOCK = ".write.lock"  # flock of the process writing the directory (holder's pid and host inside)
 FORMAT = "vae-pipeline-shards/1"
+INDEX_FORMAT = "vae-pipeline-index/1"  # `prepare index` manifests (pipeline.data.index)
 IMAGE, LABEL, FACTORS = "npy", "label.cls", "factors.npy"  # sample field names (file suffixes)
 SHARD_RE = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}\.tar$")
 
@@ -105,17 +110,34 @@ def encode_image(image: np.ndarray, fmt: str, quality: int = 95) -> bytes:
 _NPY_HEADERS: Dict[bytes, Tuple[np.dtype, tuple, bool, int]] = {}  # raw header -> parsed; samples share one
 
 
+def _npy_header(data: bytes) -> Tuple[np.dtype, tuple, bool, int]:
+    """(dtype, shape, Fortran order, element count) from a .npy header alone: nothing is allocated, so a
+    header that claims more than the blob holds (112 GiB in 200 bytes) is an error, not an allocation."""
+    f = io.BytesIO(data)
+    try:
+        major, _ = np.lib.format.read_magic(f)
+        read = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0}.get(major)
+        if read is None:
+            raise ValueError(f"unsupported .npy format version {major}")
+        shape, fortran, dtype = read(f)
+    except (ValueError, TypeError, SyntaxError, EOFError) as e:
+        raise ValueError(f"bad .npy header: {e}") from None
+    if dtype.hasobject:
+        raise ValueError(".npy blob holds Python objects (not loaded)")
+    count = int(np.prod(shape, dtype=object)) if shape else 1
+    return dtype, tuple(shape), bool(fortran), count
+
+
 def decode_npy(data: bytes) -> np.ndarray:
     """np.load for one .npy blob, parsing each distinct header once (the header parse dominates)."""
-    if data[:6] != b"\x93NUMPY":
+    if len(data) < 10 or data[:6] != b"\x93NUMPY":
         raise ValueError("not a .npy blob")
     hlen_size = 2 if data[6] == 1 else 4
     start = 8 + hlen_size + int.from_bytes(data[8:8 + hlen_size], "little")
     header = data[:start]
     parsed = _NPY_HEADERS.get(header)
     if parsed is None:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)  # validates the header once
-        parsed = (arr.dtype, arr.shape, bool(np.isfortran(arr)), arr.size)
+        parsed = _npy_header(data)
         if len(_NPY_HEADERS) < 64:
             _NPY_HEADERS[header] = parsed
     dtype, shape, fortran, count = parsed
@@ -127,6 +149,8 @@ def decode_npy(data: bytes) -> np.ndarray:
 
 def decode_sample(sample: Dict[str, bytes]) -> Tuple[np.ndarray, Optional[int], Optional[np.ndarray]]:
     """Raw sample dict (suffix -> bytes) -> (image uint8 [C, H, W], label or None, factors or None)."""
+    if DUPLICATE in sample:
+        raise ValueError(f"sample key {sample.get('__key__')!r} occurs twice in the shard")
     if IMAGE not in sample:
         raise ValueError(f"sample {sample.get('__key__')!r} has no .{IMAGE} member (has {sorted(sample)})")
     image = decode_npy(sample[IMAGE])
@@ -145,7 +169,22 @@ def _octal(field: bytes, what: str) -> int:
     try:
         return int(digits, 8) if digits else 0
     except ValueError:
-        raise ValueError(f"bad {what} field {field!r}") from None
+        raise ValueError(f"not a tar header (its {what} field is not a number)") from None  # no bytes echoed
+
+
+def _read_up_to(stream, n: int) -> bytes:
+    """Up to n bytes; a large n (a member size field can claim 2^80 bytes) is read in pieces, so a lying
+    header costs what the stream holds, not an allocation of n bytes (or an OverflowError)."""
+    if n <= 1 << 26:
+        return stream.read(n)
+    parts, got = [], 0
+    while got < n:
+        part = stream.read(min(1 << 24, n - got))
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
 def iter_tar_members(stream) -> Iterator[Tuple[str, bytes]]:
@@ -168,7 +207,7 @@ def iter_tar_members(stream) -> Iterator[Tuple[str, bytes]]:
         size = _octal(header[124:136], "size")
         kind = header[156:157]
         padded = (size + 511) & ~511
-        data = stream.read(padded)
+        data = _read_up_to(stream, padded)
         if len(data) < padded:
             raise EOFError(f"truncated member data ({len(data)} of {padded} bytes)")
         data = data[:size] if padded != size else data
@@ -182,13 +221,19 @@ def iter_tar_members(stream) -> Iterator[Tuple[str, bytes]]:
             long_name = None  # directories, links, devices: skipped
 
 
+DUPLICATE = "__duplicate__"  # marks a sample whose key an earlier sample of the shard had: unreadable
+
+
 def iter_tar_samples(stream, name: str) -> Iterator[Dict[str, bytes]]:
     """Samples (dicts: "__key__" and suffix -> bytes) of a tar stream, grouped by consecutive key
     (webdataset's rule: the key is the path up to the first dot of the file name).
 
-    Errors (truncation, bad headers) raise ShardFormatError naming `name`.
+    Errors (truncation, bad headers) raise ShardFormatError naming `name`. A sample whose key an earlier one
+    had (or with a member twice) comes with a DUPLICATE member: decoders report it as unreadable, so it
+    follows data.on_error at its position (raise: the shard and key named; warn: skipped and counted).
     """
     current: Optional[Dict[str, bytes]] = None
+    seen = set()  # keys met so far: a key twice is a DUPLICATE sample (plain webdataset raises; we report it)
     try:
         for path, data in iter_tar_members(stream):
             slash = path.rfind("/") + 1
@@ -200,6 +245,11 @@ def iter_tar_samples(stream, name: str) -> Iterator[Dict[str, bytes]]:
                 if current is not None:
                     yield current
                 current = {"__key__": key}
+                if key in seen:
+                    current[DUPLICATE] = b""
+                seen.add(key)
+            elif suffix in current:  # the same member twice in a row: two samples under one key
+                current[DUPLICATE] = b""
             current[suffix] = data
     except (EOFError, OSError, ValueError, UnicodeDecodeError) as e:
         raise ShardFormatError(f"{name}: unreadable tar data after sample "
@@ -282,6 +332,7 @@ def index_tar(path: str) -> Optional[TarIndex]:
     end: List[int] = []
     members: Dict[str, Tuple[List[int], List[int]]] = {}
     long_name: Optional[str] = None
+    seen = set()
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
@@ -319,6 +370,9 @@ def index_tar(path: str) -> Optional[TarIndex]:
                     continue  # webdataset metadata or extension-less members, as the parser skips them
                 key, suffix = name[:dot], name[dot + 1:].lower()
                 if key != current:
+                    if key in seen:
+                        return None  # a duplicate sample key: the parser reports it
+                    seen.add(key)
                     current = key
                     keys.append(key.encode())
                     start.append(data_at - 512)
@@ -410,10 +464,53 @@ def write_dataset(out_dir: Path, fetch: FetchFn, splits: Dict[str, np.ndarray], 
     Images are stored as `fmt` (npy, png, or jpg at `quality`). Stale shards of an earlier run into the
     same directory are removed once the new manifest is in place.
     """
-    from pipeline.progress import progress_bar  # only the writer needs it
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock = _writer_lock(out_dir)
+    try:
+        return _write_dataset(out_dir, fetch, splits, shard_size=shard_size, shape=shape, source=source,
+                              key_fn=key_fn, meta=meta, progress=progress, chunk=chunk, fmt=fmt, quality=quality,
+                              unit=unit)
+    finally:
+        os.ftruncate(lock, 0)  # no holder any more (and the directory's bytes do not depend on the pid)
+        os.close(lock)  # releases the flock
+
+
+class WriterBusyError(ValueError):
+    """Another process is writing a dataset into the same directory; the message names it."""
+
+
+def _writer_lock(out_dir: Path) -> int:
+    """An exclusive flock on DIR/.write.lock (dies with its process), holding who took it; a second writer
+    gets WriterBusyError naming the first (pid, host, since)."""
+    import fcntl
+
+    from pipeline.rundir import describe_holder, holder_info
+
+    fd = os.open(out_dir / WRITE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0).decode())
+        except ValueError:
+            holder = None
+        os.close(fd)
+        raise WriterBusyError(f"{out_dir}: another prepare is writing into this directory: "
+                              f"{describe_holder(holder)}; wait for it to end, or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode(), 0)
+    return fd
+
+
+def _write_dataset(out_dir: Path, fetch: FetchFn, splits: Dict[str, np.ndarray], *, shard_size: int,
+                   shape: Sequence[int], source: str, key_fn: Callable[[int], str], meta: Optional[dict],
+                   progress: bool, chunk: int, fmt: str, quality: int, unit: str) -> dict:
+    from pipeline.progress import progress_bar  # only the writer needs it
+
+    incomplete = out_dir / INCOMPLETE  # until the manifest is in place: training refuses the directory
+    incomplete.write_text("a prepare into this directory started and has not finished\n")
+    fsync_dir(out_dir)
     for stale in out_dir.glob(f"{TMP_PREFIX}*"):  # temp files of a killed run
         stale.unlink(missing_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # from now on the directory is "not prepared"
@@ -442,12 +539,19 @@ def write_dataset(out_dir: Path, fetch: FetchFn, splits: Dict[str, np.ndarray], 
     for old in out_dir.iterdir():
         if SHARD_RE.match(old.name) and old.name not in written:
             old.unlink()
+    incomplete.unlink()
+    fsync_dir(out_dir)
     return manifest
 
 
 # ------------------------------------------------------------------------------------------ reading
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def load_manifest(path: Path) -> dict:
-    """Parse and sanity-check a manifest; errors name the file and the problem."""
+    """Parse and sanity-check a manifest (field types included); errors name the file, the field and the
+    problem. A manifest is data: where its shards may be is checked by `shard_location`."""
     path = Path(path)
     try:
         manifest = json.loads(path.read_text())
@@ -458,13 +562,72 @@ def load_manifest(path: Path) -> dict:
     splits = manifest.get("splits") if isinstance(manifest, dict) else None
     if not isinstance(splits, dict):
         raise ShardFormatError(f"{path}: not a shard manifest (no 'splits' table)")
+    for key in ("shape",):
+        value = manifest.get(key)
+        if value is not None and not (isinstance(value, list) and all(_is_int(d) and d > 0 for d in value)):
+            raise ShardFormatError(f"{path}: field {key!r} is {str(value)[:60]}, expected a list of positive integers")
     for split, entry in splits.items():
+        where = f"{path}: split {split!r}"
+        if not isinstance(entry, dict):
+            raise ShardFormatError(f"{where} is {type(entry).__name__}, expected a table")
         shards = entry.get("shards")
-        if not isinstance(shards, list) or any("name" not in s or "samples" not in s for s in shards):
-            raise ShardFormatError(f"{path}: split {split!r} has no valid 'shards' list")
-        if sum(s["samples"] for s in shards) != entry.get("total"):
-            raise ShardFormatError(f"{path}: split {split!r}: shard sample counts do not add up to 'total'")
+        if not isinstance(shards, list) or any(not isinstance(s, dict) or "name" not in s or "samples" not in s
+                                               for s in shards):
+            raise ShardFormatError(f"{where} has no valid 'shards' list")
+        seen = set()
+        for i, s in enumerate(shards):
+            name, samples, digest = s["name"], s["samples"], s.get("sha256")
+            if not isinstance(name, str) or not name:
+                raise ShardFormatError(f"{where}: shard {i} has name {str(name)[:60]}, expected a file name")
+            if name in seen:
+                raise ShardFormatError(f"{where}: shard {name} is listed twice (it would be read twice per epoch)")
+            seen.add(name)
+            if not _is_int(samples) or samples < 0:
+                raise ShardFormatError(f"{where}: shard {name}: 'samples' is {str(samples)[:40]}, "
+                                       "expected a non-negative integer")
+            if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+                raise ShardFormatError(f"{where}: shard {name}: 'sha256' is {str(digest)[:40]}, expected 64 hex digits")
+        if not _is_int(entry.get("total")) or sum(s["samples"] for s in shards) != entry.get("total"):
+            raise ShardFormatError(f"{where}: shard sample counts do not add up to 'total'")
+        value = entry.get("shape")
+        if value is not None and not (isinstance(value, list) and all(_is_int(d) and d > 0 for d in value)):
+            raise ShardFormatError(f"{where}: field 'shape' is {str(value)[:60]}, expected a list of positive integers")
+        value = entry.get("shapes")
+        if value is not None and not (isinstance(value, dict) and all(
+                isinstance(k, str) and re.fullmatch(r"\d+x\d+x\d+", k) for k in value)):
+            raise ShardFormatError(f"{where}: field 'shapes' is {str(value)[:60]}, expected a table of CxHxW shapes")
+        value = entry.get("members")
+        if value is not None and not (isinstance(value, (dict, list)) and all(isinstance(k, str) for k in value)):
+            raise ShardFormatError(f"{where}: field 'members' is {str(value)[:60]}, expected member suffixes")
     return manifest
+
+
+def shard_location(path: Path, manifest: dict, name: str) -> str:
+    """Where a shard a manifest at `path` names is: a path inside the manifest's directory; for an index
+    (`prepare index`), also the absolute path or http(s) URL it was indexed from. Never a `pipe:` command
+    (a downloaded manifest would run it: only what the user types may be one), never outside the directory
+    through `..` or a link. Anything else is a ShardFormatError naming the manifest and the entry."""
+    path = Path(path)
+    index = manifest.get("format") == INDEX_FORMAT
+    if name.startswith("pipe:"):
+        raise ShardFormatError(f"{path}: shard entry {name[:80]!r} is a pipe: command; a manifest is data and "
+                               "may not run commands (type pipe: sources yourself: data.train='pipe:...')")
+    scheme = name.split("/")[0]
+    if ":" in scheme:
+        if index and scheme in ("http:", "https:") and name.split("/")[1:2] == [""]:
+            return name
+        raise ShardFormatError(f"{path}: shard entry {name[:80]!r}: a manifest's shards are files in its "
+                               "directory (an index's: also absolute paths and http(s) URLs)")
+    if os.path.isabs(name):
+        if index and ".." not in Path(name).parts:
+            return name
+        raise ShardFormatError(f"{path}: shard entry {name[:80]!r} is an absolute path; this manifest's shards "
+                               "must be files in its directory")
+    base = path.parent.resolve()
+    target = (path.parent / name).resolve()
+    if ".." in Path(name).parts or (target != base and base not in target.parents):
+        raise ShardFormatError(f"{path}: shard entry {name[:80]!r} lies outside {path.parent}")
+    return str(path.parent / name)
 
 
 def verify_dataset(out_dir: Path) -> List[str]:
@@ -474,7 +637,7 @@ def verify_dataset(out_dir: Path) -> List[str]:
     problems = []
     for entry in manifest["splits"].values():
         for shard in entry["shards"]:
-            path = out_dir / shard["name"]
+            path = Path(shard_location(out_dir / MANIFEST, manifest, shard["name"]))
             if not path.is_file():
                 problems.append(f"{path}: missing")
             elif sha256_file(path) != shard.get("sha256"):

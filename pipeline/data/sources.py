@@ -8,11 +8,78 @@ URL or pattern with no manifest beside it) the loader streams (see pipeline.data
 from __future__ import annotations
 
 import os
+import select
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.data import shards
+
+DEFAULT_READ_TIMEOUT = 120.0  # seconds a remote shard may send nothing (data.read_timeout)
+CURL_EXITS = {6: "could not resolve the host", 7: "could not connect (connection refused?)",
+              22: "the server answered with an HTTP error (404, 403, ...)", 28: "timed out",
+              35: "TLS handshake failed", 52: "empty reply", 56: "connection reset"}
+
+
+class RemoteStream:
+    """The bytes of a `pipe:` or http(s) shard, read from the command webdataset's gopen starts (curl for
+    http) with a stall timeout: a read that gets nothing for `timeout` seconds raises TimeoutError, and a
+    command that exits with a failure status raises OSError when its output ends (both name what failed;
+    readers treat them as an unreadable shard, data.on_error). `close` stops the command and never raises,
+    so the error that ended a read is the one reported."""
+
+    def __init__(self, url: str, timeout: float):
+        import webdataset as wds
+
+        self.url, self.timeout = url, timeout
+        self.pipe = wds.gopen(url, "rb")
+        self.fd = self.pipe.stream.fileno()
+        self.ended = False
+
+    def _what(self) -> str:
+        return "the download (curl)" if self.url.split(":")[0] in ("http", "https") else "the pipe: command"
+
+    def _exit_status(self) -> None:
+        proc = self.pipe.proc
+        try:
+            status = proc.wait(self.timeout)
+        except Exception:  # noqa: BLE001 -- subprocess.TimeoutExpired: closed its output but runs on
+            raise TimeoutError(f"{self._what()} closed its output and did not exit within {self.timeout:g} s "
+                               "(data.read_timeout)") from None
+        if status not in self.pipe.ignore_status:
+            hint = f": {CURL_EXITS[status]}" if "curl" in self._what() and status in CURL_EXITS else ""
+            raise OSError(f"{self._what()} exited with status {status}{hint}")
+
+    def read(self, n: int = -1) -> bytes:
+        parts, got = [], 0
+        while (n is None or n < 0 or got < n) and not self.ended:
+            ready, _, _ = select.select([self.fd], [], [], self.timeout)
+            if not ready:
+                raise TimeoutError(f"{self._what()} sent nothing for {self.timeout:g} s (data.read_timeout)")
+            part = os.read(self.fd, 1 << 20 if n is None or n < 0 else min(1 << 20, n - got))
+            if not part:
+                self.ended = True
+                self._exit_status()
+                break
+            parts.append(part)
+            got += len(part)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        proc = self.pipe.proc
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        self.pipe.stream.close()  # closed: the Pipe's own close (and __del__) has nothing left to check
+
+
+def open_shard(url: str, timeout: float = DEFAULT_READ_TIMEOUT):
+    """A shard's byte stream: a local file, or (pipe:, http(s)) a RemoteStream with a stall timeout."""
+    import webdataset as wds
+
+    if is_remote(url) and url.split(":")[0] in ("pipe", "http", "https"):
+        return RemoteStream(url, timeout)
+    return wds.gopen(url, "rb")
 
 
 class DataSetupError(ValueError):
@@ -42,8 +109,7 @@ def _from_manifest(path: Path, split: str, origin: str) -> SplitSource | None:
     entry = manifest["splits"].get(split)
     if entry is None:
         return None
-    names = [s["name"] for s in entry["shards"]]
-    urls = tuple(n if "://" in n or n.startswith("pipe:") else str(path.parent / n) for n in names)
+    urls = tuple(shards.shard_location(path, manifest, s["name"]) for s in entry["shards"])
     shape = tuple(entry.get("shape") or manifest.get("shape") or ()) or None
     shapes = tuple(tuple(int(d) for d in s.split("x")) for s in entry["shapes"]) if "shapes" in entry else None
     members = tuple(entry["members"]) if "members" in entry else None
@@ -78,6 +144,7 @@ def shard_urls(spec: str, split: str | None = None) -> list[str]:
     import webdataset as wds
 
     if os.path.isdir(spec):
+        _refuse_incomplete(Path(spec))
         tars = sorted(p for p in Path(spec).glob("*.tar") if not p.name.startswith("."))
         if any(shards.SHARD_RE.match(p.name) for p in tars):  # our naming: only this split's shards
             tars = [p for p in tars if split and p.name.startswith(f"{split}-")]
@@ -92,7 +159,16 @@ def shard_urls(spec: str, split: str | None = None) -> list[str]:
     missing = [u for u in urls if not is_remote(u) and not os.path.exists(u)]
     if missing:
         raise DataSetupError(f"{spec}: shard {missing[0]} does not exist")
+    for parent in {Path(u).parent for u in urls if not is_remote(u)}:
+        _refuse_incomplete(parent)
     return urls
+
+
+def _refuse_incomplete(directory: Path) -> None:
+    if (directory / shards.INCOMPLETE).exists():
+        raise DataSetupError(f"{directory}: a `python -m pipeline.prepare` into this directory has not finished "
+                             f"(it is running, or was killed: {shards.INCOMPLETE} is there and no manifest); "
+                             "wait for it, or run it again")
 
 
 def resolve_source(spec: str | None, split: str, root: str) -> SplitSource | None:
@@ -110,18 +186,16 @@ def resolve_source(spec: str | None, split: str, root: str) -> SplitSource | Non
     return SplitSource(split, origin, tuple(urls), counts, shape, digests=digests)
 
 
-def first_sample(source: SplitSource) -> dict:
+def first_sample(source: SplitSource, timeout: float = DEFAULT_READ_TIMEOUT) -> dict:
     """The first raw sample of the first shard (for sources whose image shape is not in a manifest)."""
-    import webdataset as wds
-
     url = source.urls[0]
     try:
-        stream = wds.gopen(url, "rb")
+        stream = open_shard(url, timeout)
         try:
             for raw in shards.iter_tar_samples(stream, url):
                 return raw
         finally:
             stream.close()
-    except (OSError, shards.ShardFormatError) as e:  # missing file, failing pipe or download, damaged tar
+    except (OSError, ValueError) as e:  # missing file, failing pipe or download (timeout), damaged tar
         raise DataSetupError(f"{url}: cannot read the first sample of {source.origin}: {e}") from None
     raise DataSetupError(f"{url}: first shard of {source.origin} holds no samples")

@@ -23,7 +23,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline.data import layout, shards
 from pipeline.data.decode import Columns, ImageSpec, Item
 from pipeline.data.reader import Reader, ShardChecks
-from pipeline.data.sources import SplitSource
+from pipeline.data.sources import DEFAULT_READ_TIMEOUT, SplitSource
 
 log = logging.getLogger(__name__)
 
@@ -141,15 +141,16 @@ class ShardStream(IterableDataset):
     def __init__(self, source: SplitSource, *, train: bool, batch_size: int, world_size: int, rank: int,
                  lanes: int, seed: int, shuffle_buffer: int, num_batches: int | None, on_error: str,
                  verify_checksums: bool = True, spec: ImageSpec | None = None,
-                 shape: tuple[int, int, int] | None = None):
+                 shape: tuple[int, int, int] | None = None, read_timeout: float = DEFAULT_READ_TIMEOUT):
         """`spec`: how samples are decoded and converted; `shape`: the (C, H, W) every image must have after
-        conversion (default: the source's, when known); `verify_checksums`: hash shards against the manifest."""
+        conversion (default: the source's, when known); `verify_checksums`: hash shards against the manifest;
+        `read_timeout`: seconds a remote shard may stall before it counts as unreadable (data.on_error)."""
         self.source, self.train, self.batch_size = source, train, batch_size
         self.checks = ShardChecks(source.counts, source.digests if verify_checksums else None)
         self.spec = spec or ImageSpec()
         self.shape = tuple(shape) if shape is not None else (tuple(source.shape) if source.shape else None)
         self.world_size, self.rank, self.lanes, self.seed = world_size, rank, lanes, seed
-        self.on_error, self.num_batches = on_error, num_batches
+        self.on_error, self.num_batches, self.read_timeout = on_error, num_batches, read_timeout
         self.block = layout.block_size(batch_size, shuffle_buffer) if train else batch_size
         self.shuffle = train and shuffle_buffer > 0
         self.epoch, self.start = 0, 0
@@ -175,7 +176,7 @@ class ShardStream(IterableDataset):
         if workers != self.lanes:
             raise RuntimeError(f"ShardStream built for {self.lanes} lanes runs in {workers} workers")
         lane = layout.worker_lane(self.start, w, self.lanes)
-        reader = Reader(self.source.urls, self.on_error, self.checks)
+        reader = Reader(self.source.urls, self.on_error, self.checks, self.read_timeout)
         try:
             if self.source.counts is None:
                 batches = self._batches_streaming(reader, lane)
@@ -195,7 +196,7 @@ class ShardStream(IterableDataset):
         instead: unknown counts (streaming), or samples that could not be read or decoded alike."""
         if self.source.counts is None:
             return None
-        reader = Reader(self.source.urls, self.on_error, self.checks)
+        reader = Reader(self.source.urls, self.on_error, self.checks, self.read_timeout)
         parts: list[Columns] = []
         try:
             for shard, count in enumerate(self.source.counts):
@@ -324,7 +325,7 @@ class ShardStream(IterableDataset):
             return items
 
         def lookahead(pos: int) -> list[Item]:  # donors for a block with no readable sample
-            rd, total = Reader(self.source.urls, self.on_error, self.checks), int(counts.sum())
+            rd, total = Reader(self.source.urls, self.on_error, self.checks, self.read_timeout), int(counts.sum())
             try:
                 for lo in range(pos, pos + total, self.block):
                     good = [it for it in as_items(read(lo, min(lo + self.block, pos + total), rd)) if it is not None]
@@ -392,7 +393,7 @@ class ShardStream(IterableDataset):
             return
 
         def more(pos: int) -> list[Item]:  # donors for an unreadable block: the stream after it
-            ahead = self._stream_items(Reader(self.source.urls, self.on_error, self.checks), lane)
+            ahead = self._stream_items(Reader(self.source.urls, self.on_error, self.checks, self.read_timeout), lane)
             for i, (raw, url) in enumerate(ahead):
                 if i >= pos and (it := self._decode(raw, url)) is not None:
                     return [it]
