@@ -451,18 +451,23 @@ def validate(cfg: DictConfig) -> None:
         if value is not None and not 0 <= value <= SEED_MAX:
             raise ConfigError(f"bad value for '{key}': {value}; must be in [0, {SEED_MAX}]")
     _check_devices(cfg.trainer.devices)
+    if cfg.trainer.devices in (-1, "-1"):  # Lightning's "all devices"; on CPU it raised there, "auto" means the same
+        cfg.trainer.devices = "auto"
 
 
 SEED_MAX = 2**32 - 1
 
 
 def _check_devices(devices: Any) -> None:
-    """trainer.devices: "auto", a count >= 1, or a non-empty list of device indices (0 and -1 reached
-    Lightning as a traceback)."""
-    bad = f"bad value for 'trainer.devices': {devices!r}; must be auto, a number of devices >= 1 or a list of device indices"
+    """trainer.devices: "auto" (or -1, Lightning's "all"), a count >= 1, or a non-empty list of device indices
+    (0 and -2 reached Lightning as a traceback)."""
+    bad = (f"bad value for 'trainer.devices': {devices!r}; must be auto (or -1: all), a number of devices >= 1 or a "
+           "list of device indices")
+    if devices == -1 and not isinstance(devices, bool):
+        return
     if isinstance(devices, str):
         text = devices.strip()
-        if text == "auto":
+        if text in ("auto", "-1"):
             return
         parts = [p.strip() for p in text.split(",") if p.strip()]
         if not parts or not all(p.isdigit() for p in parts) or (len(parts) == 1 and not text.endswith(",") and int(parts[0]) < 1):

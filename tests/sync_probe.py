@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
 
     out = Path(argv[0])
     build = T.build_callbacks
-    T.build_callbacks = lambda cfg, run_dir: build(cfg, run_dir) + [Probe(out)]
+    T.build_callbacks = lambda cfg, run_dir, *rest: build(cfg, run_dir, *rest) + [Probe(out)]
     T.train(load_config([], argv[1:]))
     return 0
 

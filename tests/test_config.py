@@ -121,3 +121,9 @@ def test_resume_identity_lists_what_changes_the_training_and_allows_the_rest():
     cosine = load_config([], ["optim.lr_schedule=cosine", "trainer.max_steps=100"])
     longer = load_config([], ["optim.lr_schedule=cosine", "trainer.max_steps=200"])
     assert identity_differences(cosine, longer) == [("trainer.max_steps", 100, 200)]
+
+
+@pytest.mark.parametrize("value", ["-1", "'-1'"])
+def test_minus_one_devices_means_all_like_lightning(value):
+    # Lightning's "all devices"; on the CPU accelerator it raised inside Lightning, "auto" is the same request
+    assert load_config([], [f"trainer.devices={value}"]).trainer.devices == "auto"

@@ -62,7 +62,7 @@ def finish(proc, timeout: float = 120) -> str:
 @pytest.mark.parametrize("args, named", [
     (["seed=-1"], "'seed': -1"),
     (["trainer.devices=0"], "'trainer.devices': 0"),
-    (["trainer.devices=-1"], "'trainer.devices': -1"),
+    (["trainer.devices=-2"], "'trainer.devices': -2"),  # -1 is Lightning's "all devices": accepted
     (["data=[1,2]"], "'data'"),  # with data.root=... given too: OmegaConf's three-line message before
 ])
 def test_bad_values_are_one_line_exit_2(args, named, tiny_overrides):

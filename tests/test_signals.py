@@ -87,15 +87,27 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def runnable_threads(pid: int) -> int:
+    """Threads of `pid` running or waiting for a CPU (state R): a starved process uses no CPU but is not idle."""
+    count = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            count += (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
+    return count
+
+
 def wait_idle(pid: int, quiet: float = 1.0, timeout: float = 60) -> None:
-    """Until `pid` has used no CPU for `quiet` seconds (blocked, e.g. waiting for a batch): on a busy machine
-    the batches a loader had buffered can take a while to use up."""
+    """Until `pid` has used no CPU and had no runnable thread for `quiet` seconds (blocked, e.g. waiting for a
+    batch): on a busy machine the batches a loader had buffered can take a while to use up, and a process
+    waiting for a CPU uses none (CPU time alone said idle under a loaded full suite)."""
     deadline = time.monotonic() + timeout
     last, since = cpu_seconds(pid), time.monotonic()
     while time.monotonic() < deadline:
         time.sleep(0.1)
         now = cpu_seconds(pid)
-        if now != last:
+        if now != last or runnable_threads(pid):
             last, since = now, time.monotonic()
         elif time.monotonic() - since >= quiet:
             return
