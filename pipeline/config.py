@@ -277,7 +277,7 @@ NON_NEGATIVE = (
 # Keys that say how a run is executed, watched, saved, stopped or how long it goes, never what it trains
 # (a trailing "." covers a section). One list serves two rules: they stay out of the run name derived from
 # the config (derived_run_name), and they alone may differ when a run directory is resumed
-# (identity_differences; any other difference from RUN_DIR/config.yaml stops the resume, pipeline/rundir.py).
+# (identity_differences; any other difference from RUN_DIR/config.yaml stops the resume, pipeline/run/rundir.py).
 OPERATIONAL_KEYS = (
     "resume", "run.", "logger.", "checkpoint.", "objective.val_iwae_samples",
     "trainer.max_steps",  # except on resume when a schedule spans the run: see SPANS_MAX_STEPS

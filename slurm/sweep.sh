@@ -6,7 +6,7 @@
 #
 # The agent runs the sweep's `command` (`python -m pipeline.train objective.beta=<value>`), so each
 # run is an ordinary training run; its run directory is runs/sweep-<sweep id>-<W&B run id>
-# (pipeline/launch.py). Needs a W&B login on the compute nodes; without internet use slurm/grid.sh.
+# (pipeline/launch/cluster.py). Needs a W&B login on the compute nodes; without internet use slurm/grid.sh.
 # Not --requeue: a requeued task would ask the sweep for its next point, not resume this one; give
 # --time enough for one full run (or use slurm/grid.sh, which resumes, on preemptible partitions).
 #

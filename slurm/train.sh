@@ -7,7 +7,7 @@
 #   bash slurm/train.sh trainer.max_steps=100                                             # no SLURM
 #
 # Arguments are `python -m pipeline.train` arguments (CONFIG.yaml files, key=value overrides).
-# trainer.devices / trainer.num_nodes come from the allocation (pipeline/launch.py): change
+# trainer.devices / trainer.num_nodes come from the allocation (pipeline/launch/cluster.py): change
 # --ntasks-per-node / --gpus-per-node / --nodes instead; a contradicting value stops the job.
 # The run directory is runs/<job name>-<job id> (array: -<array id>_<task id>) unless run.name= or
 # run.dir= is given: a requeued job keeps its id, so it resumes from that directory's checkpoint

@@ -1,4 +1,4 @@
-"""`python -m tests.sync_probe OUT_DIR [key=value ...]`: pipeline.train's run, counting per training step
+"""`python -m tests.sync_probe OUT_DIR [key=value ...]`: pipeline.training.train's run, counting per training step
 every host read of a tensor's value (.item(), .tolist(), bool(), float(), int(): on a GPU each one waits for
 the device; the optimizer's host-side step counters left out) and every Python-level collective
 (torch.distributed.all_reduce, broadcast, ...). Each rank writes OUT_DIR/rank<r>.json: one row per
@@ -54,7 +54,7 @@ class Probe(Callback):
             self._open = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        from pipeline.lightning_compat import batches_trained, logs_written_this_step
+        from pipeline.training.lightning_compat import batches_trained, logs_written_this_step
 
         self._close()
         self._open = (batches_trained(trainer), trainer.global_step, logs_written_this_step(trainer),
@@ -67,8 +67,8 @@ class Probe(Callback):
 
 
 def main(argv: list[str]) -> int:
-    from pipeline import train as T
     from pipeline.config import load_config
+    from pipeline.training import train as T
 
     out = Path(argv[0])
     build = T.build_callbacks

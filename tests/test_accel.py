@@ -1,12 +1,12 @@
-"""The accelerator defaults (pipeline/accel.py) as chosen for each device, and their wiring on CPU."""
+"""The accelerator defaults (pipeline/training/accel.py) as chosen for each device, and their wiring on CPU."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline import accel
-from pipeline.module import VAEModule
-from pipeline.train import _strategy
+from pipeline.training import accel
+from pipeline.training.module import VAEModule
+from pipeline.training.train import _strategy
 
 
 def test_fused_adamw_only_with_every_parameter_on_cuda_and_never_where_lightning_cannot_clip():

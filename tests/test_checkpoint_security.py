@@ -1,7 +1,7 @@
 """No checkpoint runs code: a pickle payload (`__reduce__` -> a shell command that creates a file) planted
 on every path that reads a checkpoint must leave no file behind and be refused in one line naming it.
 
-Paths: the loaders themselves, `resume=<path>`, `resume=auto` (a planted last.ckpt), `pipeline.sweep run`
+Paths: the loaders themselves, `resume=<path>`, `resume=auto` (a planted last.ckpt), `pipeline.launch.sweep run`
 (its finished-point check), `pipeline.evaluate` and `pipeline.report` (the traversal grids). The bench
 reads no checkpoint (it trains from scratch in its own temporary run directories)."""
 from __future__ import annotations
@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpointing import AtomicCheckpointIO, CheckpointError, checkpoint_step, load_verified, safe_load, with_checksum
+from pipeline.run.checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    checkpoint_step,
+    load_verified,
+    safe_load,
+    with_checksum,
+)
 from tests.conftest import run_train
 
 
@@ -102,7 +109,7 @@ def test_training_refuses_a_downloaded_checkpoint_and_a_planted_last(finished_ru
 @pytest.mark.slow  # trains both points of a two-point sweep
 def test_sweep_neither_runs_a_planted_checkpoint_nor_stops_at_a_corrupt_one(finished_run, tmp_path, digits_root,
                                                                            marker, capfd):
-    from pipeline.sweep import main
+    from pipeline.launch.sweep import main
     from tests.conftest import TINY
 
     f = tmp_path / "s.yaml"

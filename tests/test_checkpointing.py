@@ -1,4 +1,4 @@
-"""pipeline/checkpointing.py: atomic checksummed writes, verification, resume candidates; and the checkpoint
+"""pipeline/run/checkpointing.py: atomic checksummed writes, verification, resume candidates; and the checkpoint
 failures a run meets: an unwritable directory (as a non-root user), bytes changed on disk (evaluate, resume),
 a damaged newest checkpoint."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpointing as ck
+from pipeline.run import checkpointing as ck
 from tests.conftest import REPO, TINY, run_train
 
 
@@ -65,7 +65,7 @@ def test_checksum_verifies_after_a_round_trip_in_another_process(tmp_path):
     loaded = ck.load_verified(path)
     assert ck.CHECKSUM_KEY in loaded and ck.checksum_problem(loaded) is None
     # Another process with another string hash seed (ours is random) computes the same checksum.
-    code = f"from pipeline.checkpointing import load_verified; load_verified({str(path)!r}); print('ok')"
+    code = f"from pipeline.run.checkpointing import load_verified; load_verified({str(path)!r}); print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PYTHONHASHSEED": "1"})
     assert proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -1,9 +1,9 @@
 """Config: YAML + overrides merge in order; bad keys, types and values name the key."""
 import pytest
 
-from pipeline.cli import split_argv
 from pipeline.config import ConfigError, from_dict, identity_differences, load_config, to_dict
-from pipeline.train import main
+from pipeline.launch.cli import split_argv
+from pipeline.training.train import main
 from tests.conftest import REPO
 
 

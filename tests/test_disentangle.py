@@ -1,4 +1,4 @@
-"""MIG (pipeline/analysis/disentangle.py): the estimator's extremes, invariances and its plug-in MI against sklearn."""
+"""MIG (pipeline/vae/disentangle.py): the estimator's extremes, invariances and its plug-in MI against sklearn."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import mutual_info_score
 
-from pipeline.analysis.disentangle import discretize, entropy, mig, mutual_info
+from pipeline.vae.disentangle import discretize, entropy, mig, mutual_info
 
 
 def dsprites_like_factors(n: int, rng: np.random.Generator, sizes=(3, 6, 20, 16, 16)) -> np.ndarray:

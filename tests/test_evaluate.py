@@ -98,8 +98,8 @@ def test_results_go_to_the_runs_wandb_summary(trained_run, monkeypatch):
 
 
 def test_mig_is_computed_when_batches_carry_factors():
-    from pipeline.analysis.disentangle import mig
-    from pipeline.module import VAEModule
+    from pipeline.training.module import VAEModule
+    from pipeline.vae.disentangle import mig
 
     torch.manual_seed(0)
     module = VAEModule({"arch": "mlp", "latent_dim": 3, "hidden_dims": [16]}, {}, {}, input_shape=(1, 4, 4),
@@ -128,7 +128,7 @@ def test_mig_is_computed_when_batches_carry_factors():
 
 
 def test_wrong_image_shape_is_reported():
-    from pipeline.module import VAEModule
+    from pipeline.training.module import VAEModule
 
     module = VAEModule({"arch": "mlp", "latent_dim": 2, "hidden_dims": [8]}, {}, {}, input_shape=(1, 4, 4),
                        max_steps=10)

@@ -1,4 +1,4 @@
-"""pipeline/hooks.py: our callbacks behind one dispatch, and a profiler without a context per call, change
+"""pipeline/training/hooks.py: our callbacks behind one dispatch, and a profiler without a context per call, change
 what Lightning costs per step, never which hooks run, in which order, with which arguments."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.profilers import PassThroughProfiler
 
-from pipeline.hooks import HOOKS, CallbackGroup, NullProfiler, grouped
+from pipeline.training.hooks import HOOKS, CallbackGroup, NullProfiler, grouped
 
 
 class Recorder(pl.Callback):

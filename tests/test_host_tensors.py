@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.callbacks import DataErrorCounter
-from pipeline.lightning_compat import logs_written_this_step
-from pipeline.module import ExactSums, VAEModule
+from pipeline.training.callbacks import DataErrorCounter
+from pipeline.training.lightning_compat import logs_written_this_step
+from pipeline.training.module import ExactSums, VAEModule
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 

@@ -264,7 +264,7 @@ def _full_after(limit: int):
 
 
 def test_disk_full_during_a_checkpoint_says_so_naming_the_file(monkeypatch, tmp_path):
-    from pipeline.checkpointing import CheckpointWriteError, atomic_save
+    from pipeline.run.checkpointing import CheckpointWriteError, atomic_save
 
     path = tmp_path / "checkpoints" / "last.ckpt"
     monkeypatch.setattr(os, "fdopen", _full_after(50_000))

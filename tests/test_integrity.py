@@ -38,7 +38,7 @@ def reference(digits_root, tmp_path_factory) -> Path:
 
 # `python -c` running PRELUDE (test instrumentation: a kill at an exact point, a pause) then the real
 # entry point, as `python -m pipeline.train ARGS` would.
-RUNNER = "import sys\n{prelude}\nfrom pipeline.train import main\nsys.exit(main(sys.argv[1:]))\n"
+RUNNER = "import sys\n{prelude}\nfrom pipeline.training.train import main\nsys.exit(main(sys.argv[1:]))\n"
 
 
 def start(args, prelude: str = "", env_extra=None) -> subprocess.Popen:
@@ -60,7 +60,7 @@ def finish(proc: subprocess.Popen, timeout: float = 300):
 # ---- one writer per run directory -----------------------------------------------------------------------
 HOLD = """
 import os, time
-from pipeline.module import VAEModule
+from pipeline.training.module import VAEModule
 def _hold(self):  # training says it is running, then waits until the test lets it go
     open(os.environ["HOLDING"], "w").close()
     while not os.path.exists(os.environ["HOLD_UNTIL"]):
@@ -134,7 +134,7 @@ def test_resume_with_a_setting_the_checkpoint_would_override_is_refused(digits_r
 # ---- kills ------------------------------------------------------------------------------------------------
 KILL_DURING_VALIDATION = """
 import os, signal
-from pipeline.module import VAEModule
+from pipeline.training.module import VAEModule
 _validation_step = VAEModule.validation_step
 def _kill_at_20(self, batch, batch_idx):
     if self.global_step == 20:

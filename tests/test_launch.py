@@ -1,12 +1,12 @@
-"""pipeline.launch without SLURM: env parsing, contradictions, run names (explicit env dicts)."""
+"""pipeline.launch.cluster without SLURM: env parsing, contradictions, run names (explicit env dicts)."""
 import os
 import re
 
 import pytest
 
 from pipeline.config import load_config
-from pipeline.launch import apply_cluster_env, default_run_name, in_slurm_allocation, slurm_layout
-from pipeline.train import main
+from pipeline.launch.cluster import apply_cluster_env, default_run_name, in_slurm_allocation, slurm_layout
+from pipeline.training.train import main
 
 
 def srun_env(ntasks_per_node=2, nnodes=1, **extra):
@@ -180,7 +180,7 @@ TORCHRUN_ENV = {"RANK": "3", "GROUP_RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_
 
 def test_torchrun_sets_devices_nodes_and_a_run_name_every_node_shares():
     from pipeline.config import load_config
-    from pipeline.launch import apply_cluster_env, describe, torchrun_layout
+    from pipeline.launch.cluster import apply_cluster_env, describe, torchrun_layout
 
     assert torchrun_layout(TORCHRUN_ENV) == (2, 2)
     cfg = apply_cluster_env(load_config([], []), env=TORCHRUN_ENV)
@@ -196,14 +196,14 @@ def test_torchrun_sets_devices_nodes_and_a_run_name_every_node_shares():
 ])
 def test_torchrun_contradictions_are_refused(override, message):
     from pipeline.config import load_config
-    from pipeline.launch import apply_cluster_env
+    from pipeline.launch.cluster import apply_cluster_env
 
     with pytest.raises(ValueError, match=re.escape(message)):
         apply_cluster_env(load_config([], [override]), env=TORCHRUN_ENV)
 
 
 def test_uneven_torchrun_layout_is_refused():
-    from pipeline.launch import torchrun_layout
+    from pipeline.launch.cluster import torchrun_layout
 
     with pytest.raises(ValueError, match="not a multiple of LOCAL_WORLD_SIZE"):
         torchrun_layout({**TORCHRUN_ENV, "WORLD_SIZE": "3"})

@@ -1,4 +1,4 @@
-"""Each private Lightning / PyTorch behaviour that pipeline/lightning_compat.py relies on, checked against
+"""Each private Lightning / PyTorch behaviour that pipeline/training/lightning_compat.py relies on, checked against
 the installed versions: these fail first when an upgrade changes what we depend on."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from pipeline import lightning_compat as compat
+from pipeline.training import lightning_compat as compat
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 

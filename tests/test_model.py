@@ -4,10 +4,10 @@ import inspect
 import pytest
 import torch
 
-from pipeline import model as model_module
-from pipeline import objectives as O
 from pipeline.config import ModelConfig
-from pipeline.model import VAE, num_conv_stages
+from pipeline.vae import model as model_module
+from pipeline.vae import objectives as O
+from pipeline.vae.model import VAE, num_conv_stages
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (1, 64, 64), (3, 32, 32), (3, 64, 64)]
 LIKELIHOODS = [("bernoulli", "pixel"), ("gaussian", "pixel"), ("gaussian_learned", "pixel"),

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline import schedules as S
 from pipeline.config import ConfigError, load_config
-from pipeline.module import ACTIVE_UNIT_THRESHOLD, ExactSums, VAEModule, active_units
+from pipeline.training.module import ACTIVE_UNIT_THRESHOLD, ExactSums, VAEModule, active_units
+from pipeline.vae import schedules as S
 
 SHAPE = (1, 8, 8)
 MODEL = {"arch": "mlp", "latent_dim": 3, "hidden_dims": [32, 16]}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, MultivariateNormal, Normal, kl_divergence
 
-from pipeline import objectives as O
+from pipeline.vae import objectives as O
 
 F64 = torch.float64
 

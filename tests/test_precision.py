@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline import objectives as O
-from pipeline.callbacks import ImageLogger
 from pipeline.config import ModelConfig, Precision, choices
-from pipeline.model import VAE
-from pipeline.module import VAEModule
+from pipeline.training.callbacks import ImageLogger
+from pipeline.training.module import VAEModule
+from pipeline.vae import objectives as O
+from pipeline.vae.model import VAE
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 

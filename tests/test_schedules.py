@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from pipeline import objectives as O
-from pipeline import schedules as S
 from pipeline.config import ObjectiveConfig, OptimConfig
+from pipeline.vae import objectives as O
+from pipeline.vae import schedules as S
 
 
 def obj(**kw) -> ObjectiveConfig:

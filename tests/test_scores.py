@@ -1,4 +1,4 @@
-"""DCI, FactorVAE score and SAP (pipeline/analysis/scores.py) against answers the construction fixes: codes
+"""DCI, FactorVAE score and SAP (pipeline/vae/scores.py) against answers the construction fixes: codes
 equal to the factors score (near) 1, a random rotation of them scores low, and codes missing one factor lose
 that factor's share. (disentanglement_lib, the reference, needs TensorFlow 1 and is not on this machine.)"""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.analysis.scores import dci, factor_vae_score, sap
+from pipeline.vae.scores import dci, factor_vae_score, sap
 
 SIZES = (3, 6, 10, 8, 8)  # a dSprites-like grid, shrunk: shape, scale, orientation, x, y
 N = 3000

@@ -114,7 +114,7 @@ def saved_config(run_dir: Path):
 @pytest.mark.slurm
 def test_cpu_node_allocation_sets_devices_and_nodes(slurm_cluster, job_env, tmp_path):
     """--gpus-per-node=0 is accepted on the GPU-less node, and srun tasks see the allocation."""
-    probe = ("from pipeline.config import load_config; from pipeline.launch import apply_cluster_env as a; "
+    probe = ("from pipeline.config import load_config; from pipeline.launch.cluster import apply_cluster_env as a; "
              "c = a(load_config([], [])); print('LAYOUT', c.trainer.devices, c.trainer.num_nodes, c.run.name)")
     script = tmp_path / "probe.sh"
     script.write_text(f"#!/bin/bash\nsrun python -c \"{probe}\"\n"
@@ -209,7 +209,7 @@ def test_preempted_job_requeues_and_resumes(slurm_cluster, job_env, digits_root,
 @pytest.mark.slurm
 def test_grid_array_trains_one_beta_per_task(slurm_cluster, job_env, digits_root, tmp_path):
     """slurm/grid.sh as a 2-task array: task i trains point i of configs/sweep.yaml."""
-    from pipeline.sweep import grid_points, load_sweep
+    from pipeline.launch.sweep import grid_points, load_sweep
 
     betas = [p["objective.beta"] for p in grid_points(load_sweep(SWEEP_FILE))][:2]
     job = slurm_cluster.sbatch(["--array=0-1", "--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=1",
@@ -231,7 +231,7 @@ def test_wandb_agent_command_trains_its_beta(slurm_cluster, job_env, digits_root
     """The exact command wandb's agent builds for a point of configs/sweep.yaml, run as a job."""
     from test_sweep import wandb_agent_command
 
-    from pipeline.sweep import load_sweep, point
+    from pipeline.launch.sweep import load_sweep, point
 
     sweep = load_sweep(SWEEP_FILE)
     # Fixed config goes before ${args_no_hyphens}, as configs/sweep.yaml says; here: shrink the run.

@@ -1,10 +1,10 @@
-"""pipeline.sweep without SLURM: grid expansion, and argv identical to what wandb's agent builds."""
+"""pipeline.launch.sweep without SLURM: grid expansion, and argv identical to what wandb's agent builds."""
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import load_config
-from pipeline.sweep import SweepError, agent_command, grid_points, load_sweep, main, point, train_args
+from pipeline.launch.sweep import SweepError, agent_command, grid_points, load_sweep, main, point, train_args
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_FILE = REPO / "configs" / "sweep.yaml"
@@ -99,7 +99,7 @@ def test_command_must_run_the_training_module():
              "command": ["${env}", "${interpreter}", "${program}", "${args}"]}
     with pytest.raises(SweepError, match="not supported"):
         train_args(sweep, {"a": 1})
-    with pytest.raises(SweepError, match="pipeline.train"):
+    with pytest.raises(SweepError, match="pipeline.training.train"):
         train_args({**sweep, "command": ["${env}", "${interpreter}", "other.py", "${args_no_hyphens}"]}, {"a": 1})
 
 
@@ -120,8 +120,8 @@ def test_cli(capsys):
 def test_local_sweep_trains_each_point_resumes_skips_finished_and_reports(tiny_overrides, tmp_path, capfd):
     import torch
 
-    from pipeline.sweep import point_args
-    from pipeline.train import train
+    from pipeline.launch.sweep import point_args
+    from pipeline.training.train import train
 
     f = tmp_path / "s.yaml"
     f.write_text("name: tiny-sweep\nmethod: grid\n"

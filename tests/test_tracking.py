@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from pipeline.tracking import RunIdError, read_wandb_run_id, resolve_wandb_mode, truncate_metrics_csv, wandb_run_id
+from pipeline.run.tracking import RunIdError, read_wandb_run_id, resolve_wandb_mode, truncate_metrics_csv, wandb_run_id
 from tests.conftest import run_train
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.train import train
+from pipeline.training.train import train
 from tests.conftest import run_train
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.sync import Watcher, write_request
+from pipeline.run.sync import Watcher, write_request
 from tests.conftest import REPO, run_train
 
 STAND_IN = """#!/bin/sh

@@ -9,7 +9,7 @@
 
 Per preset (the repo's configs/digits.yaml and configs/dsprites_beta.yaml as they are: model, batch
 size, optimizer, loader settings), every figure is a ratio of two measurements taken here, now:
-  pipeline_vs_bare   images/s of the full pipeline (pipeline.train's Trainer, callbacks and CSV logger,
+  pipeline_vs_bare   images/s of the full pipeline (pipeline.training.train's Trainer, callbacks and CSV logger,
                      ShardDataModule over the WebDataset shards) against a bare PyTorch loop over the
                      same training images held in memory as one uint8 tensor: same model, batch size,
                      optimizer (AdamW), loss and device; the loop slices a random permutation per epoch.
@@ -58,7 +58,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.files import write_json_atomic
+from pipeline.run.files import write_json_atomic
 
 PRESETS: dict[str, dict[str, Any]] = {
     # name: the config file used as is, the recipe, the subset prepared for benchmarking, and default
@@ -141,15 +141,15 @@ def make_timer(warmup: int, device: str):
 
 def measure_pipeline(cfg, warmup: int, device: str, compile_model: bool = False,
                      torch_threads: int | None = None) -> dict[str, float]:
-    """Images/s of pipeline.train's Trainer (its callbacks and CSV logger) over the ShardDataModule.
+    """Images/s of pipeline.training.train's Trainer (its callbacks and CSV logger) over the ShardDataModule.
     torch_threads: intra-op threads of this process for the run (an ablation); None leaves them."""
     import lightning.pytorch as pl
     import torch
 
     from pipeline import config as C
     from pipeline.data.datamodule import ShardDataModule
-    from pipeline.module import VAEModule
-    from pipeline.train import build_callbacks, build_loggers, build_trainer
+    from pipeline.training.module import VAEModule
+    from pipeline.training.train import build_callbacks, build_loggers, build_trainer
 
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -190,12 +190,12 @@ def load_train_images(root: Path):
 def measure_bare(cfg, images, warmup: int, steps: int, device: str, precision: str = "32-true",
                  compile_model: bool = False) -> dict[str, float]:
     """Images/s of a plain PyTorch loop: the same VAE, AdamW, batch size and loss (recon mean + KL weight
-    x KL from pipeline.objectives / schedules), batches sliced from an in-memory uint8 tensor [N, C, H, W]
+    x KL from pipeline.vae.objectives / schedules), batches sliced from an in-memory uint8 tensor [N, C, H, W]
     by a fresh permutation each epoch, moved to the device and scaled there."""
     import torch
 
-    from pipeline import objectives, schedules
-    from pipeline.model import VAE
+    from pipeline.vae import objectives, schedules
+    from pipeline.vae.model import VAE
 
     torch.manual_seed(cfg.seed)
     dev = torch.device(device)
@@ -237,8 +237,8 @@ def measure_lightning_floor(cfg, images, warmup: int, steps: int, device: str) -
     import lightning.pytorch as pl
     import torch
 
-    from pipeline import objectives, schedules
-    from pipeline.model import VAE
+    from pipeline.vae import objectives, schedules
+    from pipeline.vae.model import VAE
 
     B, n = cfg.data.batch_size, len(images)
     per_epoch = n // B
@@ -308,7 +308,7 @@ def checksum_cost(cfg, repeats: int = 3) -> dict[str, Any]:
     import dataclasses
 
     from pipeline.data.datamodule import ShardDataModule
-    from pipeline.lightning_compat import shutdown_loader_workers
+    from pipeline.training.lightning_compat import shutdown_loader_workers
 
     runs: dict[bool, list[float]] = {True: [], False: []}
     load_before = os.getloadavg()[0]

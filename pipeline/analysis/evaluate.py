@@ -6,7 +6,7 @@
 
 RUN_DIR_OR_CKPT is a run directory (meaning RUN_DIR/checkpoints/last.ckpt) or a .ckpt file. The config
 is RUN_DIR/config.yaml when the checkpoint sits in RUN_DIR/checkpoints/; further `*.yaml` files and
-`key=value` overrides apply on top (as for pipeline.train), e.g. to point `data.root` elsewhere.
+`key=value` overrides apply on top (as for pipeline.training.train), e.g. to point `data.root` elsewhere.
 
 Reported, in nats per example (summed over pixels and latent dims), averaged over every example of the
 split, each counted exactly once:
@@ -17,16 +17,16 @@ split, each counted exactly once:
                        digits example but ~11 s per dSprites conv example (peak ~7 GB at the default
                        chunk) -- use a GPU, --iwae-samples 100 or --chunk-size there
   bits_per_dim_{elbo,iwae}   -bound / (C*H*W ln 2)
-  active_units         latent dims with Var_x(E_q[z_d|x]) > 0.01 (Burda et al. 2016; pipeline.module.active_units)
+  active_units         latent dims with Var_x(E_q[z_d|x]) > 0.01 (Burda et al. 2016; pipeline.training.module.active_units)
   kl_per_dim           [D] mean KL of each latent dim
   mig, mig_per_factor  Mutual Information Gap of the mean codes against the ground-truth factors
-                       (dSprites), when the data has them; estimator in pipeline/analysis/disentangle.py
+                       (dSprites), when the data has them; estimator in pipeline/vae/disentangle.py
   dci_disentanglement, dci_completeness, dci_informativeness, factor_vae_score, sap
                        the other disentanglement scores of the same codes, beside MIG (estimators in
-                       pipeline/analysis/scores.py); all from the mean codes of the evaluated weights
+                       pipeline/vae/scores.py); all from the mean codes of the evaluated weights
 Written to eval.json next to the checkpoint (replacing an earlier one), printed as a table, and added
 to the run's W&B summary under `eval/<split>/...` (resuming the run id in RUN_DIR/wandb_run_id.txt)
-when W&B is enabled in the config (pipeline.tracking.resolve_wandb_mode).
+when W&B is enabled in the config (pipeline.run.tracking.resolve_wandb_mode).
 
 Runs in a single process on one device (--device, default cuda when available), reading the split's
 shards in order with no shuffling, padding or dropping: every example is counted exactly once and the
@@ -45,9 +45,9 @@ from typing import Any
 
 import torch
 
-from pipeline import objectives
-from pipeline.analysis.disentangle import mig
-from pipeline.files import SPLITS, write_json_atomic
+from pipeline.run.files import SPLITS, write_json_atomic
+from pipeline.vae import objectives
+from pipeline.vae.disentangle import mig
 
 
 class EvalError(Exception):
@@ -77,8 +77,8 @@ def use_device(dev: torch.device) -> torch.device:
 def load_module(ckpt: Path, device: torch.device):
     """(VAEModule in eval mode on `device`, the checkpoint's global step). EvalError naming the file when
     it is not a readable checkpoint, lacks the VAEModule hyperparameters, or its weights do not fit them."""
-    from pipeline.checkpointing import CheckpointError, checksum_problem, safe_load
-    from pipeline.module import VAEModule
+    from pipeline.run.checkpointing import CheckpointError, checksum_problem, safe_load
+    from pipeline.training.module import VAEModule
 
     try:  # the weights-only unpickler: no code in the file runs on load
         state = safe_load(ckpt)
@@ -88,7 +88,7 @@ def load_module(ckpt: Path, device: torch.device):
     needed = ("model", "objective", "optim", "input_shape", "max_steps")
     if not isinstance(hparams, dict) or "state_dict" not in state or any(k not in hparams for k in needed):
         raise EvalError(f"incompatible checkpoint {ckpt}: no VAEModule hyperparameters ({', '.join(needed)}) "
-                        "and state_dict; expected a checkpoint written by pipeline.train")
+                        "and state_dict; expected a checkpoint written by pipeline.training.train")
     try:
         module = VAEModule(**hparams)
         module.load_state_dict(state["state_dict"], strict=True)
@@ -122,7 +122,7 @@ def load_eval_config(run_dir: Path | None, ckpt: Path, files: Sequence[str] = ()
 def summarize(sums, num_dims: int, factor_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Means per example (nats), bits/dim, active units, KL per dim and MIG from the running sums (the
     ExactSums metric of VAEModule that `evaluate_batches` returns)."""
-    from pipeline.module import active_units
+    from pipeline.training.module import active_units
 
     mean = sums.means()
     if mean is None:
@@ -152,11 +152,11 @@ DISENTANGLEMENT_SCORES = ("dci_disentanglement", "dci_completeness", "dci_inform
 
 
 def disentanglement_scores(codes, factors, max_examples: int = 10000, seed: int = 0) -> dict[str, float]:
-    """DCI, FactorVAE score and SAP of mean codes [N, D] (pipeline/analysis/scores.py), on at most
+    """DCI, FactorVAE score and SAP of mean codes [N, D] (pipeline/vae/scores.py), on at most
     `max_examples` examples (a seeded subset: the tree classifiers of DCI grow with N)."""
     import numpy as np
 
-    from pipeline.analysis.scores import dci, factor_vae_score, sap
+    from pipeline.vae.scores import dci, factor_vae_score, sap
 
     if len(codes) > max_examples:
         keep = np.sort(np.random.default_rng(seed).choice(len(codes), max_examples, replace=False))
@@ -174,8 +174,8 @@ def evaluate_batches(module, batches: Iterable[dict[str, Any]], iwae_samples: in
     [B, F]). Each batch is converted to float once (binarised as in training), and the same x feeds the
     ELBO and the IWAE bound (VAEModule.evaluation_terms, as in validation). Returns the running sums, an
     ExactSums metric keeping the mean codes for MIG (see `summarize`)."""
-    from pipeline.module import ExactSums
     from pipeline.progress import progress_bar
+    from pipeline.training.module import ExactSums
 
     module.eval()
     device = module.device
@@ -238,7 +238,7 @@ def format_table(r: dict[str, Any]) -> str:
 
 def log_to_wandb(cfg, run_dir: Path | None, results: dict[str, Any]) -> str:
     """Add the scalar results to the run's W&B summary (same run id, same mode); returns what happened."""
-    from pipeline.tracking import WANDB_ID_FILE, read_wandb_run_id, resolve_wandb_mode
+    from pipeline.run.tracking import WANDB_ID_FILE, read_wandb_run_id, resolve_wandb_mode
 
     mode = resolve_wandb_mode(cfg.logger.wandb.mode)
     if mode == "disabled":
@@ -291,7 +291,7 @@ def evaluate(target: str | os.PathLike, split: str = "test", iwae_samples: int =
     results.update(checkpoint=str(ckpt), global_step=step, split=split, iwae_samples=iwae_samples,
                    beta=float(cfg.objective.beta), latent_dim=int(module.vae.latent_dim),
                    seconds=round(time.time() - started, 2), units="nats per example",
-                   mig_estimator="pipeline.analysis.disentangle.mig: mean codes, 20 equal-width bins per dim")
+                   mig_estimator="pipeline.vae.disentangle.mig: mean codes, 20 equal-width bins per dim")
     write_json_atomic(ckpt.parent / "eval.json", results)
     results["wandb"] = log_to_wandb(cfg, run_dir, results) if wandb_log else "not requested"
     return results
@@ -314,8 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_intermixed_args(argv)  # overrides may come after the options too
     try:
-        from pipeline.cli import split_argv
         from pipeline.config import ConfigError
+        from pipeline.launch.cli import split_argv
 
         try:
             files, overrides = split_argv(args.config)

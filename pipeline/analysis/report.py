@@ -13,7 +13,7 @@ serves offline sweeps too. Writes to --out (default: report/ next to the first r
   report.md             the table (run, beta, rate, distortion, ELBO, IWAE, MIG, source)
   traversals.png, reconstructions.png, samples.png   for the --traverse run (default: highest MIG,
                         else the first run), when its checkpoint and data are present
-When W&B is enabled in the first run's config (pipeline.tracking.resolve_wandb_mode) the figures and
+When W&B is enabled in the first run's config (pipeline.run.tracking.resolve_wandb_mode) the figures and
 the table also go to a W&B run of job type `report` in that project and group.
 """
 from __future__ import annotations
@@ -208,9 +208,9 @@ def traversal_grids(run_dir: Path, out_dir: Path, num_images: int = 8, traversal
     from PIL import Image
 
     from pipeline.analysis.evaluate import load_module
-    from pipeline.callbacks import ImageLogger
     from pipeline.config import load_config
     from pipeline.data.datamodule import ShardDataModule
+    from pipeline.training.callbacks import ImageLogger
 
     cfg = load_config([run_dir / "config.yaml"])
     module, _ = load_module(run_dir / "checkpoints" / "last.ckpt", torch.device("cpu"))
@@ -232,7 +232,7 @@ def traversal_grids(run_dir: Path, out_dir: Path, num_images: int = 8, traversal
 def log_to_wandb(rows: Sequence[dict[str, object]], images: dict[str, Path], table_md: str) -> str | None:
     """A `report` job in the first run's W&B project/group, when its config enables W&B. Returns the mode."""
     from pipeline.config import load_config
-    from pipeline.tracking import resolve_wandb_mode
+    from pipeline.run.tracking import resolve_wandb_mode
 
     cfg = load_config([Path(rows[0]["dir"]) / "config.yaml"])
     mode = resolve_wandb_mode(cfg.logger.wandb.mode)
@@ -280,7 +280,7 @@ def report(run_dirs: Sequence[str | Path], out: Path | None = None, traverse: st
         else:
             notes.append(f"No traversal grids: no checkpoint at `{tdir / 'checkpoints' / 'last.ckpt'}`.")
     md = ["# Run comparison", "", ("Nats per example (summed over pixels and latent dims); rate = KL, distortion = "
-                                   "reconstruction NLL; MIG from ground-truth factors (pipeline/analysis/disentangle.py)."),
+                                   "reconstruction NLL; MIG from ground-truth factors (pipeline/vae/disentangle.py)."),
           "", table]
     md += ["![rate-distortion](rate_distortion.png)", "", "![vs beta](vs_beta.png)", ""]
     if "traversals" in files:

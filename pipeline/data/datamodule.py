@@ -28,7 +28,7 @@ from pipeline.data.sources import (
     resolve_source,
 )
 from pipeline.data.stream import ShardStream, SplitCache
-from pipeline.lightning_compat import shutdown_loader_workers
+from pipeline.training.lightning_compat import shutdown_loader_workers
 
 log = logging.getLogger(__name__)
 AUTO_CACHE_BYTES = 512 << 20  # data.cache=auto holds decoded training splits up to this size (uint8 images)

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.data.stream import ShardStream
-from pipeline.lightning_compat import shutdown_loader_workers
+from pipeline.training.lightning_compat import shutdown_loader_workers
 
 
 def _passthrough(batch: dict) -> dict:

@@ -31,7 +31,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
-from pipeline.files import SPLITS, TMP_PREFIX, fsync_dir, tmp_path, write_json_atomic
+from pipeline.run.files import SPLITS, TMP_PREFIX, fsync_dir, tmp_path, write_json_atomic
 
 MANIFEST = "manifest.json"
 INCOMPLETE = ".prepare-incomplete"  # present while a prepare writes (or after one was killed): not a dataset
@@ -485,7 +485,7 @@ def _writer_lock(out_dir: Path) -> int:
     gets WriterBusyError naming the first (pid, host, since)."""
     import fcntl
 
-    from pipeline.rundir import describe_holder, holder_info
+    from pipeline.run.rundir import describe_holder, holder_info
 
     fd = os.open(out_dir / WRITE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:

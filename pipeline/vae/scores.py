@@ -2,7 +2,7 @@
 ground-truth factors [N, F], each following disentanglement_lib's definition (Locatello et al. 2019,
 google-research/disentanglement_lib, `evaluation/metrics/*.py`) with the estimator settings below.
 
-    from pipeline.analysis.scores import dci, factor_vae_score, sap
+    from pipeline.vae.scores import dci, factor_vae_score, sap
     dci(codes, factors)["disentanglement"], factor_vae_score(codes, factors)["score"], sap(codes, factors)["score"]
 
 Every function skips constant factors (dSprites' colour column: nothing to predict), splits the examples
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.analysis.disentangle import discretize, factor_labels
+from pipeline.vae.disentangle import discretize, factor_labels
 
 
 def _check(codes: np.ndarray, factors: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -33,7 +33,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from pipeline.files import fsync_dir
+from pipeline.run.files import fsync_dir
 
 CHECKSUM_KEY = "pipeline_checksum"
 TEMP_SUFFIX = ".tmp"  # temporary files are `.<name>.<pid>-<random>.tmp` beside their checkpoint

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import List, Sequence, Tuple
 
 from pipeline import config as C
-from pipeline.launch import DEFAULT_RUN_NAME, apply_cluster_env
+from pipeline.launch.cluster import DEFAULT_RUN_NAME, apply_cluster_env
 
 
 def split_argv(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
@@ -51,7 +51,7 @@ def config_from_argv(argv: Sequence[str], require_srun: bool = True):
     """CONFIG.yaml files and key=value overrides -> the validated config, with devices, nodes and run
     name taken from the launch (SLURM, W&B agent), else a run name derived from the config. Raises
     ValueError (ConfigError is one) on bad input."""
-    from pipeline.tracking import wandb_secrets
+    from pipeline.run.tracking import wandb_secrets
 
     files, overrides = split_argv(argv)
     loaded = C.load_config(files, overrides)

@@ -1,6 +1,6 @@
 """Mutual Information Gap (Chen et al. 2018, "Isolating Sources of Disentanglement in VAEs"): pure numpy.
 
-    from pipeline.analysis.disentangle import mig
+    from pipeline.vae.disentangle import mig
     result = mig(codes, factors)          # codes [N, D] mean codes E_q[z|x]; factors [N, F] ground truth
     result["mig"], result["per_factor"]   # mean over factors; one gap per factor (NaN for a constant one)
 

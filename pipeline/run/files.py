@@ -1,6 +1,6 @@
 """What the data layer and the analysis share on disk: the split names and atomic JSON files.
 
-    from pipeline.files import SPLITS, write_json_atomic
+    from pipeline.run.files import SPLITS, write_json_atomic
     write_json_atomic(path, {"elbo": -80.1})          # all or nothing: never a half-written file
 
 A file is written under a temporary name in its own directory (`.tmp-<pid>-<name>`, so a directory

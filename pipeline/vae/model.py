@@ -22,8 +22,8 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import nn
 
-from pipeline import objectives
 from pipeline.config import Arch, Likelihood, choices
+from pipeline.vae import objectives
 
 ARCHS = choices(Arch)
 

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 
-from pipeline.lightning_compat import (
+from pipeline.training.lightning_compat import (
     align_log_step,
     batches_trained,
     hpc_save_path,
@@ -26,7 +26,7 @@ from pipeline.lightning_compat import (
     skip_per_step_sigterm_broadcast,
     validates_after_this_batch,
 )
-from pipeline.objectives import decoder_mean
+from pipeline.vae.objectives import decoder_mean
 
 log = logging.getLogger(__name__)
 
@@ -358,10 +358,10 @@ class DeferredSignals(Callback):
 
 class SyncRequest(Callback):
     """Rank zero asks the login-node watcher to sync this run's offline W&B segment (logger.wandb.sync_dir,
-    pipeline/sync.py) after each checkpoint and each validation; train.py asks once more after W&B finished."""
+    pipeline/run/sync.py) after each checkpoint and each validation; train.py asks once more after W&B finished."""
 
     def __init__(self, requests):
-        self.requests = requests  # pipeline.sync.SyncRequests
+        self.requests = requests  # pipeline.run.sync.SyncRequests
 
     def _ask(self, trainer: Trainer) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:

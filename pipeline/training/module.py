@@ -27,10 +27,11 @@ import torchmetrics
 from torch import nn
 from torchmetrics.utilities import dim_zero_cat
 
-from pipeline import accel, objectives, schedules
 from pipeline.config import Binarize, ModelConfig, ObjectiveConfig, OptimConfig, choices, section, to_dict
-from pipeline.lightning_compat import logs_written_this_step
-from pipeline.model import VAE
+from pipeline.training import accel
+from pipeline.training.lightning_compat import logs_written_this_step
+from pipeline.vae import objectives, schedules
+from pipeline.vae.model import VAE
 
 STAGES = ("val", "test")
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: Var_x(E_q[z_d]) above this counts as active

@@ -206,7 +206,7 @@ def start_over(run_dir: str | os.PathLike) -> list:
     Lightning's own SLURM resume from hpc_ckpt_N.ckpt, would continue the old run under the new config)
     and its metric rows, and its W&B run id (the new run is a new W&B run: its history starts again at step 0).
     Returns what was removed."""
-    from pipeline.tracking import WANDB_ID_FILE, truncate_metrics_csv
+    from pipeline.run.tracking import WANDB_ID_FILE, truncate_metrics_csv
 
     run_dir = Path(run_dir)
     removed = [p for p in [*run_dir.glob("hpc_ckpt_*.ckpt"), *(run_dir / "checkpoints").glob("*.ckpt")] if p.is_file()]

@@ -1,6 +1,6 @@
 """Launch environment: take devices, nodes and a stable run name from SLURM or torchrun (or a W&B agent).
 
-`pipeline.train` calls `apply_cluster_env(cfg)` right after loading the config, so that:
+`pipeline.training.train` calls `apply_cluster_env(cfg)` right after loading the config, so that:
 
 - under an sbatch/srun allocation `trainer.devices` = tasks per node and `trainer.num_nodes` =
   nodes: Lightning trusts both and a mismatch with the allocation hangs or silently under-uses
