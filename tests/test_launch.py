@@ -207,3 +207,26 @@ def test_uneven_torchrun_layout_is_refused():
 
     with pytest.raises(ValueError, match="not a multiple of LOCAL_WORLD_SIZE"):
         torchrun_layout({**TORCHRUN_ENV, "WORLD_SIZE": "3"})
+
+
+def test_torchrun_restarts_with_the_shared_store_are_refused_naming_the_fix():
+    from pipeline.launch.cluster import torchrun_layout
+
+    restarts = {**TORCHRUN_ENV, "TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    with pytest.raises(ValueError, match="--max-restarts=3 .*TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        torchrun_layout(restarts)
+    assert torchrun_layout({**restarts, "TORCHELASTIC_USE_AGENT_STORE": "False"}) == (2, 2)  # the variable set
+    assert torchrun_layout({**restarts, "TORCHELASTIC_MAX_RESTARTS": "0"}) == (2, 2)  # no restarts: no problem
+
+
+def test_peer_lost_is_found_behind_a_later_error():
+    from pipeline.training.train import _peer_lost
+
+    try:
+        try:
+            raise RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:63687")
+        except RuntimeError:
+            raise RuntimeError("DataLoader worker (pid 29707) is killed by signal: Terminated.")
+    except RuntimeError as e:
+        assert _peer_lost(e)
+    assert not _peer_lost(RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated."))

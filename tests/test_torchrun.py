@@ -28,6 +28,8 @@ def free_port() -> int:
 def start_agents(tmp_path: Path, args: list, rdzv_id: str, restarts: int = 0) -> list:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "SLURM_"))}
     env.update(PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    if restarts:  # what the README says to set with --max-restarts (the run refuses to start without it)
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     port = free_port()
     agents = []
     for node in range(2):
@@ -74,3 +76,35 @@ def test_two_torchrun_nodes_train_with_layout_and_name_from_torchrun(digits_root
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 30
     assert trained_steps(run_dir) == list(range(30))
 
+
+
+def rank_process(rank: int) -> int:
+    """The pid of the training process torchrun started as global rank `rank`: its loader workers inherit
+    RANK too, so the one whose parent is a torchrun agent."""
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            parent_cmd = Path(f"/proc/{parent}/cmdline").read_bytes()
+        except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+            continue
+        if f"RANK={rank}".encode() in env and b"torch.distributed.run" in parent_cmd:
+            return pid
+    raise AssertionError(f"no training process of rank {rank}")
+
+
+@pytest.mark.slow  # two torchrun agents, a group restart
+def test_a_killed_rank_makes_torchrun_restart_the_group_which_resumes_from_its_checkpoint(digits_root, tmp_path):
+    steps = 60
+    agents = start_agents(tmp_path, [*args_for(digits_root, steps), "checkpoint.every_n_steps=20",
+                                     "trainer.val_check_interval=20"], "job2", restarts=1)
+    run_dir = tmp_path / "runs" / "torchrun-job2"
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "last.ckpt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.kill(rank_process(1), 9)  # a node's worker lost
+    logs = wait_all(agents, tmp_path)
+    assert "(step 20)" in logs or "(step 40)" in logs, logs  # the restarted group resumed from a checkpoint
+    assert "# done: step 60" in logs, logs
+    assert "Traceback" not in logs, logs  # the surviving rank says one line, not gloo's traceback
+    assert trained_steps(run_dir) == list(range(steps))  # each step once in metrics.csv

@@ -49,6 +49,12 @@ def torchrun_layout(env: Mapping[str, str] = os.environ) -> Tuple[int, int]:
     if per_node < 1 or world % per_node:
         raise ValueError(f"torchrun started WORLD_SIZE={world} processes, not a multiple of LOCAL_WORLD_SIZE={per_node} "
                          "per node: give every node the same --nproc-per-node")
+    if int(env.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torch 2.x: restarted workers reuse the rendezvous store, where the old ranks' addresses are still
+        # written; a restarted rank connects to a dead one and the group fails (tried: gloo "connection refused")
+        raise ValueError(f"torchrun --max-restarts={env['TORCHELASTIC_MAX_RESTARTS']} needs a fresh store per restart: "
+                         "start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (README, "
+                         "Scaling out), or a restarted group cannot reconnect")
     return per_node, world // per_node
 
 

@@ -442,8 +442,16 @@ _PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe|[Pp]eer 
 
 
 def _peer_lost(e: BaseException) -> bool:
-    """A collective that failed because another rank's process is gone (gloo: `Connection closed by peer`)."""
-    return isinstance(e, RuntimeError) and bool(_PEER_LOST.search(str(e)))
+    """A collective that failed because another rank's process is gone (gloo: `Connection closed by peer`),
+    also where that failure is the context of a later error: a torchrun agent restarting its group ends this
+    rank's loader workers too, and PyTorch's worker watchdog then raises `DataLoader worker ... killed`."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, RuntimeError) and _PEER_LOST.search(str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _started_ranks_status(trainer, wait_s: float = 1.0) -> int:
