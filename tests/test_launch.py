@@ -226,7 +226,7 @@ def test_peer_lost_is_found_behind_a_later_error():
         try:
             raise RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:63687")
         except RuntimeError:
-            raise RuntimeError("DataLoader worker (pid 29707) is killed by signal: Terminated.")
+            raise RuntimeError("DataLoader worker (pid 29707) is killed by signal: Terminated.")  # noqa: B904 (the chain is the point)
     except RuntimeError as e:
         assert _peer_lost(e)
     assert not _peer_lost(RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated."))
