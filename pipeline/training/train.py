@@ -456,7 +456,8 @@ def _peer_lost(e: BaseException) -> bool:
 
 def _started_ranks_status(trainer, wait_s: float = 3.0) -> int:
     """The first status other than 0 among the ranks this process started (0 if none yet): the rank whose
-    error ended the run. Waits at most `wait_s` (inside the 5 s after which Lightning's observer kills us; 1 s was too short on a loaded machine)."""
+    error ended the run. Waits at most `wait_s`: inside the 5 s after which Lightning's observer kills us
+    (1 s was too short on a loaded machine)."""
     from pipeline.training.lightning_compat import started_ranks
 
     deadline = time.monotonic() + wait_s
