@@ -99,7 +99,7 @@ def test_command_must_run_the_training_module():
              "command": ["${env}", "${interpreter}", "${program}", "${args}"]}
     with pytest.raises(SweepError, match="not supported"):
         train_args(sweep, {"a": 1})
-    with pytest.raises(SweepError, match="pipeline.training.train"):
+    with pytest.raises(SweepError, match="pipeline.train"):
         train_args({**sweep, "command": ["${env}", "${interpreter}", "other.py", "${args_no_hyphens}"]}, {"a": 1})
 
 

@@ -3,7 +3,7 @@
 On a GPU a small VAE step takes about a millisecond; a host read of a device tensor (`if not
 torch.isfinite(loss)`, `.item()`, `.tolist()`) or a collective with a host read (agreeing on signals
 across ranks) in every step stalls the queue of kernels each time. tests/sync_probe.py runs
-`pipeline.training.train` with the default cadences and counts, per training step, the host reads of tensor values
+`pipeline.train` with the default cadences and counts, per training step, the host reads of tensor values
 and the Python-level collectives (CPU here: counting stands in for `torch.cuda.set_sync_debug_mode`). Only
 steps whose metrics Lightning writes anyway (every trainer.log_every_n_steps) may read values; under DDP
 the ranks agree on received signals (one all-reduce, one read) every trainer.signal_every_n_steps batches,

@@ -6,7 +6,7 @@
 
 RUN_DIR_OR_CKPT is a run directory (meaning RUN_DIR/checkpoints/last.ckpt) or a .ckpt file. The config
 is RUN_DIR/config.yaml when the checkpoint sits in RUN_DIR/checkpoints/; further `*.yaml` files and
-`key=value` overrides apply on top (as for pipeline.training.train), e.g. to point `data.root` elsewhere.
+`key=value` overrides apply on top (as for pipeline.train), e.g. to point `data.root` elsewhere.
 
 Reported, in nats per example (summed over pixels and latent dims), averaged over every example of the
 split, each counted exactly once:
@@ -88,7 +88,7 @@ def load_module(ckpt: Path, device: torch.device):
     needed = ("model", "objective", "optim", "input_shape", "max_steps")
     if not isinstance(hparams, dict) or "state_dict" not in state or any(k not in hparams for k in needed):
         raise EvalError(f"incompatible checkpoint {ckpt}: no VAEModule hyperparameters ({', '.join(needed)}) "
-                        "and state_dict; expected a checkpoint written by pipeline.training.train")
+                        "and state_dict; expected a checkpoint written by pipeline.train")
     try:
         module = VAEModule(**hparams)
         module.load_state_dict(state["state_dict"], strict=True)

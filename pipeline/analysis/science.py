@@ -3,7 +3,7 @@
     python -m pipeline.science                                  # 4 betas, CPU, a few minutes
     python -m pipeline.science --betas 0.5 2 8 --steps 300 --out runs/science-quick
 
-Prepares a seeded dSprites subset, trains one VAE per beta with pipeline.training.train (configs/dsprites_beta.yaml
+Prepares a seeded dSprites subset, trains one VAE per beta with pipeline.train (configs/dsprites_beta.yaml
 shrunk: the MLP encoder/decoder, constant KL weight, short runs), evaluates each on the test split with
 pipeline.evaluate (ELBO, IWAE with --iwae-samples, MIG against the 5 ground-truth factors), and writes
 pipeline.report's figures and table to OUT/report. Then it checks what theory requires:

@@ -121,7 +121,7 @@ def point_name(sweep: Dict[str, Any], params: Dict[str, Any], index: int) -> str
 
 def point_args(sweep: Dict[str, Any], params: Dict[str, Any], name: str, run_dir: Path, group: str,
                overrides: Sequence[str] = ()) -> List[str]:
-    """The pipeline.training.train args of one point of a local sweep: the agent's args, the point's run name and
+    """The pipeline.train args of one point of a local sweep: the agent's args, the point's run name and
     directory, the W&B group, then `overrides` (they apply to every point, as in grid.sh)."""
     return [*train_args(sweep, params), f"run.name={name}", f"run.dir={run_dir}", f"logger.wandb.group={group}",
             *overrides]
@@ -130,7 +130,7 @@ def point_args(sweep: Dict[str, Any], params: Dict[str, Any], name: str, run_dir
 def _finished(args: Sequence[str]) -> Optional[int]:
     """The step of a point's last.ckpt when it has reached trainer.max_steps, else None. A last.ckpt that
     does not load or verify makes the point unfinished (with a warning): its training then falls back to
-    the best checkpoint as `pipeline.training.train` alone does, instead of the whole sweep stopping here."""
+    the best checkpoint as `pipeline.train` alone does, instead of the whole sweep stopping here."""
     from pipeline.config import load_config
     from pipeline.launch.cli import split_argv
     from pipeline.run.checkpointing import CheckpointError, checkpoint_step
@@ -212,7 +212,7 @@ def run_main(argv: Sequence[str]) -> int:
                "  python -m pipeline.sweep run configs/sweep.yaml trainer.max_steps=500 logger.wandb.mode=offline\n"
                "  python -m pipeline.sweep run configs/sweep.yaml --out /scratch/beta-sweep")
     p.add_argument("sweep_file", help="a W&B grid sweep file (configs/sweep.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="pipeline.training.train overrides for every point")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="pipeline.train overrides for every point")
     p.add_argument("--out", type=Path, default=None, help="the sweep directory; default: runs/<sweep name>")
     a = p.parse_intermixed_args(argv)
     try:
@@ -232,7 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                     ln for ln in __doc__.splitlines() if ln.startswith("    python -m pipeline.sweep")))
     p.add_argument("sweep_file", help="a W&B grid sweep file (configs/sweep.yaml)")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--index", type=int, help="print the pipeline.training.train args of grid point INDEX, one per line")
+    g.add_argument("--index", type=int, help="print the pipeline.train args of grid point INDEX, one per line")
     g.add_argument("--command", type=int, metavar="INDEX", help="print the agent's full command, shell-quoted")
     g.add_argument("--count", action="store_true", help="print the number of grid points")
     g.add_argument("--name", action="store_true", help="print the sweep's name")
