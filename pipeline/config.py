@@ -568,7 +568,18 @@ def merge_dict(cfg: DictConfig, d: dict) -> DictConfig:
     return _merge(cfg, OmegaConf.create(d), "saved values")
 
 
-def section(d: dict, cls: type) -> DictConfig:
-    """A typed slice (e.g. ModelConfig) from a plain dict; errors name the full key (`model.arch`)."""
-    prefix = next(f.name for f in fields(Config) if f.default_factory is cls)
-    return _merge(OmegaConf.structured(Config), OmegaConf.create({prefix: d}), cls.__name__)[prefix]
+def to_object(cfg: DictConfig) -> Any:
+    """The config, or one of its sections, as its dataclass instance (`Config`, `ModelConfig`, ...)."""
+    return OmegaConf.to_object(cfg)
+
+
+def section(value: Any, cls: type) -> Any:
+    """A section as its dataclass `cls` (e.g. ModelConfig): an instance as is, a DictConfig section converted,
+    a plain mapping (a checkpoint's hyperparameters) read over the schema's defaults first; unknown keys, wrong
+    types and bad enum values raise ConfigError naming the full key (`model.arch`)."""
+    if isinstance(value, cls):
+        return value
+    if not OmegaConf.is_config(value):
+        prefix = next(f.name for f in fields(Config) if f.default_factory is cls)
+        value = _merge(OmegaConf.structured(Config), OmegaConf.create({prefix: dict(value)}), cls.__name__)[prefix]
+    return to_object(value)
