@@ -1,7 +1,7 @@
 """The LightningModule: one shared step keyed by stage, exact validation averages, optimizers.
 
-    module = VAEModule(cfg.model, cfg.objective, cfg.optim, input_shape=(1, 28, 28),
-                       max_steps=cfg.trainer.max_steps, binarize=cfg.data.binarize)
+    module = VAEModule(to_object(cfg.model), to_object(cfg.objective), to_object(cfg.optim),  # config.to_object
+                       input_shape=(1, 28, 28), max_steps=cfg.trainer.max_steps, binarize=cfg.data.binarize)
     module, checkpoint = VAEModule.from_checkpoint("runs/x/last.ckpt")   # hparams: the sections' asdict
 
 Batches are dicts: `image` uint8 [B, C, H, W] (always), maybe `label` [B], `factors` [B, F], `key`.
@@ -37,7 +37,7 @@ IWAE_CHUNK_ELEMENTS = 2**24  # decoded values per IWAE chunk (chunk * B * C*H*W)
 
 class VAEModule(pl.LightningModule):
     """VAE training / evaluation. model, objective, optim: the config sections as their dataclasses
-    (`OmegaConf.to_object(cfg.model)`); a plain dict or DictConfig is read against the schema first (a
+    (`config.to_object(cfg.model)`); a plain dict or DictConfig is read against the schema first (a
     checkpoint's hyperparameters: their `asdict`). input_shape: (C, H, W); max_steps: the run's optimizer
     steps (cyclical KL period, cosine LR end); binarize: none | dynamic (Bernoulli resample every time) |
     threshold (x > 0.5)."""
