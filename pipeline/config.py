@@ -2,25 +2,24 @@
 
 This is the only module that imports omegaconf. Every component receives its own slice
 (`cfg.model`, `cfg.data`, ...), never the root. Unknown keys, wrong types and bad enum values raise
-`ConfigError` naming the key (and the nearest valid keys for a typo).
+`ConfigError` naming the key (and the nearest valid keys for a typo). Each field is declared once, with
+`setting(default, help, bounds)`: its meaning in `python -m pipeline.train --help` and its range check
+(`validate`) are read from there.
 
     cfg = load_config(["configs/dsprites_beta.yaml"], ["objective.beta=4", "trainer.max_steps=100"])
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
 import functools
-import hashlib
-import io
 import math
+import operator
 import os
 import re
-import tokenize
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -54,131 +53,151 @@ def choices(alias) -> tuple:
     return get_args(alias)
 
 
-# The schema. The comment on each field's line is its meaning in `python -m pipeline.train --help` (key_docs
-# reads them from this file), so every leaf field carries one, on one line.
+SEED_MAX = 2**32 - 1  # numpy's and Lightning's seed range; -1 failed deep in seed_everything
+
+
+# A bound's name -> (its test, how the message writes it).
+BOUNDS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"), "le": (operator.le, "<=")}
+
+
+def setting(default: Any = MISSING, help: str = "", *, factory: Optional[Callable[[], Any]] = None,
+            item: Optional[str] = None, length: Optional[int] = None, **bounds: float) -> Any:
+    """One schema field: its default (`factory` for a list), its one-line meaning in `--help`, and its bounds,
+    checked by `validate` on every load: gt / ge / lt / le (None, for an Optional field, always passes). For a
+    list the bounds hold for every `item` (the word in the message), and `length` fixes how many there are."""
+    unknown = set(bounds) - set(BOUNDS)
+    if unknown:
+        raise TypeError(f"unknown bound(s) {sorted(unknown)}; expected some of {list(BOUNDS)}")
+    metadata = {"help": help, "bounds": bounds, "item": item, "length": length}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# The schema: each field's type, default, meaning (`python -m pipeline.train --help`) and bounds, in one place.
 @dataclass
 class RunConfig:
-    name: str = "default"  # left at default: named after the config files and overrides (or SLURM job, W&B agent)
-    dir: Optional[str] = None  # where everything is written; default: runs/<run.name>
+    name: str = setting("default", "left at default: named after the config files and overrides (or SLURM job, W&B agent)")
+    dir: Optional[str] = setting(None, "where everything is written; default: runs/<run.name>")
 
 
 @dataclass
 class DataConfig:
-    dataset: Optional[str] = None  # recipe prepared into `root` on first use (digits, dsprites); null: digits, at the default root only
-    root: str = "data/digits"  # the recipe's output directory (shards and manifest.json)
-    train: Optional[str] = None  # shards: a manifest.json, a directory, a brace pattern or a URL; null: root's
-    val: Optional[str] = None  # validation shards, as data.train
-    test: Optional[str] = None  # test shards (evaluation), as data.train
-    batch_size: int = 128  # per device
-    num_workers: int = 2  # loader worker processes per device
-    shuffle_buffer: int = 1000  # samples held by the in-worker shuffle buffer
-    steps_per_epoch: Optional[int] = None  # default: floor(total / (world_size * batch_size))
-    on_error: OnError = "raise"  # unreadable data: raise stops naming the shard; warn skips, counts, logs it
-    verify_checksums: bool = True  # sha256 of each shard checked against the manifest as read (once per worker)
-    read_timeout: float = 120.0  # seconds a pipe: / http(s) shard may send nothing before it counts as unreadable (on_error)
-    cache: Cache = "auto"  # train split decoded in the training process: host RAM, device; auto: host if <= 512 MiB
-    seed: Optional[int] = None  # data order; default: the root `seed`
-    binarize: Binarize = "none"  # dynamic: Bernoulli resample each time (MNIST-style); threshold: > 0.5
-    pin_memory: bool = True  # page-locked batches for faster host-to-GPU copies (GPU only)
+    dataset: Optional[str] = setting(None, "recipe prepared into `root` on first use (digits, dsprites); null: digits, at the default root only")
+    root: str = setting("data/digits", "the recipe's output directory (shards and manifest.json)")
+    train: Optional[str] = setting(None, "shards: a manifest.json, a directory, a brace pattern or a URL; null: root's")
+    val: Optional[str] = setting(None, "validation shards, as data.train")
+    test: Optional[str] = setting(None, "test shards (evaluation), as data.train")
+    batch_size: int = setting(128, "per device", gt=0)
+    num_workers: int = setting(2, "loader worker processes per device", ge=0)
+    shuffle_buffer: int = setting(1000, "samples held by the in-worker shuffle buffer", ge=0)
+    steps_per_epoch: Optional[int] = setting(None, "default: floor(total / (world_size * batch_size))", gt=0)
+    on_error: OnError = setting("raise", "unreadable data: raise stops naming the shard; warn skips, counts, logs it")
+    verify_checksums: bool = setting(True, "sha256 of each shard checked against the manifest as read (once per worker)")
+    read_timeout: float = setting(120.0, "seconds a pipe: / http(s) shard may send nothing before it counts as unreadable (on_error)", gt=0)
+    cache: Cache = setting("auto", "train split decoded in the training process: host RAM, device; auto: host if <= 512 MiB")
+    seed: Optional[int] = setting(None, "data order; default: the root `seed`", ge=0, le=SEED_MAX)
+    binarize: Binarize = setting("none", "dynamic: Bernoulli resample each time (MNIST-style); threshold: > 0.5")
+    pin_memory: bool = setting(True, "page-locked batches for faster host-to-GPU copies (GPU only)")
     # Shards written by other tools (img2dataset, webdataset.ShardWriter): members looked up in order.
-    image_keys: List[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp", "ppm", "npy"])  # image member: the first present
-    label_keys: List[str] = field(default_factory=lambda: ["cls", "label.cls"])  # label member (ASCII integer): the first present
-    label_field: Optional[str] = "label"  # else the label is this field of a .json member; null: no json label
+    image_keys: List[str] = setting(help="image member: the first present", factory=lambda: ["jpg", "jpeg", "png", "webp", "ppm", "npy"])
+    label_keys: List[str] = setting(help="label member (ASCII integer): the first present", factory=lambda: ["cls", "label.cls"])
+    label_field: Optional[str] = setting("label", "else the label is this field of a .json member; null: no json label")
     # Converted in the loader workers before batching; when set they also fix the model's input shape.
-    channels: Optional[Channels] = None  # 1 or 3; null: as stored (grey stays 1, other PIL images 3)
-    image_size: Optional[int] = None  # square side in pixels; null: as stored (all images one size)
-    resize: Resize = "center_crop"  # center_crop: shorter side to image_size, then crop; stretch: ignore aspect
+    channels: Optional[Channels] = setting(None, "1 or 3; null: as stored (grey stays 1, other PIL images 3)")
+    image_size: Optional[int] = setting(None, "square side in pixels; null: as stored (all images one size)")
+    resize: Resize = setting("center_crop", "center_crop: shorter side to image_size, then crop; stretch: ignore aspect")
 
 
 @dataclass
 class ModelConfig:
-    arch: Arch = "mlp"  # encoder/decoder family
-    latent_dim: int = 10  # dimensions of z
-    hidden_dims: List[int] = field(default_factory=lambda: [256, 128])  # mlp layer widths
-    conv_channels: List[int] = field(default_factory=lambda: [32, 64, 128])  # conv stages, stride 2 each
-    likelihood: Likelihood = "bernoulli"  # decoder distribution p(x|z)
-    gaussian_sigma: float = 0.1  # fixed decoder std for `gaussian` (data scaled to [0, 1])
-    learned_variance: LearnedVariance = "pixel"  # for `gaussian_learned`
-    logvar_min: float = -10.0  # clamp for every log-variance (encoder and decoder): no inf/NaN
-    logvar_max: float = 10.0  # upper clamp for every log-variance
-    init_from: Optional[str] = None  # warm start: a checkpoint's model weights (same architecture), new optimizer, step 0
+    arch: Arch = setting("mlp", "encoder/decoder family")
+    latent_dim: int = setting(10, "dimensions of z", gt=0)
+    hidden_dims: List[int] = setting(help="mlp layer widths", factory=lambda: [256, 128], item="width", gt=0)
+    conv_channels: List[int] = setting(help="conv stages, stride 2 each", factory=lambda: [32, 64, 128], item="width", gt=0)
+    likelihood: Likelihood = setting("bernoulli", "decoder distribution p(x|z)")
+    gaussian_sigma: float = setting(0.1, "fixed decoder std for `gaussian` (data scaled to [0, 1])", gt=0)
+    learned_variance: LearnedVariance = setting("pixel", "for `gaussian_learned`")
+    logvar_min: float = setting(-10.0, "clamp for every log-variance (encoder and decoder): no inf/NaN")
+    logvar_max: float = setting(10.0, "upper clamp for every log-variance")
+    init_from: Optional[str] = setting(None, "warm start: a checkpoint's model weights (same architecture), new optimizer, step 0")
 
 
 @dataclass
 class ObjectiveConfig:
-    beta: float = 1.0  # KL weight (beta-VAE); the effective weight is beta * w(step)
-    kl_schedule: KLSchedule = "constant"  # w(step)
-    warmup_steps: int = 1000  # linear / sigmoid / cosine ramp length
-    cycles: int = 4  # cyclical: number of cycles over trainer.max_steps
-    cycle_ratio: float = 0.5  # cyclical: fraction of each cycle spent ramping
-    cycle_ramp: Ramp = "linear"  # cyclical ramp shape
-    capacity_max_nats: float = 25.0  # capacity: C rises linearly to this ...
-    capacity_steps: int = 10000  # ... over this many steps
-    gamma: float = 1000.0  # capacity: weight of |KL - C|
-    free_bits: float = 0.0  # nats per latent dimension floor on the batch-mean KL; 0 disables
-    val_iwae_samples: int = 0  # if > 0, also log val/iwae with this many importance samples
+    beta: float = setting(1.0, "KL weight (beta-VAE); the effective weight is beta * w(step)", ge=0)
+    kl_schedule: KLSchedule = setting("constant", "w(step)")
+    warmup_steps: int = setting(1000, "linear / sigmoid / cosine ramp length", ge=0)
+    cycles: int = setting(4, "cyclical: number of cycles over trainer.max_steps", gt=0)
+    cycle_ratio: float = setting(0.5, "cyclical: fraction of each cycle spent ramping", gt=0, le=1)
+    cycle_ramp: Ramp = setting("linear", "cyclical ramp shape")
+    capacity_max_nats: float = setting(25.0, "capacity: C rises linearly to this ...", ge=0)
+    capacity_steps: int = setting(10000, "... over this many steps", ge=0)
+    gamma: float = setting(1000.0, "capacity: weight of |KL - C|", ge=0)
+    free_bits: float = setting(0.0, "nats per latent dimension floor on the batch-mean KL; 0 disables", ge=0)
+    val_iwae_samples: int = setting(0, "if > 0, also log val/iwae with this many importance samples", ge=0)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3  # AdamW learning rate
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW moment decay rates
-    lr_schedule: LRSchedule = "constant"  # cosine decays to min_lr_ratio * lr at max_steps
-    lr_warmup_steps: int = 0  # linear LR warm-up from 0
-    min_lr_ratio: float = 0.1  # cosine: the final LR as a fraction of lr
+    lr: float = setting(1e-3, "AdamW learning rate", gt=0)
+    weight_decay: float = setting(0.0, "AdamW decoupled weight decay", ge=0)
+    betas: List[float] = setting(help="AdamW moment decay rates", factory=lambda: [0.9, 0.999], item="number", length=2, ge=0, lt=1)
+    lr_schedule: LRSchedule = setting("constant", "cosine decays to min_lr_ratio * lr at max_steps")
+    lr_warmup_steps: int = setting(0, "linear LR warm-up from 0", ge=0)
+    min_lr_ratio: float = setting(0.1, "cosine: the final LR as a fraction of lr", ge=0, le=1)
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 3000  # optimizer steps; raise it and re-run to extend a finished run
-    accelerator: str = "auto"  # auto | cpu | gpu | ...
-    devices: Any = "auto"  # int, list or "auto"; under SLURM taken from the allocation
-    num_nodes: int = 1  # under SLURM taken from the allocation
-    strategy: str = "auto"  # auto | ddp | ...; "auto" picks ddp for >1 device
-    precision: Precision = "32-true"  # Lightning precision
-    val_check_interval: int = 500  # validate every N training batches (and always at the last step)
-    log_every_n_steps: int = 25  # write train metrics every N steps
-    gradient_clip_val: float = 0.0  # gradient norm clip; 0 disables
-    accumulate_grad_batches: int = 1  # batches per optimizer step
-    limit_val_batches: Optional[int] = None  # null: the whole validation split
-    enable_progress_bar: bool = True  # one bar on a terminal, a line every few steps otherwise
-    deterministic: bool = False  # torch deterministic algorithms (slower)
-    compile: bool = False  # torch.compile the model
+    max_steps: int = setting(3000, "optimizer steps; raise it and re-run to extend a finished run", gt=0)
+    accelerator: str = setting("auto", "auto | cpu | gpu | ...")
+    devices: Any = setting("auto", 'int, list or "auto"; under SLURM taken from the allocation')  # checked by _check_devices
+    num_nodes: int = setting(1, "under SLURM taken from the allocation", gt=0)
+    strategy: str = setting("auto", 'auto | ddp | ...; "auto" picks ddp for >1 device')
+    precision: Precision = setting("32-true", "Lightning precision")
+    val_check_interval: int = setting(500, "validate every N training batches (and always at the last step)", gt=0)
+    log_every_n_steps: int = setting(25, "write train metrics every N steps", gt=0)
+    gradient_clip_val: float = setting(0.0, "gradient norm clip; 0 disables", ge=0)
+    accumulate_grad_batches: int = setting(1, "batches per optimizer step", gt=0)
+    limit_val_batches: Optional[int] = setting(None, "null: the whole validation split", ge=0)
+    enable_progress_bar: bool = setting(True, "one bar on a terminal, a line every few steps otherwise")
+    deterministic: bool = setting(False, "torch deterministic algorithms (slower)")
+    compile: bool = setting(False, "torch.compile the model")
     # Off by default: the loss scale spans orders of magnitude between datasets (~30 on digits, ~1e4 on
     # 64x64 RGB Gaussian), so no fixed bound is both generous and useful; divergence is always warned about.
-    max_loss: Optional[float] = None  # stop when a logged training loss exceeds this (nats per example)
-    signal_every_n_steps: int = 10  # DDP: ranks agree on USR1/Ctrl-C/TERM every N batches (one all-reduce)
+    max_loss: Optional[float] = setting(None, "stop when a logged training loss exceeds this (nats per example)", gt=0)
+    signal_every_n_steps: int = setting(10, "DDP: ranks agree on USR1/Ctrl-C/TERM every N batches (one all-reduce)", gt=0)
 
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: int = 500  # write checkpoints/last.ckpt every N steps (and at the end, on Ctrl-C)
-    save_best: bool = True  # also keep the best checkpoint by val/elbo
+    every_n_steps: int = setting(500, "write checkpoints/last.ckpt every N steps (and at the end, on Ctrl-C)", gt=0)
+    save_best: bool = setting(True, "also keep the best checkpoint by val/elbo")
 
 
 @dataclass
 class WandbConfig:
-    mode: Optional[WandbMode] = None  # null: online if logged in, else offline
-    project: str = "vae-pipeline"  # W&B project
-    entity: Optional[str] = None  # W&B team or user; null: your default
-    group: Optional[str] = None  # W&B group (sweeps group their runs by the sweep name)
-    tags: List[str] = field(default_factory=list)  # W&B tags
-    log_checkpoints: Optional[Literal["best", "last", "all"]] = None  # W&B artifacts at each process end; null: none
-    sync_dir: Optional[str] = None  # offline: shared dir where rank zero asks `python -m pipeline.sync watch DIR` to sync
+    mode: Optional[WandbMode] = setting(None, "null: online if logged in, else offline")
+    project: str = setting("vae-pipeline", "W&B project")
+    entity: Optional[str] = setting(None, "W&B team or user; null: your default")
+    group: Optional[str] = setting(None, "W&B group (sweeps group their runs by the sweep name)")
+    tags: List[str] = setting(help="W&B tags", factory=list)
+    log_checkpoints: Optional[Literal["best", "last", "all"]] = setting(None, "W&B artifacts at each process end; null: none")
+    sync_dir: Optional[str] = setting(None, "offline: shared dir where rank zero asks `python -m pipeline.sync watch DIR` to sync")
 
 
 @dataclass
 class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    images_every_n_steps: int = 500  # image grids every N steps (and at the last step); 0 disables
-    num_images: int = 16  # inputs shown in the reconstruction grid
+    images_every_n_steps: int = setting(500, "image grids every N steps (and at the last step); 0 disables", ge=0)
+    num_images: int = setting(16, "inputs shown in the reconstruction grid")
 
 
 @dataclass
 class Config:
-    seed: int = 0  # model init, per-batch noise (with the step and rank) and data order
-    resume: str = "auto"  # auto: the newest checkpoint in run.dir | never | path/to/checkpoint.ckpt
+    seed: int = setting(0, "model init, per-batch noise (with the step and rank) and data order", ge=0, le=SEED_MAX)
+    resume: str = setting("auto", "auto: the newest checkpoint in run.dir | never | path/to/checkpoint.ckpt")
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -207,28 +226,35 @@ def _type_name(t: Any) -> str:
 
 
 @functools.cache
-def _field_comments() -> Dict[Tuple[str, str], str]:
-    """(dataclass, field) -> the comment on the field's line in this file, read once."""
-    source = Path(__file__).read_text()
-    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
-    comment_at = {tok.start[0]: tok.string[1:].strip() for tok in tokens if tok.type == tokenize.COMMENT}
-    return {(cls.name, node.target.id): comment_at.get(node.end_lineno, "")
-            for cls in ast.parse(source).body if isinstance(cls, ast.ClassDef)
-            for node in cls.body if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
-
-
-def key_docs(cls: type = None, prefix: str = "") -> List[Tuple[str, str, str, str]]:
-    """(key, type, default, meaning) for every leaf key of the schema, in schema order."""
+def schema_fields(cls: type = None, prefix: str = "") -> Tuple[Tuple[str, Any, dataclasses.Field], ...]:
+    """(dotted key, type, dataclasses.Field) of every leaf key of the schema, in schema order."""
     cls = cls or Config
     hints, rows = get_type_hints(cls), []
     for f in fields(cls):
         t = hints[f.name]
-        if dataclasses.is_dataclass(t):
-            rows += key_docs(t, f"{prefix}{f.name}.")
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        meaning = _field_comments().get((cls.__name__, f.name), "")
-        rows.append((prefix + f.name, _type_name(t), _yaml_value(default), meaning))
+        rows += schema_fields(t, f"{prefix}{f.name}.") if dataclasses.is_dataclass(t) else [(prefix + f.name, t, f)]
+    return tuple(rows)
+
+
+def bounds_text(bounds: Dict[str, float]) -> str:
+    """How messages and `--help` write a field's bounds: `> 0`, `>= 0`, `in (0, 1]`, ..."""
+    lower = next(((k, v) for k, v in bounds.items() if k in ("gt", "ge")), None)
+    upper = next(((k, v) for k, v in bounds.items() if k in ("lt", "le")), None)
+    if lower and upper:
+        return f"in {'(' if lower[0] == 'gt' else '['}{lower[1]}, {upper[1]}{')' if upper[0] == 'lt' else ']'}"
+    name, value = lower or upper
+    return f"{BOUNDS[name][1]} {value}"
+
+
+def key_docs() -> List[Tuple[str, str, str, str]]:
+    """(key, type and bounds, default, meaning) for every leaf key of the schema, in schema order."""
+    rows = []
+    for key, t, f in schema_fields():
+        default = f.default if f.default is not MISSING else f.default_factory()
+        typ, bounds = _type_name(t), f.metadata.get("bounds")
+        if bounds:
+            typ += f", {'each ' if f.metadata['item'] else ''}{bounds_text(bounds)}"
+        rows.append((key, typ, _yaml_value(default), f.metadata.get("help", "")))
     return rows
 
 
@@ -241,10 +267,16 @@ def keys_help() -> str:
 
 
 def _flat(d: dict, prefix: str = "") -> Dict[str, Any]:
+    """A nested plain dict -> {dotted key: leaf value}."""
     out: Dict[str, Any] = {}
     for k, v in d.items():
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
+
+
+def default_run_dir(name: str) -> str:
+    """run.dir of a run that does not set it: runs/<run.name>."""
+    return str(Path("runs") / name)
 
 
 def changed_keys(cfg: DictConfig) -> Dict[str, str]:
@@ -252,31 +284,16 @@ def changed_keys(cfg: DictConfig) -> Dict[str, str]:
     order; run.dir and data.seed are left out where they are just derived from run.name and seed."""
     default = _flat(to_dict(OmegaConf.structured(Config)))
     out = {k: _yaml_value(v) for k, v in _flat(to_dict(cfg)).items() if v != default.get(k)}
-    if cfg.run.dir == str(Path("runs") / cfg.run.name):
+    if cfg.run.dir == default_run_dir(cfg.run.name):
         out.pop("run.dir", None)
     if cfg.data.seed == cfg.seed:
         out.pop("data.seed", None)
     return out
 
 
-# Numeric keys that must be positive / non-negative.
-POSITIVE = (
-    "data.batch_size", "model.latent_dim", "trainer.max_steps", "trainer.val_check_interval",
-    "trainer.log_every_n_steps", "trainer.accumulate_grad_batches", "checkpoint.every_n_steps",
-    "objective.cycles", "optim.lr", "model.gaussian_sigma", "trainer.num_nodes",
-    "trainer.signal_every_n_steps", "data.read_timeout",
-)
-NON_NEGATIVE = (
-    "data.num_workers", "data.shuffle_buffer", "objective.beta", "objective.warmup_steps",
-    "objective.capacity_max_nats", "objective.capacity_steps", "objective.gamma",
-    "objective.free_bits", "objective.val_iwae_samples", "optim.weight_decay",
-    "optim.lr_warmup_steps", "trainer.gradient_clip_val", "logger.images_every_n_steps",
-)
-
-
 # Keys that say how a run is executed, watched, saved, stopped or how long it goes, never what it trains
 # (a trailing "." covers a section). One list serves two rules: they stay out of the run name derived from
-# the config (derived_run_name), and they alone may differ when a run directory is resumed
+# the config (pipeline.launch.naming.derived_run_name), and they alone may differ when a run directory is resumed
 # (identity_differences; any other difference from RUN_DIR/config.yaml stops the resume, pipeline/run/rundir.py).
 OPERATIONAL_KEYS = (
     "resume", "run.", "logger.", "checkpoint.", "objective.val_iwae_samples",
@@ -287,50 +304,14 @@ OPERATIONAL_KEYS = (
     "data.num_workers", "data.pin_memory", "data.cache", "data.on_error", "data.verify_checksums",
     "data.read_timeout", "trainer.signal_every_n_steps",
 )
-RUN_NAME_MAX = 80  # characters: a directory name that stays readable in `ls` and W&B
 
 
 def is_operational(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in OPERATIONAL_KEYS)
 
 
-def _name_part(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_")
-
-
-def run_name(parts: Sequence[str]) -> str:
-    """Parts (file stems, `key=value` items) made safe for a directory name and joined by `-`; longer
-    than RUN_NAME_MAX characters: cut, plus a hash of the whole (distinct configs stay distinct)."""
-    name = "-".join("=".join(map(_name_part, p.split("=", 1))) for p in parts)
-    if len(name) > RUN_NAME_MAX:
-        name = f"{name[:RUN_NAME_MAX - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
-    return name
-
-
-def derived_run_name(files: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = ()) -> str:
-    """The name of a run whose config does not name it: the config file stems joined by `+` (`default`
-    without files), then `-key=value` for each override that changes what is trained (sorted by key;
-    operational keys and overrides equal to the files' value left out), sanitised for a directory name.
-    E.g. `dsprites_beta-objective.beta=8`."""
-    stems = "+".join(_name_part(Path(f).stem) for f in files) or RunConfig.name
-    last = dict(o.split("=", 1) for o in overrides)  # the last value of each key wins, as in the merge
-    base, full = load_config(files, []), load_config(files, overrides)
-    return run_name([stems, *(f"{k}={v}" for k, v in sorted(last.items())
-                              if not is_operational(k) and _get(base, k) != _get(full, k))])
-
-
 # Schedules whose shape is stretched over trainer.max_steps: with them, max_steps is part of what is trained.
 SPANS_MAX_STEPS = {"optim.lr_schedule": ("cosine",), "objective.kl_schedule": ("cyclical",)}
-
-
-def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def load_saved(path: str | os.PathLike) -> DictConfig:
@@ -356,13 +337,12 @@ def identity_differences(saved: DictConfig, new: DictConfig) -> List[Tuple[str, 
     return diffs
 
 
-def _all_keys(node: Any, prefix: str = "") -> List[str]:
+def _all_keys(node: dict, prefix: str = "") -> List[str]:
+    """Every key of a nested plain dict, sections and leaves, dotted."""
     keys = []
-    if isinstance(node, DictConfig):
-        for k in node.keys():
-            full = f"{prefix}{k}"
-            keys.append(full)
-            keys.extend(_all_keys(node._get_node(k), full + "."))
+    for k, v in node.items():
+        keys.append(f"{prefix}{k}")
+        keys.extend(_all_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [])
     return keys
 
 
@@ -376,26 +356,37 @@ def _nearest(bad: str, valid: Sequence[str]) -> str:
     return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
-def _check_sections(base: DictConfig, other: Any, source: str, prefix: str = "") -> None:
+@functools.cache
+def _section_keys(cls: type = None, prefix: str = "") -> frozenset:
+    """The dotted keys of the schema's sections (`data`, `logger.wandb`, ...)."""
+    hints = get_type_hints(cls or Config)
+    return frozenset(k for f in fields(cls or Config) if dataclasses.is_dataclass(hints[f.name])
+                     for k in (prefix + f.name, *_section_keys(hints[f.name], f"{prefix}{f.name}.")))
+
+
+def _check_sections(other: Any, source: str) -> None:
     """A YAML file that is not a mapping, or a section given as a list or a value (`data: [1, 2]`):
     ConfigError naming it (OmegaConf raises a TypeError, or an error without a key or message)."""
     if not isinstance(other, DictConfig):
         what = "a list" if isinstance(other, (list, tuple)) or OmegaConf.is_list(other) else type(other).__name__
-        where = f"'{prefix.rstrip('.')}'" if prefix else "the file"
-        raise ConfigError(f"{source}: {where} must be a mapping of keys (key: value), not {what}")
-    for k in other.keys():
-        if isinstance(k, str) and k in base and OmegaConf.is_dict(base._get_node(k)):
-            value = other._get_node(k)
-            if OmegaConf.is_dict(value):
-                _check_sections(base._get_node(k), value, source, f"{prefix}{k}.")
-            elif not OmegaConf.is_missing(other, k):
-                shown = OmegaConf.to_container(value) if OmegaConf.is_list(value) else other[k]
-                raise ConfigError(f"{source}: bad value for '{prefix}{k}': {shown!r}; '{prefix}{k}' is a section: "
-                                  f"give its keys ({prefix}{k}.<key>=...)")
+        raise ConfigError(f"{source}: the file must be a mapping of keys (key: value), not {what}")
+
+    def check(node: dict, prefix: str) -> None:
+        for k, value in node.items():
+            key = f"{prefix}{k}"
+            if key not in _section_keys():
+                continue
+            if isinstance(value, dict):
+                check(value, f"{key}.")
+            elif value != "???":  # a missing value (`data: ???`) is left to the merge
+                raise ConfigError(f"{source}: bad value for '{key}': {value!r}; '{key}' is a section: "
+                                  f"give its keys ({key}.<key>=...)")
+
+    check(OmegaConf.to_container(other, resolve=False), "")  # plain containers: nothing resolved
 
 
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
-    _check_sections(base, other, source)
+    _check_sections(other, source)
     try:
         return OmegaConf.merge(base, other)
     except (ConfigKeyError, ValidationError, OmegaConfBaseException) as e:
@@ -405,11 +396,12 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         if literal:  # a Literal field: the same words as every other bad value
             allowed = ", ".join(a.strip().strip("'") for a in literal.group(2).split(","))
             raise ConfigError(f"{source}: bad value for '{key}': {literal.group(1)!r}; expected one of: {allowed}") from None
-        hint = _nearest(key, _all_keys(base)) if isinstance(e, ConfigKeyError) or "not in" in msg else ""
+        hint = _nearest(key, _all_keys(OmegaConf.to_container(base, resolve=False))) if isinstance(e, ConfigKeyError) or "not in" in msg else ""
         raise ConfigError(f"{source}: bad config key '{key}': {msg}.{hint}") from None
 
 
-def _get(cfg: DictConfig, dotted: str) -> Any:
+def select(cfg: DictConfig, dotted: str) -> Any:
+    """The value at a dotted key (`objective.beta`); None where there is none."""
     return OmegaConf.select(cfg, dotted, throw_on_missing=False)
 
 
@@ -420,42 +412,35 @@ def validate(cfg: DictConfig) -> None:
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"bad value for '{key}': {value!r}; must be a finite number")
-    for key in POSITIVE:
-        if not _get(cfg, key) > 0:
-            raise ConfigError(f"bad value for '{key}': {_get(cfg, key)!r}; must be > 0")
-    for key in NON_NEGATIVE:
-        if not _get(cfg, key) >= 0:
-            raise ConfigError(f"bad value for '{key}': {_get(cfg, key)!r}; must be >= 0")
-    for key in ("model.hidden_dims", "model.conv_channels"):
-        if not all(w > 0 for w in _get(cfg, key)):
-            raise ConfigError(f"bad value for '{key}': {list(_get(cfg, key))}; every width must be > 0")
-    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
-        raise ConfigError(f"bad value for 'optim.betas': {list(cfg.optim.betas)}; must be two numbers in [0, 1)")
-    for key in ("trainer.max_loss", "data.steps_per_epoch"):
-        if _get(cfg, key) is not None and not _get(cfg, key) > 0:
-            raise ConfigError(f"bad value for '{key}': {_get(cfg, key)!r}; must be > 0 (or null)")
-    if cfg.trainer.limit_val_batches is not None and cfg.trainer.limit_val_batches < 0:
-        raise ConfigError(f"bad value for 'trainer.limit_val_batches': {cfg.trainer.limit_val_batches}; must be >= 0")
-    if not 0.0 < cfg.objective.cycle_ratio <= 1.0:
-        raise ConfigError(f"bad value for 'objective.cycle_ratio': {cfg.objective.cycle_ratio}; must be in (0, 1]")
-    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
-        raise ConfigError(f"bad value for 'optim.min_lr_ratio': {cfg.optim.min_lr_ratio}; must be in [0, 1]")
+    check_bounds(cfg)
     if cfg.model.logvar_min >= cfg.model.logvar_max:
         raise ConfigError("'model.logvar_min' must be below 'model.logvar_max'")
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_file():
         raise ConfigError(f"bad value for 'resume': {cfg.resume!r} is neither auto, never nor an existing checkpoint")
     if cfg.model.init_from is not None and not Path(cfg.model.init_from).is_file():
         raise ConfigError(f"bad value for 'model.init_from': {cfg.model.init_from!r} is not an existing checkpoint")
-    for key in ("seed", "data.seed"):  # numpy's and Lightning's range; -1 failed deep in seed_everything
-        value = _get(cfg, key)
-        if value is not None and not 0 <= value <= SEED_MAX:
-            raise ConfigError(f"bad value for '{key}': {value}; must be in [0, {SEED_MAX}]")
     _check_devices(cfg.trainer.devices)
     if cfg.trainer.devices in (-1, "-1"):  # Lightning's "all devices"; on CPU it raised there, "auto" means the same
         cfg.trainer.devices = "auto"
 
 
-SEED_MAX = 2**32 - 1
+def check_bounds(cfg: DictConfig) -> None:
+    """Each field's bounds, from its `setting(...)` in the schema (a null Optional value passes)."""
+    for key, t, f in schema_fields():
+        bounds = f.metadata.get("bounds")
+        value = select(cfg, key)
+        if not bounds or value is None:
+            continue
+        text, item, length = bounds_text(bounds), f.metadata["item"], f.metadata["length"]
+        values = list(value) if item else [value]
+        if (length is None or len(values) == length) and all(BOUNDS[k][0](v, b) for v in values for k, b in bounds.items()):
+            continue
+        if item:
+            count = {2: "two", 3: "three"}.get(length, str(length))
+            need = f"must be {count} {item}s {text}" if length else f"every {item} must be {text}"
+            raise ConfigError(f"bad value for '{key}': {values}; {need}")
+        null = " (or null)" if type(None) in get_args(t) else ""
+        raise ConfigError(f"bad value for '{key}': {value!r}; must be {text}{null}")
 
 
 def _check_devices(devices: Any) -> None:
@@ -542,7 +527,7 @@ def load_config(files: Sequence[str | os.PathLike] = (), overrides: Sequence[str
     refuse_environment_values(cfg)
     validate(cfg)
     if cfg.run.dir is None:
-        cfg.run.dir = str(Path("runs") / cfg.run.name)
+        cfg.run.dir = default_run_dir(cfg.run.name)
     if cfg.data.seed is None:
         cfg.data.seed = cfg.seed
     return cfg
@@ -568,7 +553,18 @@ def merge_dict(cfg: DictConfig, d: dict) -> DictConfig:
     return _merge(cfg, OmegaConf.create(d), "saved values")
 
 
-def section(d: dict, cls: type) -> DictConfig:
-    """A typed slice (e.g. ModelConfig) from a plain dict; errors name the full key (`model.arch`)."""
-    prefix = next(f.name for f in fields(Config) if f.default_factory is cls)
-    return _merge(OmegaConf.structured(Config), OmegaConf.create({prefix: d}), cls.__name__)[prefix]
+def to_object(cfg: DictConfig) -> Any:
+    """The config, or one of its sections, as its dataclass instance (`Config`, `ModelConfig`, ...)."""
+    return OmegaConf.to_object(cfg)
+
+
+def section(value: Any, cls: type) -> Any:
+    """A section as its dataclass `cls` (e.g. ModelConfig): an instance as is, a DictConfig section converted,
+    a plain mapping (a checkpoint's hyperparameters) read over the schema's defaults first; unknown keys, wrong
+    types and bad enum values raise ConfigError naming the full key (`model.arch`)."""
+    if isinstance(value, cls):
+        return value
+    if not OmegaConf.is_config(value):
+        prefix = next(f.name for f in fields(Config) if f.default_factory is cls)
+        value = _merge(OmegaConf.structured(Config), OmegaConf.create({prefix: dict(value)}), cls.__name__)[prefix]
+    return to_object(value)

@@ -1,7 +1,7 @@
 """Callbacks without a Trainer: image grids large enough to see."""
 import torch
 
-from pipeline.training.callbacks import image_grid
+from pipeline.vae.grids import image_grid
 
 
 def test_small_images_are_upscaled_nearest_neighbour_to_at_least_64_px():

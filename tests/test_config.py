@@ -100,8 +100,11 @@ def test_help_lists_every_config_key_with_type_default_and_meaning(capsys):
         assert line is not None, f"{key} missing from --help"
         assert line.startswith(f"  {key} = {yaml_text(default)} "), line
         meaning = line.split(":", 1)[1].strip() if ":" in line else ""
-        assert meaning, f"{key} has no one-line meaning (its comment in pipeline/config.py): {line}"
+        assert meaning, f"{key} has no one-line meaning (its help in pipeline/config.py): {line}"
     assert "kl_schedule = constant" in out and "constant|linear|sigmoid|cosine|cyclical|capacity" in out
+    # each field's bounds, the ones validate checks, beside its type
+    assert "  data.batch_size = 128 " in out and "int, > 0: per device" in out
+    assert "float, in (0, 1]: cyclical: fraction of each cycle" in out and "list[int], each > 0: mlp layer widths" in out
     assert "python -m pipeline.train configs/dsprites_beta.yaml objective.beta=8" in out  # examples
 
 

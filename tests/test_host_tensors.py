@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 
 from pipeline.training.callbacks import DataErrorCounter
 from pipeline.training.lightning_compat import logs_written_this_step
-from pipeline.training.module import ExactSums, VAEModule
+from pipeline.training.module import VAEModule
+from pipeline.vae.metrics import ExactSums
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 

@@ -45,6 +45,14 @@ def trainer(tmp_path, **kw):
     return pl.Trainer(**kw)
 
 
+def test_attached_trainer_is_none_until_a_trainer_runs_the_module(tmp_path):
+    module = Tiny()
+    assert compat.attached_trainer(module) is None
+    t = trainer(tmp_path, max_steps=1, enable_checkpointing=False)
+    t.fit(module)
+    assert compat.attached_trainer(module) is t is module.trainer
+
+
 def test_batches_trained_counts_batches_across_epochs_and_resume(tmp_path):
     first = Tiny()
     t = trainer(tmp_path, max_steps=7, accumulate_grad_batches=2, enable_checkpointing=False)

@@ -1,4 +1,5 @@
 """VAEModule under a real Lightning Trainer on CPU with tiny in-memory dict batches."""
+import dataclasses
 import math
 
 import lightning.pytorch as pl
@@ -6,9 +7,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.config import ConfigError, load_config
-from pipeline.training.module import ACTIVE_UNIT_THRESHOLD, ExactSums, VAEModule, active_units
+from pipeline.config import ConfigError, ModelConfig, load_config, to_object
+from pipeline.training.module import VAEModule
 from pipeline.vae import schedules as S
+from pipeline.vae.metrics import ACTIVE_UNIT_THRESHOLD, ExactSums, active_units
 
 SHAPE = (1, 8, 8)
 MODEL = {"arch": "mlp", "latent_dim": 3, "hidden_dims": [32, 16]}
@@ -297,6 +299,19 @@ def test_checkpoint_loads_back_and_resumes(tmp_path):
         assert torch.equal(outs[0][k], outs[1][k]), k
     x = loaded.to_float(batch["image"])
     assert torch.equal(module.reconstruct(x), loaded.reconstruct(x))
+
+    # the sections are kept as their dataclasses; the hyperparameters saved are their asdict
+    assert isinstance(loaded.model_cfg, ModelConfig) and hp["model"] == dataclasses.asdict(loaded.model_cfg)
+    assert hp["objective"] == dataclasses.asdict(to_object(cfg.objective))
+
+    # a checkpoint of an older version (hyperparameters as partial dicts, keys since added left out) loads
+    # through the loader evaluation shares, with the schema's defaults filled in
+    old = dict(raw, hyper_parameters={**hp, "model": {k: v for k, v in hp["model"].items() if k != "logvar_max"}})
+    torch.save(old, tmp_path / "old.ckpt")
+    again, state = VAEModule.from_checkpoint(tmp_path / "old.ckpt")
+    assert again.model_cfg == loaded.model_cfg and state["global_step"] == 3
+    for (k, a), (_, b) in zip(module.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
 
     # resuming restores the step, and with it the KL and LR schedules
     rec = Record()

@@ -101,20 +101,31 @@ def test_every_third_party_import_is_declared():
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
 
 
-# Private Lightning / DataLoader names seen in this code base; lightning_compat.py is their only home.
+# Private Lightning / DataLoader names seen in this code base; lightning_compat.py is their only home. Also a
+# LightningModule's `_trainer` (lightning_compat.attached_trainer) and OmegaConf's `_get_node` (config.py uses
+# the public API: OmegaConf.select, OmegaConf.to_container).
 PRIVATE = ("_checkpoint_connector", "_logger_connector", "_iterator", "_check_log_dir_exists", "fit_loop",
            "_shutdown_workers", "_active_loop", "_experiment", "_fs", "_wandb_init", "_should_check_val_fx",
-           "_data_fetcher", "_broadcast_sigterm_tensor")
+           "_data_fetcher", "_broadcast_sigterm_tensor", "_trainer", "_get_node")
+
+
+def private_names(source: str) -> list[str]:
+    """`line .name` / `line 'name'` for each private name of PRIVATE used in `source`."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr in PRIVATE:
+            found.append(f"{node.lineno} .{node.attr}")
+        elif isinstance(node, ast.Constant) and node.value in PRIVATE:  # getattr(x, "_name")
+            found.append(f"{node.lineno} {node.value!r}")
+    return found
 
 
 def test_private_lightning_names_only_in_lightning_compat():
-    offenders = []
-    for name, path in modules().items():
-        if name == "pipeline.training.lightning_compat":
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Attribute) and node.attr in PRIVATE:
-                offenders.append(f"{name}:{node.lineno} .{node.attr}")
-            elif isinstance(node, ast.Constant) and node.value in PRIVATE:  # getattr(x, "_name")
-                offenders.append(f"{name}:{node.lineno} {node.value!r}")
+    offenders = [f"{name}:{hit}" for name, path in modules().items() if name != "pipeline.training.lightning_compat"
+                 for hit in private_names(path.read_text())]
     assert not offenders, f"private Lightning names outside pipeline/training/lightning_compat.py: {offenders}"
+
+
+def test_the_private_name_check_catches_names_once_used():
+    planted = "distributed = self._trainer is not None\nnode = base._get_node(k)\ngetattr(m, '_trainer')\n"
+    assert private_names(planted) == ["1 ._trainer", "2 ._get_node", "3 '_trainer'"]

@@ -155,7 +155,7 @@ def measure_pipeline(cfg, warmup: int, device: str, compile_model: bool = False,
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = ShardDataModule(cfg.data)
-    module = VAEModule(model=C.to_dict(cfg.model), objective=C.to_dict(cfg.objective), optim=C.to_dict(cfg.optim),
+    module = VAEModule(C.to_object(cfg.model), C.to_object(cfg.objective), C.to_object(cfg.optim),
                        input_shape=tuple(dm.input_shape), max_steps=cfg.trainer.max_steps, binarize=cfg.data.binarize)
     if compile_model:
         module.vae.compile()
@@ -330,9 +330,7 @@ def checksum_cost(cfg, repeats: int = 3) -> dict[str, Any]:
 def measure_loader(cfg, batches: int, warmup: int, cache: str | None = "none") -> dict[str, float]:
     """Samples/s of the training loader alone (loader_throughput), with data.cache set to `cache` (None: as
     configured)."""
-    from pipeline import config as C
-
-    data = C.section(C.to_dict(cfg.data), C.DataConfig)  # a copy
+    data = cfg.data.copy()
     if cache is not None:
         data.cache = cache
     r = loader_throughput(data, split="train", batches=batches, warmup=warmup)

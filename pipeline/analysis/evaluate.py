@@ -17,7 +17,7 @@ split, each counted exactly once:
                        digits example but ~11 s per dSprites conv example (peak ~7 GB at the default
                        chunk) -- use a GPU, --iwae-samples 100 or --chunk-size there
   bits_per_dim_{elbo,iwae}   -bound / (C*H*W ln 2)
-  active_units         latent dims with Var_x(E_q[z_d|x]) > 0.01 (Burda et al. 2016; pipeline.training.module.active_units)
+  active_units         latent dims with Var_x(E_q[z_d|x]) > 0.01 (Burda et al. 2016; pipeline.vae.metrics.active_units)
   kl_per_dim           [D] mean KL of each latent dim
   mig, mig_per_factor  Mutual Information Gap of the mean codes against the ground-truth factors
                        (dSprites), when the data has them; estimator in pipeline/vae/disentangle.py
@@ -75,30 +75,15 @@ def use_device(dev: torch.device) -> torch.device:
 
 
 def load_module(ckpt: Path, device: torch.device):
-    """(VAEModule in eval mode on `device`, the checkpoint's global step). EvalError naming the file when
-    it is not a readable checkpoint, lacks the VAEModule hyperparameters, or its weights do not fit them."""
-    from pipeline.run.checkpointing import CheckpointError, checksum_problem, safe_load
+    """(VAEModule in eval mode on `device`, the checkpoint's global step), through training's loader
+    (VAEModule.from_checkpoint); EvalError naming the file when it cannot be loaded."""
+    from pipeline.run.checkpointing import CheckpointError
     from pipeline.training.module import VAEModule
 
-    try:  # the weights-only unpickler: no code in the file runs on load
-        state = safe_load(ckpt)
-    except CheckpointError as e:
-        raise EvalError(f"incompatible checkpoint: {e}") from None
-    hparams = state.get("hyper_parameters") if isinstance(state, dict) else None
-    needed = ("model", "objective", "optim", "input_shape", "max_steps")
-    if not isinstance(hparams, dict) or "state_dict" not in state or any(k not in hparams for k in needed):
-        raise EvalError(f"incompatible checkpoint {ckpt}: no VAEModule hyperparameters ({', '.join(needed)}) "
-                        "and state_dict; expected a checkpoint written by pipeline.train")
     try:
-        module = VAEModule(**hparams)
-        module.load_state_dict(state["state_dict"], strict=True)
-    except (RuntimeError, ValueError, TypeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        detail = " ".join(str(e).split())[:300]
-        raise EvalError(f"incompatible checkpoint {ckpt}: its weights do not fit its model config "
-                        f"({type(e).__name__}: {detail if len(first) < 60 else first[:300]})") from None
-    if (problem := checksum_problem(state)) is not None:
-        raise EvalError(f"corrupt checkpoint {ckpt}: {problem}")
+        module, state = VAEModule.from_checkpoint(ckpt)
+    except CheckpointError as e:
+        raise EvalError(str(e)) from None
     return module.eval().to(device), int(state.get("global_step", -1))
 
 
@@ -121,8 +106,8 @@ def load_eval_config(run_dir: Path | None, ckpt: Path, files: Sequence[str] = ()
 # ------------------------------------------------------------------------------------- the math
 def summarize(sums, num_dims: int, factor_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Means per example (nats), bits/dim, active units, KL per dim and MIG from the running sums (the
-    ExactSums metric of VAEModule that `evaluate_batches` returns)."""
-    from pipeline.training.module import active_units
+    pipeline.vae.metrics.ExactSums that `evaluate_batches` returns)."""
+    from pipeline.vae.metrics import active_units
 
     mean = sums.means()
     if mean is None:
@@ -175,7 +160,7 @@ def evaluate_batches(module, batches: Iterable[dict[str, Any]], iwae_samples: in
     ELBO and the IWAE bound (VAEModule.evaluation_terms, as in validation). Returns the running sums, an
     ExactSums metric keeping the mean codes for MIG (see `summarize`)."""
     from pipeline.progress import progress_bar
-    from pipeline.training.module import ExactSums
+    from pipeline.vae.metrics import ExactSums
 
     module.eval()
     device = module.device

@@ -203,14 +203,15 @@ def traversal_grids(run_dir: Path, out_dir: Path, num_images: int = 8, traversal
                     steps: int = 9, max_dims: int = 10) -> dict[str, Path]:
     """PNG grids from RUN_DIR's last checkpoint: reconstructions of the first validation images (input,
     reconstruction pairs), 64 prior samples, and traversals of the first image's mean code, one row per
-    latent dim from -range to +range: training's ImageLogger.make_grids. Needs the checkpoint and data."""
+    latent dim from -range to +range: the grids training draws (pipeline.vae.grids.draw_grids). Needs the
+    checkpoint and data."""
     import torch
     from PIL import Image
 
     from pipeline.analysis.evaluate import load_module
     from pipeline.config import load_config
     from pipeline.data.datamodule import ShardDataModule
-    from pipeline.training.callbacks import ImageLogger
+    from pipeline.vae.grids import draw_grids
 
     cfg = load_config([run_dir / "config.yaml"])
     module, _ = load_module(run_dir / "checkpoints" / "last.ckpt", torch.device("cpu"))
@@ -220,8 +221,7 @@ def traversal_grids(run_dir: Path, out_dir: Path, num_images: int = 8, traversal
     split = "val" if dm.source("val") is not None else "train"
     batch = next(iter(dm.loader(split, train=False)))
     # Training's grids (fixed prior draw, so every run compared gets the same z's), from this batch.
-    grids = ImageLogger(out_dir, every_n_steps=0, num_images=num_images, traversal_range=traversal_range,
-                        traversal_steps=steps, max_traversal_dims=max_dims).make_grids(module, batch["image"])
+    grids = draw_grids(module, batch["image"], num_images, traversal_range, steps, max_dims)
     paths = {}
     for name, grid in grids.items():
         paths[name] = out_dir / f"{name}.png"

@@ -5,11 +5,11 @@ entry point, so none of them needs another's internals.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import List, Sequence, Tuple
 
 from pipeline import config as C
-from pipeline.launch.cluster import DEFAULT_RUN_NAME, apply_cluster_env
+from pipeline.launch.cluster import apply_cluster_env
+from pipeline.launch.naming import DEFAULT_RUN_NAME, derived_run_name, name_run
 
 
 def split_argv(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
@@ -62,12 +62,8 @@ def config_from_argv(argv: Sequence[str], require_srun: bool = True):
 
 def name_from_config(cfg, files: Sequence[str], overrides: Sequence[str]):
     """A run still at the default name (not named by the user, a config file, SLURM or a W&B agent) gets
-    one derived from its config (config.derived_run_name), so a different config lands in its own
+    one derived from its config (naming.derived_run_name), so a different config lands in its own
     directory; the bare default keeps `runs/default`. Modifies and returns cfg."""
     if cfg.run.name != DEFAULT_RUN_NAME or any(o.split("=", 1)[0].strip() == "run.name" for o in overrides):
         return cfg
-    name = C.derived_run_name(files, overrides)
-    if cfg.run.dir == str(Path("runs") / DEFAULT_RUN_NAME):  # load_config's default, not a user's dir
-        cfg.run.dir = str(Path("runs") / name)
-    cfg.run.name = name
-    return cfg
+    return name_run(cfg, derived_run_name(files, overrides))

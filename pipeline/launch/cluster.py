@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from typing import Mapping, Optional, Tuple
+
+from pipeline.launch.naming import DEFAULT_RUN_NAME, name_run
 
 # Job names Lightning treats as "not a SLURM launch" (SLURMEnvironment.detect()): an interactive
 # `srun --pty bash` or `salloc` shell where processes are started by hand.
 INTERACTIVE_JOB_NAMES = ("bash", "interactive")
-DEFAULT_RUN_NAME = "default"  # RunConfig.name: a run left at it gets a launch-derived name
 DEFAULT_DEVICES = ("auto", -1, "-1")  # "as many as there are": filled in from the allocation
 DEFAULT_NUM_NODES = 1
 
@@ -136,9 +136,7 @@ def apply_cluster_env(cfg, env: Mapping[str, str] = os.environ, require_srun: bo
     """
     name = default_run_name(env)
     if name and cfg.run.name == DEFAULT_RUN_NAME:
-        if cfg.run.dir == str(Path("runs") / DEFAULT_RUN_NAME):  # load_config's default, not a user's dir
-            cfg.run.dir = str(Path("runs") / name)
-        cfg.run.name = name
+        name_run(cfg, name)
     if in_torchrun(env) and not in_slurm_allocation(env):
         return _apply_layout(cfg, *torchrun_layout(env), "torchrun", "--nproc-per-node", "--nnodes")
     if not in_slurm_allocation(env):

@@ -113,7 +113,7 @@ def sweep_name(sweep: Dict[str, Any], path: str | Path) -> str:
 
 def point_name(sweep: Dict[str, Any], params: Dict[str, Any], index: int) -> str:
     """A point's run directory name: its swept `key=value` items (constants left out)."""
-    from pipeline.config import run_name
+    from pipeline.launch.naming import run_name
 
     swept = [f"{k}={v}" for k, v in params.items() if "values" in sweep["parameters"][k]]
     return run_name(swept) if swept else f"point{index}"

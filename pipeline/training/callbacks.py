@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
@@ -26,7 +25,7 @@ from pipeline.training.lightning_compat import (
     skip_per_step_sigterm_broadcast,
     validates_after_this_batch,
 )
-from pipeline.vae.objectives import decoder_mean
+from pipeline.vae.grids import draw_grids
 
 log = logging.getLogger(__name__)
 
@@ -73,28 +72,6 @@ class StepSeed(Callback):
         self._eval_seed(trainer, 2)
 
 
-GRID_MIN_SIDE = 64  # px: an 8x8 digit drawn 8x8 is a speck in a viewer or on W&B
-
-
-def image_grid(images: torch.Tensor, nrow: int, pad: int = 1) -> np.ndarray:
-    """[N, C, H, W] floats in [0, 1] -> one [rows*(h+pad)+pad, nrow*(w+pad)+pad, 3] uint8 image, where each
-    image is upscaled by an integer factor (nearest neighbour: pixels stay sharp squares) to h, w with
-    min(h, w) >= GRID_MIN_SIDE; images that large already keep their size."""
-    x = images.detach().float().clamp(0, 1).cpu()
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    scale = -(-GRID_MIN_SIDE // min(x.shape[-2:]))  # ceil
-    if scale > 1:
-        x = x.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
-    n, c, h, w = x.shape
-    rows = (n + nrow - 1) // nrow
-    grid = torch.ones(3, rows * (h + pad) + pad, nrow * (w + pad) + pad)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
-    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-
-
 class ImageLogger(Callback):
     """Reconstructions, prior samples and latent traversals, every `every_n_steps` (rank zero only).
 
@@ -127,31 +104,10 @@ class ImageLogger(Callback):
             self._last_logged, self._last_step = bucket, trainer.global_step
             self.log_images(trainer, pl_module)
 
-    @torch.no_grad()
-    def make_grids(self, pl_module: LightningModule, images: Optional[torch.Tensor] = None) -> dict:
-        """The grids from `images` (uint8 [N, C, H, W]; default: the captured validation batch)."""
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            # fp32 input (the model casts it to its weights' dtype); fp32 output before the grids (bf16-true)
-            x = (self._batch if images is None else images[: self.num_images]).to(pl_module.device).float() / 255.0
-            recon = pl_module.reconstruct(x).float()
-            pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # input, reconstruction, input, ...
-            n = x.shape[0]
-            latent_dim, likelihood = pl_module.model_cfg.latent_dim, pl_module.model_cfg.likelihood
-            gen = torch.Generator().manual_seed(0)  # fixed draw; leaves the global RNG alone
-            z = torch.randn(64, latent_dim, generator=gen).to(pl_module.device)
-            samples = decoder_mean(pl_module.vae.decode(z), likelihood).float()
-            dims = list(range(min(latent_dim, self.max_traversal_dims)))
-            values = torch.linspace(-self.traversal_range, self.traversal_range, self.traversal_steps)
-            trav = pl_module.traverse(x[:1], dims, values)  # [len(dims) * steps, C, H, W]
-        finally:
-            pl_module.train(was_training)
-        return {
-            "reconstructions": image_grid(pairs, nrow=min(2 * n, 16)),
-            "samples": image_grid(samples, nrow=8),
-            "traversals": image_grid(trav, nrow=self.traversal_steps),
-        }
+    def make_grids(self, pl_module: LightningModule) -> dict:
+        """The grids of the captured validation batch (pipeline.vae.grids.draw_grids)."""
+        return draw_grids(pl_module, self._batch, self.num_images, self.traversal_range, self.traversal_steps,
+                          self.max_traversal_dims)
 
     def log_images(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from PIL import Image

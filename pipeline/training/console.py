@@ -38,7 +38,7 @@ KNOWN_WARNINGS = (
     # Every resumed run: the directory holds the checkpoints it resumes from, on purpose.
     (r"Checkpoint directory .* exists and is not empty", UserWarning),
     # Every DDP run, once per validation key: the values logged are already the same on every rank (exact
-    # all-reduced sums, module.ExactSums), so Lightning's extra sync would only cost a collective per key.
+    # all-reduced sums, vae.metrics.ExactSums), so Lightning's extra sync would only cost a collective per key.
     (r"It is recommended to use `self.log\('(val|test)/.*sync_dist=True", UserWarning),
 )
 

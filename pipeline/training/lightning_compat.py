@@ -11,6 +11,13 @@ import warnings
 from pathlib import Path
 
 
+def attached_trainer(module):
+    """The Trainer `module` (a LightningModule) is attached to, or None. `module.trainer` raises when there is
+    none (a module built for evaluation, or called outside `fit`), and Lightning has no public check; it is
+    read on every training step, so no exception is caught per step either."""
+    return module._trainer
+
+
 def batches_trained(trainer) -> int:
     """Training batches run so far in this run, restored from a checkpoint on resume.
 

@@ -1,8 +1,8 @@
 """The LightningModule: one shared step keyed by stage, exact validation averages, optimizers.
 
-    module = VAEModule(cfg.model, cfg.objective, cfg.optim, input_shape=(1, 28, 28),
-                       max_steps=cfg.trainer.max_steps, binarize=cfg.data.binarize)
-    module = VAEModule.load_from_checkpoint("runs/x/last.ckpt")   # hparams are plain dicts
+    module = VAEModule(to_object(cfg.model), to_object(cfg.objective), to_object(cfg.optim),  # config.to_object
+                       input_shape=(1, 28, 28), max_steps=cfg.trainer.max_steps, binarize=cfg.data.binarize)
+    module, checkpoint = VAEModule.from_checkpoint("runs/x/last.ckpt")   # hparams: the sections' asdict
 
 Batches are dicts: `image` uint8 [B, C, H, W] (always), maybe `label` [B], `factors` [B, F], `key`.
 Images become float in [0, 1] here, on the device, not in the loader.
@@ -18,122 +18,35 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import lightning.pytorch as pl
 import torch
-import torchmetrics
 from torch import nn
-from torchmetrics.utilities import dim_zero_cat
 
-from pipeline.config import Binarize, ModelConfig, ObjectiveConfig, OptimConfig, choices, section, to_dict
+from pipeline.config import Binarize, ModelConfig, ObjectiveConfig, OptimConfig, choices, section
 from pipeline.training import accel
-from pipeline.training.lightning_compat import logs_written_this_step
+from pipeline.training.lightning_compat import attached_trainer, logs_written_this_step
 from pipeline.vae import objectives, schedules
+from pipeline.vae.metrics import ExactSums, active_units
 from pipeline.vae.model import VAE
 
 STAGES = ("val", "test")
-ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: Var_x(E_q[z_d]) above this counts as active
 IWAE_CHUNK_ELEMENTS = 2**24  # decoded values per IWAE chunk (chunk * B * C*H*W): ~64 MB of float32 output
 
 
-def _plain_section(value: Any, cls: type) -> dict:
-    """A config section (plain dict, DictConfig or dataclass instance) -> a complete plain dict with
-    the dataclass defaults filled in; unknown keys, wrong types and bad enum values raise ConfigError."""
-    if dataclasses.is_dataclass(value):
-        value = dataclasses.asdict(value)
-    elif not isinstance(value, dict):  # a DictConfig: to plain containers via the config module
-        value = to_dict(value)
-    return to_dict(section(value, cls))  # the schema's Literal types reject a bad value here
-
-
-def active_units(mu_variance: torch.Tensor) -> int:
-    """Latent dims in use: Var_x(E_q[z_d|x]) [D] above ACTIVE_UNIT_THRESHOLD (Burda et al. 2016)."""
-    return int((mu_variance > ACTIVE_UNIT_THRESHOLD).sum())
-
-
-class ExactSums(torchmetrics.Metric):
-    """Per-example sums over a whole evaluation epoch, summed across ranks at compute().
-
-    States are float64 sums and a count, reduced with `sum`, so the epoch means are exact over all
-    examples on all ranks however batches are split (no mean of per-rank or per-batch means).
-    update() never communicates; compute() does one gather. keep_codes: also collect the mean codes
-    (float32 [N, D]) and ground-truth factors [N, F] of the batches that carry factors, for MIG
-    (pipeline.evaluate; concatenated across ranks).
-    """
-
-    full_state_update = False
-    KEPT = ("codes", "factors")  # with keep_codes: rows, not sums
-
-    def __init__(self, latent_dim: int, keep_codes: bool = False):
-        super().__init__()
-        f64 = torch.float64
-        for name in ("count", "recon", "kl", "elbo", "iwae"):
-            self.add_state(name, default=torch.zeros((), dtype=f64), dist_reduce_fx="sum")
-        for name in ("kl_dim", "mu", "mu_sq"):  # per latent dim: KL, and sums of mu and mu^2
-            self.add_state(name, default=torch.zeros(latent_dim, dtype=f64), dist_reduce_fx="sum")
-        self.keep_codes = keep_codes
-        if keep_codes:
-            for name in self.KEPT:
-                self.add_state(name, default=[], dist_reduce_fx="cat")
-
-    def update(self, terms: Dict[str, torch.Tensor], iwae: Optional[torch.Tensor] = None,
-               factors: Optional[torch.Tensor] = None) -> None:
-        mu = terms["mu"].double()
-        if self.keep_codes and factors is not None:
-            self.codes.append(terms["mu"].detach().float())
-            self.factors.append(factors.detach().to(mu.device))
-        batch = {
-            "count": mu.shape[0],  # a Python number: added as a kernel argument, no host-to-device copy
-            "recon": terms["recon"].double().sum(),
-            "kl": terms["kl"].double().sum(),
-            "elbo": terms["elbo"].double().sum(),
-            "kl_dim": terms["kl_per_dim"].double().sum(0),
-            "mu": mu.sum(0),
-            "mu_sq": mu.pow(2).sum(0),
-        }
-        if iwae is not None:
-            batch["iwae"] = iwae.double().sum()
-        for name, value in batch.items():
-            # Out of place on purpose: the default states can live in memory shared between
-            # processes (CPU ddp_spawn pickles them into shared memory), where += would add up
-            # every rank's batches before the sync adds them again.
-            setattr(self, name, getattr(self, name) + value)
-
-    def compute(self) -> Dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in self._defaults}
-
-    def means(self) -> Optional[Dict[str, Any]]:
-        """The epoch's per-example means (float64 tensors) of every sum, from compute() (the one
-        sync), plus `count` (int), `mu_variance` [D] (population variance over examples of each mean
-        code dim, Var_x(E_q[z_d|x]), from the exact sums) and, when kept, `codes` and `factors` (all
-        rows, in batch order). None when no rank saw an example."""
-        with warnings.catch_warnings():  # a rank with no batches still joins the sync
-            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
-            sums = self.compute()
-        n = sums["count"].item()
-        if n == 0:
-            return None
-        out: Dict[str, Any] = {name: value / n for name, value in sums.items() if name not in ("count", *self.KEPT)}
-        out["count"] = int(n)
-        out["mu_variance"] = out["mu_sq"] - out["mu"].pow(2)
-        for name in self.KEPT:
-            if len(sums.get(name, ())):
-                out[name] = dim_zero_cat(sums[name])
-        return out
-
-
 class VAEModule(pl.LightningModule):
-    """VAE training / evaluation. model, objective, optim: the config sections (dict, DictConfig or
-    dataclass); input_shape: (C, H, W); max_steps: the run's optimizer steps (cyclical KL period,
-    cosine LR end); binarize: none | dynamic (Bernoulli resample every time) | threshold (x > 0.5)."""
+    """VAE training / evaluation. model, objective, optim: the config sections as their dataclasses
+    (`config.to_object(cfg.model)`); a plain dict or DictConfig is read against the schema first (a
+    checkpoint's hyperparameters: their `asdict`). input_shape: (C, H, W); max_steps: the run's optimizer
+    steps (cyclical KL period, cosine LR end); binarize: none | dynamic (Bernoulli resample every time) |
+    threshold (x > 0.5)."""
 
     def __init__(
         self,
-        model: dict | ModelConfig,
-        objective: dict | ObjectiveConfig,
-        optim: dict | OptimConfig,
+        model: ModelConfig | Mapping,
+        objective: ObjectiveConfig | Mapping,
+        optim: OptimConfig | Mapping,
         input_shape: Sequence[int],
         max_steps: int,
         binarize: str = "none",
@@ -141,17 +54,16 @@ class VAEModule(pl.LightningModule):
         super().__init__()
         if binarize not in choices(Binarize):
             raise ValueError(f"unknown binarize {binarize!r}; expected one of {choices(Binarize)}")
-        # Rebind the arguments to plain containers before save_hyperparameters() reads them, so
-        # checkpoints hold no omegaconf objects and load with weights_only unpickling.
-        model = _plain_section(model, ModelConfig)
-        objective = _plain_section(objective, ObjectiveConfig)
-        optim = _plain_section(optim, OptimConfig)
-        input_shape = [int(s) for s in input_shape]
-        max_steps = int(max_steps)
-        self.save_hyperparameters()
-        self.model_cfg = ModelConfig(**model)
-        self.objective_cfg = ObjectiveConfig(**objective)
-        self.optim_cfg = OptimConfig(**optim)
+        self.model_cfg: ModelConfig = section(model, ModelConfig)  # unknown keys, bad values: ConfigError
+        self.objective_cfg: ObjectiveConfig = section(objective, ObjectiveConfig)
+        self.optim_cfg: OptimConfig = section(optim, OptimConfig)
+        input_shape, max_steps = [int(s) for s in input_shape], int(max_steps)
+        # The hyperparameters saved are plain containers (the sections' asdict), so checkpoints hold no
+        # config objects and load with weights-only unpickling; load_from_checkpoint passes them back here.
+        self.save_hyperparameters({
+            "model": dataclasses.asdict(self.model_cfg), "objective": dataclasses.asdict(self.objective_cfg),
+            "optim": dataclasses.asdict(self.optim_cfg), "input_shape": input_shape, "max_steps": max_steps,
+            "binarize": binarize})
         self.input_shape = tuple(input_shape)
         self.num_dims = math.prod(self.input_shape)  # data dims per example, for bits/dim
         self.max_steps = max_steps
@@ -163,6 +75,37 @@ class VAEModule(pl.LightningModule):
         # training losses (detached, on the device) and their steps since the last check (_note_non_finite);
         # mutated in place, so noting one skips nn.Module.__setattr__
         self._losses: Dict[str, list] = {"recent": [], "blocks": [], "steps": []}
+
+    HPARAMS = ("model", "objective", "optim", "input_shape", "max_steps")  # what a training checkpoint carries
+
+    @classmethod
+    def from_checkpoint(cls, path, map_location: Any = "cpu") -> Tuple[VAEModule, Dict[str, Any]]:
+        """(the module a training checkpoint holds, the checkpoint). Read with the weights-only unpickler
+        (checkpointing.safe_load: no code in the file runs), then its checksum checked; hyperparameters saved
+        as plain dicts, by any version, are read against the schema. CheckpointError naming the file when it
+        is not a readable checkpoint, lacks the hyperparameters, its weights do not fit them, or is corrupt."""
+        from pipeline.run.checkpointing import CheckpointError, checksum_problem, safe_load
+
+        try:
+            state = safe_load(path, map_location=map_location)
+        except CheckpointError as e:
+            raise CheckpointError(f"incompatible checkpoint: {e}") from None
+        hparams = state.get("hyper_parameters") if isinstance(state, dict) else None
+        if not isinstance(hparams, dict) or "state_dict" not in state or any(k not in hparams for k in cls.HPARAMS):
+            raise CheckpointError(f"incompatible checkpoint {path}: no VAEModule hyperparameters "
+                                  f"({', '.join(cls.HPARAMS)}) and state_dict; expected a checkpoint written by "
+                                  "pipeline.train")
+        try:
+            module = cls(**hparams)
+            module.load_state_dict(state["state_dict"], strict=True)
+        except (RuntimeError, ValueError, TypeError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            detail = " ".join(str(e).split())[:300]
+            raise CheckpointError(f"incompatible checkpoint {path}: its weights do not fit its model config "
+                                  f"({type(e).__name__}: {detail if len(first) < 60 else first[:300]})") from None
+        if (problem := checksum_problem(state)) is not None:
+            raise CheckpointError(f"corrupt checkpoint {path}: {problem}")
+        return module, state
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets plain attributes on the module around every hook (~25 times a step); a name already
@@ -278,7 +221,7 @@ class VAEModule(pl.LightningModule):
     def configure_optimizers(self):
         cfg = self.optim_cfg
         params = list(self.parameters())
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         # fused: one kernel for the whole update on CUDA (accel.fused_adamw); None leaves torch's choice
         fused = accel.fused_adamw({p.device.type for p in params},
                                   getattr(trainer, "precision", "32-true") if trainer is not None else "32-true",
@@ -325,7 +268,7 @@ class VAEModule(pl.LightningModule):
     def _raise_if_non_finite(self, agree: bool = False) -> None:
         """FloatingPointError naming the first step with a non-finite loss, if there was one (one host read).
         agree: under DDP all ranks take part (one all-reduce) and raise together, at the first such step of any."""
-        distributed = agree and self._trainer is not None and self.trainer.world_size > 1
+        distributed = agree and attached_trainer(self) is not None and self.trainer.world_size > 1
         first = self._first_non_finite()
         if first is None and not distributed:
             return
@@ -352,7 +295,8 @@ class VAEModule(pl.LightningModule):
 
     def _writes_logs_this_step(self) -> bool:
         """Whether Lightning writes step metrics after this batch (every trainer.log_every_n_steps)."""
-        return self._trainer is None or logs_written_this_step(self._trainer)
+        trainer = attached_trainer(self)
+        return trainer is None or logs_written_this_step(trainer)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         """Move only the tensors of a dict batch; Lightning's default also walks the list of keys."""

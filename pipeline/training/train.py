@@ -359,7 +359,7 @@ def _train(cfg, run_dir: Path, rank_zero: bool, command: Optional[str]) -> dict:
     dm.preflight(expected_world_size(cfg))
     resume, resume_said = prepare_run_dir(cfg, run_dir, rank_zero)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # model init; per-batch noise: StepSeed
-    module = VAEModule(model=C.to_dict(cfg.model), objective=C.to_dict(cfg.objective), optim=C.to_dict(cfg.optim),
+    module = VAEModule(C.to_object(cfg.model), C.to_object(cfg.objective), C.to_object(cfg.optim),
                        input_shape=tuple(dm.input_shape), max_steps=cfg.trainer.max_steps,
                        binarize=cfg.data.binarize)
     if cfg.model.init_from and not resume:  # a resumed run has its own weights already
