@@ -178,8 +178,8 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
-    mode: Optional[WandbMode] = setting(None, "null: online if logged in, else offline")
     project: str = setting("vae-pipeline", "W&B project")
+    mode: Optional[WandbMode] = setting(None, "null: online if logged in, else offline")
     entity: Optional[str] = setting(None, "W&B team or user; null: your default")
     group: Optional[str] = setting(None, "W&B group (sweeps group their runs by the sweep name)")
     tags: List[str] = setting(help="W&B tags", factory=list)
