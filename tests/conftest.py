@@ -1,25 +1,11 @@
 """Shared fixtures: the real config, shrunk to CPU-sized runs; digits shards prepared once per session."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-# The one shrunk run configuration of the suite (the real config, shrunk): CPU, a small model, few
-# steps, frequent validation/checkpoints/images so each of them happens. Only sizes and step counts
-# change; the machinery stays the users' default (2 loader workers, pinned-memory setting, image
-# logging, checkpoints). Tests append what they check, e.g. `trainer.log_every_n_steps=1`.
-TINY = [
-    "trainer.accelerator=cpu", "trainer.max_steps=30", "trainer.val_check_interval=10",
-    "trainer.log_every_n_steps=5", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=10",
-    "data.batch_size=64", "model.hidden_dims=[64,32]", "model.latent_dim=4",
-    "logger.wandb.mode=disabled", "logger.images_every_n_steps=10",
-]
+from tests.helpers.run import TINY, run_train
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +36,13 @@ def tiny_overrides(digits_root, tmp_path) -> list:
     return TINY + [f"data.root={digits_root}", f"run.dir={tmp_path / 'run'}"]
 
 
-def run_train(args, env_extra=None, timeout=300, check=True) -> subprocess.CompletedProcess:
-    """`python -m pipeline.train ARGS` in a real subprocess (as a user or SLURM would run it)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # no user W&B leaks in
-    env.update({"PYTHONUNBUFFERED": "1", **(env_extra or {})})
-    proc = subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
+@pytest.fixture(scope="session")
+def trained_run(digits_root, tmp_path_factory) -> Path:
+    """One finished 20-step digits run (TINY) for the tests that only read a run: evaluate, checkpoint
+    checks. A test that changes the run works on a copy (shutil.copytree)."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    run_train([*TINY, "trainer.max_steps=20", f"data.root={digits_root}", f"run.dir={run_dir}"])
+    return run_dir
 
 
 def pytest_collection_modifyitems(config, items):

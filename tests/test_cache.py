@@ -7,11 +7,11 @@ import re
 
 import pytest
 import torch
-from data_helpers import UNEVEN, data_cfg, module_for, write_dataset
 from test_data_integrity import flip_image_bytes
 
 from pipeline.data import datamodule as D
 from pipeline.data import shards
+from tests.helpers.data import UNEVEN, data_cfg, module_for, write_dataset
 
 
 @pytest.fixture(scope="module")

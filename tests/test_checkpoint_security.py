@@ -22,7 +22,7 @@ from pipeline.run.checkpointing import (
     safe_load,
     with_checksum,
 )
-from tests.conftest import run_train
+from tests.helpers.run import run_train
 
 
 class Payload:
@@ -78,7 +78,7 @@ def test_plain_data_and_numpy_still_load(tmp_path):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, digits_root) -> Path:
     """A real 20-step run (last.ckpt and best-step0000020.ckpt)."""
-    from tests.conftest import TINY
+    from tests.helpers.run import TINY
 
     run = tmp_path_factory.mktemp("sec") / "run"
     run_train(TINY + [f"data.root={digits_root}", f"run.dir={run}", "trainer.max_steps=20"])
@@ -87,7 +87,7 @@ def finished_run(tmp_path_factory, digits_root) -> Path:
 
 @pytest.mark.slow  # two tiny trainings
 def test_training_refuses_a_downloaded_checkpoint_and_a_planted_last(finished_run, tmp_path, digits_root, marker):
-    from tests.conftest import TINY
+    from tests.helpers.run import TINY
 
     base = finished_run / "checkpoints" / "last.ckpt"
     down = plant(tmp_path / "downloaded.ckpt", marker, base)
@@ -110,7 +110,7 @@ def test_training_refuses_a_downloaded_checkpoint_and_a_planted_last(finished_ru
 def test_sweep_neither_runs_a_planted_checkpoint_nor_stops_at_a_corrupt_one(finished_run, tmp_path, digits_root,
                                                                            marker, capfd):
     from pipeline.launch.sweep import main
-    from tests.conftest import TINY
+    from tests.helpers.run import TINY
 
     f = tmp_path / "s.yaml"
     f.write_text("name: sec\nmethod: grid\nparameters:\n  objective.beta: {values: [1, 2]}\n"

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pipeline.run import checkpointing as ck
-from tests.conftest import REPO, TINY, run_train
+from tests.helpers.run import REPO, TINY, run_train
 
 
 def sample_checkpoint(scale: float = 1.0) -> dict:
@@ -158,27 +158,19 @@ def test_resume_auto_takes_the_newest_checkpoint_that_loads_and_verifies(tmp_pat
 
 
 # ---- real runs ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def trained_run(digits_root, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    run_train(TINY + [f"data.root={digits_root}", f"run.dir={run_dir}"])
-    return run_dir
-
-
 @pytest.mark.slow
 def test_evaluate_and_resume_refuse_a_checkpoint_whose_bytes_changed(digits_root, trained_run, tmp_path, capsys):
     from pipeline.analysis.evaluate import main as evaluate_main
 
-    flipped = trained_run / "checkpoints" / "flipped.ckpt"  # in the run, so evaluate finds its config.yaml
-    flip_bytes(trained_run / "checkpoints" / "last.ckpt", flipped)
-    try:
-        assert evaluate_main([str(flipped), "--iwae-samples", "2", "--no-progress"]) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith(f"error: corrupt checkpoint {flipped}: ") and len(err.splitlines()) == 1, err
-        proc = run_train(TINY + [f"data.root={digits_root}", f"run.dir={tmp_path / 'run'}",
-                                 f"resume={flipped}"], check=False)
-    finally:
-        flipped.unlink()
+    run = tmp_path / "trained"
+    shutil.copytree(trained_run, run)  # the shared run stays as it is
+    flipped = run / "checkpoints" / "flipped.ckpt"  # in the run, so evaluate finds its config.yaml
+    flip_bytes(run / "checkpoints" / "last.ckpt", flipped)
+    assert evaluate_main([str(flipped), "--iwae-samples", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: corrupt checkpoint {flipped}: ") and len(err.splitlines()) == 1, err
+    proc = run_train(TINY + [f"data.root={digits_root}", f"run.dir={tmp_path / 'run'}", f"resume={flipped}"],
+                     check=False)
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith(f"error: {flipped}: ")
 
 
@@ -189,10 +181,10 @@ def test_resume_survives_a_truncated_newest_checkpoint(digits_root, trained_run,
     last = run_dir / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # what a kill mid-copy left
     proc = run_train(TINY + [f"data.root={digits_root}", f"run.dir={run_dir}", "trainer.max_steps=40"])
-    best = run_dir / "checkpoints" / "best-step0000030.ckpt"
+    best = run_dir / "checkpoints" / "best-step0000020.ckpt"
     assert f"not resuming from {last}: {last} cannot be loaded" in proc.stdout
     assert f"{last} replaced by a copy of {best}" in proc.stdout  # Lightning may then delete this best
-    assert f"resuming from {last} (step 30)" in proc.stdout
+    assert f"resuming from {last} (step 20)" in proc.stdout
     assert "# done: step 40" in proc.stdout
     assert ck.load_verified(last)["global_step"] == 40
 

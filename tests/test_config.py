@@ -4,7 +4,7 @@ import pytest
 from pipeline.config import ConfigError, from_dict, identity_differences, load_config, to_dict
 from pipeline.launch.cli import split_argv
 from pipeline.training.train import main
-from tests.conftest import REPO
+from tests.helpers.run import REPO
 
 
 def test_defaults_then_files_then_overrides(tmp_path):

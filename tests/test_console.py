@@ -18,7 +18,7 @@ import pytest
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from pipeline.training.console import LIGHTNING_INFO_LOGGER, quiet_known_noise
-from tests.conftest import REPO, run_train
+from tests.helpers.run import REPO, run_train
 
 # What the default run printed on every start (and resume) although nothing was wrong.
 NOISE = [

@@ -7,7 +7,8 @@ from collections import Counter
 
 import pytest
 import torch.multiprocessing as mp
-from data_helpers import UNEVEN, KeyFileRecorder, data_cfg, ddp_rank_main, write_dataset
+
+from tests.helpers.data import UNEVEN, KeyFileRecorder, data_cfg, ddp_rank_main, write_dataset
 
 VAL = (9, 40, 3, 21)  # 73 validation samples: ranks get 36 and 37
 

@@ -7,10 +7,10 @@ import re
 import tarfile
 
 import pytest
-from data_helpers import data_cfg, keys_of, module_for, write_dataset
 
 from pipeline.data import shards
-from tests.conftest import TINY, run_train
+from tests.helpers.data import data_cfg, keys_of, module_for, write_dataset
+from tests.helpers.run import TINY, run_train
 
 
 def flip_image_bytes(path, sample: int) -> None:

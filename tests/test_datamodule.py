@@ -7,11 +7,11 @@ from collections import Counter
 import lightning.pytorch as pl
 import pytest
 import torch
-from data_helpers import UNEVEN, KeyRecorder, data_cfg, keys_of, module_for, write_dataset, write_split
 
 from pipeline.data import shards
 from pipeline.data.datamodule import ShardDataModule
 from pipeline.data.sources import DataSetupError
+from tests.helpers.data import UNEVEN, KeyRecorder, data_cfg, keys_of, module_for, write_dataset, write_split
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,6 @@ import torch
 
 from pipeline.analysis.evaluate import EvalError, evaluate, evaluate_batches, main, summarize
 from pipeline.data.shards import load_manifest
-from tests.conftest import TINY, run_train
-
-
-@pytest.fixture(scope="module")
-def trained_run(digits_root, tmp_path_factory) -> Path:
-    """A 20-step digits run (the overrides of issue 6), trained once for this module."""
-    run_dir = tmp_path_factory.mktemp("eval") / "run"
-    run_train([*TINY, "trainer.max_steps=20", f"data.root={digits_root}", f"run.dir={run_dir}"])
-    return run_dir
 
 
 def split_total(digits_root: Path, split: str) -> int:

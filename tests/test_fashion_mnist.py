@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, TINY, run_train
+from tests.helpers.run import REPO, TINY, run_train
 
 SOURCE = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(not (SOURCE / "train-images-idx3-ubyte.gz").is_file(),

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from data_helpers import data_cfg, foreign_rank_main, keys_of, module_for
 from PIL import Image
 
 from pipeline.data import shards
 from pipeline.data.datamodule import ShardDataModule
 from pipeline.data.prepare import main as prepare_main
 from pipeline.data.sources import DataSetupError
+from tests.helpers.data import data_cfg, foreign_rank_main, keys_of, module_for
 
 TRAIN, VAL = (45, 45, 40, 17), (9, 14)  # ShardWriter's 45-sample shards, then one written with tarfile
 FORMATS = ("jpg", "png", "webp", "npy")
@@ -288,7 +288,7 @@ def test_undecodable_image_raise_names_it_warn_skips_and_counts(tmp_path, capsys
 @pytest.mark.slow
 def test_pipeline_train_on_foreign_shards_after_index(foreign, tmp_path):
     """`python -m pipeline.train data.train=INDEX ...` as a user runs it: trains, validates, checkpoints."""
-    from tests.conftest import TINY, run_train
+    from tests.helpers.run import TINY, run_train
 
     _, idx = foreign
     run_dir = tmp_path / "run"

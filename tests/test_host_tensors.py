@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 COUNT = {"made": 0}
 # torch.optim's step counters are host tensors unless the optimizer is fused or capturable (as in
-# tests/sync_probe.py): AdamW's first step makes them on the host, no device involved.
+# tests/helpers/sync_probe.py): AdamW's first step makes them on the host, no device involved.
 HOST_SIDE = ("torch.optim",)
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_helpers import data_cfg, keys_of, module_for, write_dataset
 
 from pipeline.data import shards
 from pipeline.data.sources import DataSetupError
+from tests.helpers.data import data_cfg, keys_of, module_for, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, run_train
-from tests.test_signals import ctrl_c, ended, rank_process, start_train, wait_for_file
+from tests.helpers.processes import ctrl_c, ended, rank_process, start_train, wait_for_file
+from tests.helpers.run import REPO, run_train
 
 CKPT = Path("checkpoints") / "last.ckpt"
 NEVER = "100000"
@@ -130,7 +130,7 @@ def test_lowering_max_steps_below_a_finished_run_leaves_it_as_it_is(tiny_overrid
 @pytest.fixture(scope="module")
 def beta4_run(digits_root, tmp_path_factory):
     """A finished run under objective.beta=4 and model.latent_dim=4 (the shrunk default)."""
-    from tests.conftest import TINY
+    from tests.helpers.run import TINY
 
     run_dir = tmp_path_factory.mktemp("beta4") / "run"
     run_train(TINY + [f"data.root={digits_root}", f"run.dir={run_dir}", "trainer.max_steps=10",
@@ -332,8 +332,8 @@ def test_a_read_only_run_dir_mid_run_is_one_line(tiny_overrides, tmp_path):
 @pytest.mark.slow
 def test_a_bad_sample_in_one_ddp_ranks_range_is_one_line_and_a_quiet_peer(tmp_path):
     from pipeline.data import shards
-    from tests.conftest import TINY
-    from tests.data_helpers import write_dataset
+    from tests.helpers.data import write_dataset
+    from tests.helpers.run import TINY
 
     root = tmp_path / "data"
     write_dataset(root, {"train": (256, 256), "val": (64,)}, shape=(1, 8, 8))

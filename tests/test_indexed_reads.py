@@ -10,11 +10,11 @@ import tarfile
 
 import numpy as np
 import pytest
-from data_helpers import data_cfg, module_for, write_dataset
 
 from pipeline.data import shards
 from pipeline.data.decode import ImageSpec
 from pipeline.data.reader import Reader, ShardChecks
+from tests.helpers.data import data_cfg, module_for, write_dataset
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from tests.conftest import REPO, TINY, run_train
-from tests.test_train import assert_same_run, read_metrics
+from tests.helpers.run import REPO, TINY, assert_same_run, read_metrics, run_train
 
 pytestmark = pytest.mark.slow
 

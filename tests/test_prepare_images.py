@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_helpers import data_cfg, module_for
 from PIL import Image
 
 from pipeline.data import shards
 from pipeline.data.prepare import main
+from tests.helpers.data import data_cfg, module_for
 
 REPO = Path(__file__).resolve().parents[1]
 

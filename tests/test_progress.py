@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from pipeline.progress import progress_bar
-from tests.conftest import REPO
+from tests.helpers.run import REPO
 
 
 def test_off_a_terminal_each_update_is_a_line_and_the_last_state_is_kept():

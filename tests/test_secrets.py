@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, load_config, refuse_secret_values
-from tests.conftest import run_train
+from tests.helpers.run import run_train
 
 FAKE_KEY = "fake0123456789abcdef0123456789abcdef0123"  # 40 characters, as a W&B key
 

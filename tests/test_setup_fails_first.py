@@ -2,7 +2,7 @@
 run (offline: no wandb/ directory; online: no failed run in the project) and no run files."""
 from __future__ import annotations
 
-from tests.conftest import TINY, run_train
+from tests.helpers.run import TINY, run_train
 
 
 def test_a_data_error_leaves_no_wandb_run_and_no_run_files(digits_root, tmp_path):

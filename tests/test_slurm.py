@@ -1,4 +1,4 @@
-"""The SLURM scripts on a real one-node cluster that this module starts (tests/slurm_cluster.py).
+"""The SLURM scripts on a real one-node cluster that this module starts (tests/helpers/slurm_cluster.py).
 
     python -m pytest tests/test_slurm.py          # installs slurm + munge with apt-get if missing (root)
     python -m pytest -m "not slurm"               # skips them
@@ -22,17 +22,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from slurm_cluster import ClusterError, SlurmCluster, free_port, install_packages, missing_binaries
 
-from tests.conftest import TINY as CONFTEST_TINY
-from tests.wandb_records import check_history
+from tests.helpers.run import TINY as CONFTEST_TINY
+from tests.helpers.slurm_cluster import ClusterError, SlurmCluster, free_port, install_packages, missing_binaries
+from tests.helpers.wandb_records import check_history
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SH = REPO / "slurm" / "train.sh"
 GRID_SH = REPO / "slurm" / "grid.sh"
 SWEEP_FILE = REPO / "configs" / "sweep.yaml"
 
-# The suite's shrunk config (tests/conftest.py), every step logged, validation short: jobs run as
+# The suite's shrunk config (tests/helpers/run.py), every step logged, validation short: jobs run as
 # 2 gloo ranks with the default loader workers on the 2-core node.
 # The W&B mode is left to each job: grid.sh sets offline itself and the tests check it.
 TINY = [*(a for a in CONFTEST_TINY if not a.startswith("logger.wandb.mode=")),

@@ -1,4 +1,4 @@
-"""`slurm/train.sh` on a real two-node SLURM cluster (tests/slurm_cluster.py, nodes n1 and n2 on this host):
+"""`slurm/train.sh` on a real two-node SLURM cluster (tests/helpers/slurm_cluster.py, nodes n1 and n2 on this host):
 2 nodes x 2 gloo ranks with the default loader workers and data cache, as a user submits it."""
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from slurm_cluster import ClusterError, SlurmCluster, free_port, install_packages, missing_binaries
 from test_slurm import CPU_DDP, TINY, TRAIN_SH, explain, python_bin, read_metrics, script_env, train_steps  # noqa: F401 (fixture)
 
-from tests.conftest import REPO
+from tests.helpers.run import REPO
+from tests.helpers.slurm_cluster import ClusterError, SlurmCluster, free_port, install_packages, missing_binaries
 
-PROBES = REPO / "tests" / "probes"
+PROBES = REPO / "tests" / "helpers" / "probes"
 
 
 @pytest.fixture(scope="module")

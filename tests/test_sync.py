@@ -2,7 +2,7 @@
 
 On a GPU a small VAE step takes about a millisecond; a host read of a device tensor (`if not
 torch.isfinite(loss)`, `.item()`, `.tolist()`) or a collective with a host read (agreeing on signals
-across ranks) in every step stalls the queue of kernels each time. tests/sync_probe.py runs
+across ranks) in every step stalls the queue of kernels each time. tests/helpers/sync_probe.py runs
 `pipeline.train` with the default cadences and counts, per training step, the host reads of tensor values
 and the Python-level collectives (CPU here: counting stands in for `torch.cuda.set_sync_debug_mode`). Only
 steps whose metrics Lightning writes anyway (every trainer.log_every_n_steps) may read values; under DDP
@@ -19,14 +19,14 @@ import sys
 import pytest
 
 from pipeline.config import load_config
-from tests.conftest import REPO
+from tests.helpers.run import REPO
 
 pytestmark = pytest.mark.slow
 
 
 def probe(args: list[str], out) -> dict[int, list]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "SLURM_"))}
-    proc = subprocess.run([sys.executable, "-m", "tests.sync_probe", str(out), *args], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "tests.helpers.sync_probe", str(out), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return {int(p.stem[4:]): json.loads(p.read_text()) for p in out.glob("rank*.json")}

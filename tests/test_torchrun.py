@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, TINY
+from tests.helpers.run import REPO, TINY
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 

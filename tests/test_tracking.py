@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from pipeline.run.tracking import RunIdError, read_wandb_run_id, resolve_wandb_mode, truncate_metrics_csv, wandb_run_id
-from tests.conftest import run_train
+from tests.helpers.run import run_train
 
 
 def test_wandb_mode_resolution(tmp_path):

@@ -1,28 +1,21 @@
 """The training entry point end to end: outputs, W&B offline runs, exact resume (1 process and 2 DDP ranks)."""
 from __future__ import annotations
 
-import csv
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.config import load_config
 from pipeline.training.train import train
-from tests.conftest import run_train
+from tests.helpers.run import EXACT, assert_same_run, read_metrics, run_train
 
 pytestmark = pytest.mark.slow
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    with (Path(run_dir) / "metrics.csv").open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
-def weights(ckpt: Path) -> dict:
-    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
 
 
 def test_default_run_writes_config_metrics_checkpoints_images_and_offline_wandb(tiny_overrides, tmp_path):
@@ -72,30 +65,8 @@ def test_resumed_run_keeps_its_wandb_run(tiny_overrides, tmp_path):
     assert steps == list(range(4, 30, 5))
 
 
-# Exactness: schedules that depend on the step (linear KL warm-up, LR warm-up) across the cut, a cut
-# mid-epoch, 2 loader workers, val on both sides of it, every step logged.
-EXACT = [
-    "objective.kl_schedule=linear", "objective.warmup_steps=25", "optim.lr_warmup_steps=8",
-    "trainer.log_every_n_steps=1", "data.num_workers=2", "logger.images_every_n_steps=0",
-    "checkpoint.every_n_steps=5",
-]
 
 
-def assert_same_run(ref_dir: Path, run_dir: Path, first_step: int, last_step: int):
-    ref, got = weights(ref_dir / "checkpoints" / "last.ckpt"), weights(run_dir / "checkpoints" / "last.ckpt")
-    assert ref.keys() == got.keys()
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=0, msg=f"weights differ at {k}")
-
-    def by_step(rows):
-        return {(int(r["step"]), key): float(v) for r in rows for key, v in r.items()
-                if v not in ("", None) and key not in ("step", "epoch") and first_step <= int(r["step"]) < last_step}
-
-    ref_m, got_m = by_step(read_metrics(ref_dir)), by_step(read_metrics(run_dir))
-    assert ref_m.keys() == got_m.keys()
-    assert any(k == "val/elbo" for _, k in ref_m) and any(k == "train/kl_weight" for _, k in ref_m)
-    for key in ref_m:
-        assert got_m[key] == pytest.approx(ref_m[key], abs=1e-5, rel=1e-5), key
 
 
 def test_exact_resume_single_process(tiny_overrides, tmp_path):

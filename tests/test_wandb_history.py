@@ -1,4 +1,4 @@
-"""W&B's own records of a resumed run, read back with `wandb leet inspect --json` (tests/wandb_records.py):
+"""W&B's own records of a resumed run, read back with `wandb leet inspect --json` (tests/helpers/wandb_records.py):
 one run id, one history whose `_step` keeps increasing across the offline segments of a stopped, Ctrl-C'd or
 extended run, and every metrics.csv value and image grid in it. (The SLURM requeue: tests/test_slurm.py.)
 Real training processes in offline mode, as on a compute node without internet."""
@@ -11,9 +11,9 @@ import signal
 import pytest
 import torch
 
-from tests.conftest import run_train
-from tests.test_signals import ctrl_c, start_train, wait_for_file
-from tests.wandb_records import check_history
+from tests.helpers.processes import ctrl_c, start_train, wait_for_file
+from tests.helpers.run import run_train
+from tests.helpers.wandb_records import check_history
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.run.sync import Watcher, write_request
-from tests.conftest import REPO, run_train
+from tests.helpers.run import REPO, run_train
 
 STAND_IN = """#!/bin/sh
 # records its arguments; fails while $STUB_FAIL exists; runs $STUB_DURING (if set) while "syncing"

@@ -1,4 +1,4 @@
-"""`python -m tests.sync_probe OUT_DIR [key=value ...]`: pipeline.training.train's run, counting per training step
+"""`python -m tests.helpers.sync_probe OUT_DIR [key=value ...]`: pipeline.training.train's run, counting per training step
 every host read of a tensor's value (.item(), .tolist(), bool(), float(), int(): on a GPU each one waits for
 the device; the optimizer's host-side step counters left out) and every Python-level collective
 (torch.distributed.all_reduce, broadcast, ...). Each rank writes OUT_DIR/rank<r>.json: one row per
