@@ -42,6 +42,18 @@ IMAGE, LABEL, FACTORS = "npy", "label.cls", "factors.npy"  # sample field names 
 SHARD_RE = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}\.tar$")
 
 
+def url_scheme(url: str) -> Optional[str]:
+    """"pipe", "http", "https", "s3", ... for a URL (a colon before the first slash), None for a local path:
+    the one test of "is this remote" in the package (`is_remote`)."""
+    first = url.split("/", 1)[0]
+    return first.split(":", 1)[0] if ":" in first else None
+
+
+def is_remote(url: str) -> bool:
+    """pipe:, http:, s3:, ... (anything webdataset's gopen opens that is not a local path)."""
+    return url_scheme(url) is not None
+
+
 class ShardFormatError(ValueError):
     """A shard or manifest that does not follow this format; the message names the file."""
 
@@ -621,12 +633,12 @@ def shard_location(path: Path, manifest: dict, name: str) -> str:
     through `..` or a link. Anything else is a ShardFormatError naming the manifest and the entry."""
     path = Path(path)
     index = manifest.get("format") == INDEX_FORMAT
-    if name.startswith("pipe:"):
+    scheme = url_scheme(name)
+    if scheme == "pipe":
         raise ShardFormatError(f"{path}: shard entry {name[:80]!r} is a pipe: command; a manifest is data and "
                                "may not run commands (type pipe: sources yourself: data.train='pipe:...')")
-    scheme = name.split("/")[0]
-    if ":" in scheme:
-        if index and scheme in ("http:", "https:") and name.split("/")[1:2] == [""]:
+    if scheme is not None:
+        if index and scheme in ("http", "https") and name.split("/")[1:2] == [""]:
             return name
         raise ShardFormatError(f"{path}: shard entry {name[:80]!r}: a manifest's shards are files in its "
                                "directory (an index's: also absolute paths and http(s) URLs)")
