@@ -64,6 +64,7 @@ class ShardDataModule(pl.LightningDataModule):
             raise DataSetupError(str(e)) from None
         self._shapes: dict[str, tuple[int, int, int]] = {}
         self._cache: SplitCache | None = None  # data.cache: the decoded training split, filled once
+        self._prepared = False  # prepare_data ran (data.root holds its manifest)
 
     # ---- sources
     def source(self, split: str) -> SplitSource | None:
@@ -76,9 +77,9 @@ class ShardDataModule(pl.LightningDataModule):
         if spec is None and self.cfg.train is not None and split != "train":
             return self._sibling_split(split)
         if spec is None:  # nothing given: data.root's manifest, the default dataset prepared on first use
-            from pipeline.data.prepare import PrepareError, ensure_prepared
+            from pipeline.data.prepare import PrepareError
             try:
-                ensure_prepared(self.cfg)
+                self.prepare_data()
             except PrepareError as e:
                 raise DataSetupError(str(e)) from None
             if not root_manifest.is_file():
@@ -144,9 +145,13 @@ class ShardDataModule(pl.LightningDataModule):
         return self._shapes[split]
 
     def prepare_data(self) -> None:
-        if self.cfg.train is None:
+        """data.dataset prepared into data.root when nothing is there yet (`ensure_prepared`), once per
+        datamodule: the training entry point calls it first, Lightning calls it again, and a datamodule used
+        alone (bench, evaluate) has it done by the first source that needs it."""
+        if self.cfg.train is None and not self._prepared:
             from pipeline.data.prepare import ensure_prepared
             ensure_prepared(self.cfg)
+            self._prepared = True
 
     # ---- set-up
     def setup(self, stage: str | None = None) -> None:
