@@ -27,7 +27,7 @@ from pipeline.data.sources import (
     first_sample,
     resolve_source,
 )
-from pipeline.data.stream import ShardStream, SplitCache
+from pipeline.data.stream import ShardStream, SplitCache, StreamSpec
 from pipeline.training.lightning_compat import shutdown_loader_workers
 
 log = logging.getLogger(__name__)
@@ -270,12 +270,12 @@ class ShardDataModule(pl.LightningDataModule):
         `train=False` the exact, unshuffled reader that validation, test and evaluation use. The training
         split is served from data.cache when that holds it: the same batches, built in this process."""
         src = self.source(split)
-        stream = ShardStream(src, train=train, batch_size=self.cfg.batch_size, world_size=self.world_size,
-                             rank=self.rank, lanes=self._lanes(), seed=self.seed,
-                             shuffle_buffer=self.cfg.shuffle_buffer,
-                             num_batches=self.steps_per_epoch if train else None, on_error=self.cfg.on_error,
-                             verify_checksums=self.cfg.verify_checksums,
-                             spec=self.spec, shape=self.split_shape(split), read_timeout=self.cfg.read_timeout)
+        stream = ShardStream(src, StreamSpec(
+            train=train, batch_size=self.cfg.batch_size, world_size=self.world_size, rank=self.rank,
+            lanes=self._lanes(), seed=self.seed, shuffle_buffer=self.cfg.shuffle_buffer,
+            num_batches=self.steps_per_epoch if train else None, on_error=self.cfg.on_error,
+            verify_checksums=self.cfg.verify_checksums, image=self.spec, shape=self.split_shape(split),
+            read_timeout=self.cfg.read_timeout))
         if train and split == "train":
             stream.cache = self._training_cache(stream, src)
         trainer = getattr(self, "trainer", None)
