@@ -266,6 +266,24 @@ def test_mistyped_root_is_an_error_not_a_fresh_digits_dataset(tmp_path):
     assert ShardDataModule(DataConfig(root=str(typo), dataset="digits")).source("train").total > 0
 
 
+def test_prepared_once_per_datamodule(tmp_path, monkeypatch):
+    """The training entry point prepares first, Lightning's prepare_data and every source after it find it
+    done; a datamodule used alone prepares on the first source it needs."""
+    from pipeline.config import DataConfig
+    from pipeline.data import prepare
+
+    calls = []
+    real = prepare.ensure_prepared
+    monkeypatch.setattr(prepare, "ensure_prepared", lambda cfg: calls.append(cfg) or real(cfg))
+    cfg = DataConfig(root=str(tmp_path / "digits"), dataset="digits")
+    dm = ShardDataModule(cfg)
+    dm.prepare_data()
+    dm.prepare_data()
+    assert dm.source("train").total > 0 and dm.source("val").total > 0 and len(calls) == 1
+    alone = ShardDataModule(cfg)
+    assert alone.source("test").total > 0 and alone.source("train").total > 0 and len(calls) == 2
+
+
 def test_train_alone_never_validates_on_data_root(digits_root, tmp_path):
     """data.train set, data.val not: the same source's val split, or none; data.root's manifest (the
     default dataset, here a prepared digits root) must not be used."""

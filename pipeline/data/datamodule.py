@@ -27,7 +27,7 @@ from pipeline.data.sources import (
     first_sample,
     resolve_source,
 )
-from pipeline.data.stream import ShardStream, SplitCache
+from pipeline.data.stream import ShardStream, SplitCache, StreamSpec
 from pipeline.training.lightning_compat import shutdown_loader_workers
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class ShardDataModule(pl.LightningDataModule):
             raise DataSetupError(str(e)) from None
         self._shapes: dict[str, tuple[int, int, int]] = {}
         self._cache: SplitCache | None = None  # data.cache: the decoded training split, filled once
+        self._prepared = False  # prepare_data ran (data.root holds its manifest)
 
     # ---- sources
     def source(self, split: str) -> SplitSource | None:
@@ -76,9 +77,9 @@ class ShardDataModule(pl.LightningDataModule):
         if spec is None and self.cfg.train is not None and split != "train":
             return self._sibling_split(split)
         if spec is None:  # nothing given: data.root's manifest, the default dataset prepared on first use
-            from pipeline.data.prepare import PrepareError, ensure_prepared
+            from pipeline.data.prepare import PrepareError
             try:
-                ensure_prepared(self.cfg)
+                self.prepare_data()
             except PrepareError as e:
                 raise DataSetupError(str(e)) from None
             if not root_manifest.is_file():
@@ -144,9 +145,13 @@ class ShardDataModule(pl.LightningDataModule):
         return self._shapes[split]
 
     def prepare_data(self) -> None:
-        if self.cfg.train is None:
+        """data.dataset prepared into data.root when nothing is there yet (`ensure_prepared`), once per
+        datamodule: the training entry point calls it first, Lightning calls it again, and a datamodule used
+        alone (bench, evaluate) has it done by the first source that needs it."""
+        if self.cfg.train is None and not self._prepared:
             from pipeline.data.prepare import ensure_prepared
             ensure_prepared(self.cfg)
+            self._prepared = True
 
     # ---- set-up
     def setup(self, stage: str | None = None) -> None:
@@ -265,12 +270,12 @@ class ShardDataModule(pl.LightningDataModule):
         `train=False` the exact, unshuffled reader that validation, test and evaluation use. The training
         split is served from data.cache when that holds it: the same batches, built in this process."""
         src = self.source(split)
-        stream = ShardStream(src, train=train, batch_size=self.cfg.batch_size, world_size=self.world_size,
-                             rank=self.rank, lanes=self._lanes(), seed=self.seed,
-                             shuffle_buffer=self.cfg.shuffle_buffer,
-                             num_batches=self.steps_per_epoch if train else None, on_error=self.cfg.on_error,
-                             verify_checksums=self.cfg.verify_checksums,
-                             spec=self.spec, shape=self.split_shape(split), read_timeout=self.cfg.read_timeout)
+        stream = ShardStream(src, StreamSpec(
+            train=train, batch_size=self.cfg.batch_size, world_size=self.world_size, rank=self.rank,
+            lanes=self._lanes(), seed=self.seed, shuffle_buffer=self.cfg.shuffle_buffer,
+            num_batches=self.steps_per_epoch if train else None, on_error=self.cfg.on_error,
+            verify_checksums=self.cfg.verify_checksums, image=self.spec, shape=self.split_shape(split),
+            read_timeout=self.cfg.read_timeout))
         if train and split == "train":
             stream.cache = self._training_cache(stream, src)
         trainer = getattr(self, "trainer", None)

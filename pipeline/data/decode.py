@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -123,7 +123,13 @@ def header_shape(member: str, data: bytes) -> Shape:
         raise SampleError(f"undecodable .{member} member: {e}") from None
 
 
-Item = Tuple[str, np.ndarray, Optional[int], Optional[np.ndarray]]  # key, image, label, factors
+class Item(NamedTuple):
+    """One decoded sample."""
+
+    key: str
+    image: np.ndarray  # uint8 [C, H, W]
+    label: Optional[int]
+    factors: Optional[np.ndarray]  # float32 [F]
 
 
 @dataclass
@@ -142,7 +148,7 @@ class Columns:
     def items(self) -> List[Item]:
         labels = [None] * len(self) if self.label is None else self.label.tolist()
         factors = [None] * len(self) if self.factors is None else list(self.factors)
-        return list(zip(self.keys, list(self.image), labels, factors))
+        return list(map(Item._make, zip(self.keys, list(self.image), labels, factors)))
 
     @staticmethod
     def concat(parts: Sequence[Columns]) -> Optional[Columns]:

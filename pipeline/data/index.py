@@ -16,7 +16,6 @@ Shard names are stored relative to --out when the shards lie under it, else as a
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import Counter
 from functools import partial
@@ -25,6 +24,8 @@ from typing import List, Sequence
 
 from pipeline.data import shards
 from pipeline.data.decode import ImageSpec, SampleError, header_shape
+from pipeline.data.shards import is_remote, url_scheme
+from pipeline.data.sources import HashingStream, open_shard
 
 INDEX_FORMAT = shards.INDEX_FORMAT
 
@@ -33,27 +34,8 @@ class IndexingError(ValueError):
     """Bad input to `prepare index`; the message names the shard (and the sample)."""
 
 
-class _Hashing:
-    """A read-only stream that hashes and counts what passes through it."""
-
-    def __init__(self, stream):
-        self.stream, self.sha, self.bytes = stream, hashlib.sha256(), 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.stream.read(n)
-        self.sha.update(data)
-        self.bytes += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-
 def scan_shard(url: str, image_keys: Sequence[str], on_error: str = "raise") -> dict:
     """One shard's entry: samples, sha256, bytes, member counts, image shapes, bad samples (on_error=warn)."""
-    from pipeline.data.sources import open_shard
-
     spec = ImageSpec(image_keys=tuple(image_keys))
     members: Counter = Counter()
     shapes: Counter = Counter()
@@ -61,7 +43,7 @@ def scan_shard(url: str, image_keys: Sequence[str], on_error: str = "raise") -> 
     samples = unreadable = 0
     try:
         stream = open_shard(url)
-        hashing, read_all = _Hashing(stream), False
+        hashing, read_all = HashingStream(stream), False
         try:
             for raw in shards.iter_tar_samples(hashing, url):
                 samples += 1
@@ -75,7 +57,7 @@ def scan_shard(url: str, image_keys: Sequence[str], on_error: str = "raise") -> 
                         raise IndexingError(message) from None
                     unreadable += 1
                     bad += [message][:10 - len(bad)]
-            hashing.drain()  # the end-of-archive blocks belong to the file's sha256 too
+            digest = hashing.hexdigest_to_end()  # the end-of-archive blocks belong to the file's sha256 too
             read_all = True
         finally:
             try:
@@ -87,13 +69,13 @@ def scan_shard(url: str, image_keys: Sequence[str], on_error: str = "raise") -> 
         raise IndexingError(str(e)) from None
     except OSError as e:  # missing file, failing command or download
         raise IndexingError(f"{url}: cannot read: {e}") from None
-    return {"url": url, "samples": samples, "sha256": hashing.sha.hexdigest(), "bytes": hashing.bytes,
+    return {"url": url, "samples": samples, "sha256": digest, "bytes": hashing.bytes,
             "members": dict(members), "shapes": dict(shapes), "bad": bad, "unreadable": unreadable}
 
 
 def _name(url: str, out: Path) -> str:
     """How the manifest refers to a shard: relative to its directory when inside it, else absolute or a URL."""
-    if ":" in url.split("/")[0]:
+    if is_remote(url):
         return url
     path = Path(url).resolve()
     try:
@@ -112,7 +94,7 @@ def index_shards(urls: Sequence[str], out: Path, *, split: str = "train", source
 
     out = Path(out)
     path = out / shards.MANIFEST
-    piped = next((u for u in urls if u.startswith("pipe:")), None)
+    piped = next((u for u in urls if url_scheme(u) == "pipe"), None)
     if piped is not None:  # the loader refuses them: a downloaded manifest must not run commands
         raise IndexingError(f"{piped[:80]}: a manifest may not hold pipe: commands (training refuses them); "
                             "index local copies or http(s) URLs, or train on data.train='pipe:...' directly "

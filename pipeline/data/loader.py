@@ -116,9 +116,9 @@ class ShardLoader(DataLoader):
             raise
 
     def _settings(self) -> dict:
-        s = self.dataset
+        s = self.dataset.spec
         return {"world_size": s.world_size, "num_workers": s.lanes, "seed": s.seed,
-                "batch_size": s.batch_size, "num_batches": s.num_batches}
+                "batch_size": s.batch_size, "num_batches": self.dataset.num_batches}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches_done": self.batches_done,

@@ -27,7 +27,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from pipeline.data import shards
-from pipeline.data.sources import DEFAULT_READ_TIMEOUT, is_remote, open_shard
+from pipeline.data.shards import is_remote
+from pipeline.data.sources import DEFAULT_READ_TIMEOUT, HashingStream, open_shard
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +53,6 @@ class ShardChecks:
         if self.digests is None or shard in self.verified:
             return None
         return self.digests[shard]
-
-
-class _Hashing:
-    """A read-only stream that feeds what is read through it to sha256."""
-
-    def __init__(self, raw):
-        self.raw, self.sha = raw, hashlib.sha256()
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.sha.update(data)
-        return data
-
-    def hexdigest_to_end(self) -> str:
-        while block := self.raw.read(1 << 20):  # past the end-of-archive block: padding is in the hash too
-            self.sha.update(block)
-        return self.sha.hexdigest()
-
-    def close(self) -> None:
-        self.raw.close()
 
 
 class Reader:
@@ -148,7 +129,7 @@ class Reader:
             self.stream = open_shard(self.urls[shard], self.timeout)
             self.expected = self.checks.to_verify(shard)
             if self.expected is not None:
-                self.stream = _Hashing(self.stream)
+                self.stream = HashingStream(self.stream)
             self.it = shards.iter_tar_samples(self.stream, self.urls[shard])
         except Exception as e:  # noqa: BLE001 -- missing file, failing pipe or download: on_error decides
             self._fail(f"{self.urls[shard]}: cannot open: {e}")

@@ -27,7 +27,7 @@ import os
 import re
 import tarfile
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -42,26 +42,16 @@ IMAGE, LABEL, FACTORS = "npy", "label.cls", "factors.npy"  # sample field names 
 SHARD_RE = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}\.tar$")
 
 
-EXTENDED_HEADERS = (b"L", b"x", b"g", b"K")  # GNU long name / pax extended headers: describe the next member
+def url_scheme(url: str) -> Optional[str]:
+    """"pipe", "http", "https", "s3", ... for a URL (a colon before the first slash), None for a local path:
+    the one test of "is this remote" in the package (`is_remote`)."""
+    first = url.split("/", 1)[0]
+    return first.split(":", 1)[0] if ":" in first else None
 
 
-def member_long_name(kind: bytes, data: bytes) -> Optional[str]:
-    """The name an extended header gives the member after it (GNU `L`, pax `x` path=), else None."""
-    if kind == b"L":
-        return data.split(b"\0", 1)[0].decode()
-    if kind == b"x":
-        for record in data.decode().split("\n"):
-            if " path=" in record:
-                return record.split(" path=", 1)[1]
-    return None
-
-
-def header_name(header: bytes) -> str:
-    """A member's name from its 512-byte tar header (ustar prefix + name)."""
-    name = header[:100].split(b"\0", 1)[0].decode()
-    if header[257:262] == b"ustar" and header[345] != 0:
-        name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
-    return name
+def is_remote(url: str) -> bool:
+    """pipe:, http:, s3:, ... (anything webdataset's gopen opens that is not a local path)."""
+    return url_scheme(url) is not None
 
 
 class ShardFormatError(ValueError):
@@ -162,6 +152,29 @@ def decode_sample(sample: Dict[str, bytes]) -> Tuple[np.ndarray, Optional[int], 
     return image, label, factors
 
 
+# ------------------------------------------------------------------------------------ tar parsing
+EXTENDED_HEADERS = (b"L", b"x", b"g", b"K")  # GNU long name / pax extended headers: describe the next member
+
+
+def member_long_name(kind: bytes, data: bytes) -> Optional[str]:
+    """The name an extended header gives the member after it (GNU `L`, pax `x` path=), else None."""
+    if kind == b"L":
+        return data.split(b"\0", 1)[0].decode()
+    if kind == b"x":
+        for record in data.decode().split("\n"):
+            if " path=" in record:
+                return record.split(" path=", 1)[1]
+    return None
+
+
+def header_name(header: bytes) -> str:
+    """A member's name from its 512-byte tar header (ustar prefix + name)."""
+    name = header[:100].split(b"\0", 1)[0].decode()
+    if header[257:262] == b"ustar" and header[345] != 0:
+        name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
+    return name
+
+
 def _octal(field: bytes, what: str) -> int:
     if field[:1] and field[0] & 0x80:  # GNU base-256, for members over 8 GiB
         return int.from_bytes(field[1:], "big")
@@ -187,12 +200,35 @@ def _read_up_to(stream, n: int) -> bytes:
     return b"".join(parts)
 
 
-def iter_tar_members(stream) -> Iterator[Tuple[str, bytes]]:
-    """(name, data) of the regular files in a tar stream, read sequentially (pipes and HTTP work).
+REGULAR = (b"0", b"\0", b"7")  # typeflags of regular files; the rest (directories, links, devices) hold no sample
 
-    A minimal ustar/GNU/pax reader: about 10x faster than `tarfile` for small members, which is most of
-    the loader's time. Raises ValueError on bad checksums and EOFError on truncation.
+
+class TarMember(NamedTuple):
+    """One member of a tar archive, as its header (and an extended header before it) describes it."""
+
+    name: str  # ustar prefix + name, or a GNU / pax long name; "" for members that are not regular files
+    kind: bytes  # the typeflag (REGULAR: a file)
+    offset: int  # archive byte offset of its data (its header is the 512 bytes before)
+    size: int  # bytes of data, stored padded to a multiple of 512
+    data: Optional[bytes]  # the data, when the parser reads it (None: skipped with a seek)
+
+    @property
+    def end(self) -> int:
+        """Archive byte offset after its padded data."""
+        return self.offset + ((self.size + 511) & ~511)
+
+
+def tar_members(stream, *, read_data: bool = True, length: Optional[int] = None) -> Iterator[TarMember]:
+    """The members of a tar stream in order, extended headers applied to the member after them: the one
+    header parser of this package, a minimal ustar/GNU/pax reader about 10x faster than `tarfile` for small
+    members, which is most of the loader's time.
+
+    `read_data`: read each member's data sequentially (pipes and HTTP work); False: skip it with seeks
+    (a file; `length`, its size, then catches truncated data without reading it). Raises ValueError on a
+    bad header (checksum, size field) and EOFError on truncation; a size field may claim 2^80 bytes: it costs
+    what the stream holds, never an allocation of that size.
     """
+    pos = 0
     long_name: Optional[str] = None
     while True:
         header = stream.read(512)
@@ -207,18 +243,33 @@ def iter_tar_members(stream) -> Iterator[Tuple[str, bytes]]:
         size = _octal(header[124:136], "size")
         kind = header[156:157]
         padded = (size + 511) & ~511
-        data = _read_up_to(stream, padded)
-        if len(data) < padded:
-            raise EOFError(f"truncated member data ({len(data)} of {padded} bytes)")
-        data = data[:size] if padded != size else data
+        offset, pos = pos + 512, pos + 512 + padded
+        if length is not None and pos > length:
+            raise EOFError(f"truncated member data ({length - offset} of {padded} bytes)")
+        data = None
+        if read_data or kind in EXTENDED_HEADERS:
+            data = _read_up_to(stream, padded)
+            if len(data) < padded:
+                raise EOFError(f"truncated member data ({len(data)} of {padded} bytes)")
+            data = data[:size] if padded != size else data
+        else:
+            stream.seek(padded, 1)
         if kind in EXTENDED_HEADERS:
             long_name = member_long_name(kind, data) or long_name
             continue
-        if kind in (b"0", b"\0", b"7"):
-            name, long_name = long_name or header_name(header), None
-            yield name, data
-        else:
-            long_name = None  # directories, links, devices: skipped
+        name = (long_name or header_name(header)) if kind in REGULAR else ""
+        long_name = None
+        yield TarMember(name, kind, offset, size, data)
+
+
+def member_key(name: str) -> Optional[Tuple[str, str]]:
+    """(sample key, suffix) of a member name, webdataset's way (the key is the path up to the first dot of
+    the file name; the suffix lower-cased); None for members that belong to no sample (no dot, `__` names)."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot < 0 or name.startswith("__", slash):
+        return None
+    return name[:dot], name[dot + 1:].lower()
 
 
 DUPLICATE = "__duplicate__"  # marks a sample whose key an earlier sample of the shard had: unreadable
@@ -235,12 +286,11 @@ def iter_tar_samples(stream, name: str) -> Iterator[Dict[str, bytes]]:
     current: Optional[Dict[str, bytes]] = None
     seen = set()  # keys met so far: a key twice is a DUPLICATE sample (plain webdataset raises; we report it)
     try:
-        for path, data in iter_tar_members(stream):
-            slash = path.rfind("/") + 1
-            dot = path.find(".", slash)
-            if dot < 0 or path.startswith("__", slash):
-                continue  # webdataset metadata or extension-less members
-            key, suffix = path[:dot], path[dot + 1:].lower()
+        for member in tar_members(stream):
+            split = member_key(member.name) if member.kind in REGULAR else None
+            if split is None:
+                continue  # directories, links, webdataset metadata, extension-less members
+            key, suffix = split
             if current is None or current["__key__"] != key:
                 if current is not None:
                     yield current
@@ -250,7 +300,7 @@ def iter_tar_samples(stream, name: str) -> Iterator[Dict[str, bytes]]:
                 seen.add(key)
             elif suffix in current:  # the same member twice in a row: two samples under one key
                 current[DUPLICATE] = b""
-            current[suffix] = data
+            current[suffix] = member.data
     except (EOFError, OSError, ValueError, UnicodeDecodeError) as e:
         raise ShardFormatError(f"{name}: unreadable tar data after sample "
                                f"{current['__key__'] if current else '(none)'}: {e}") from e
@@ -325,68 +375,42 @@ class RawBlock:
 
 def index_tar(path: str) -> Optional[TarIndex]:
     """A TarIndex of a local tar file, or None when the file is not one this reads without doubt (a bad
-    header checksum, truncation, a link or device member): callers then parse it the usual way, which
-    reports what is wrong. Reads headers only (data is skipped with seeks)."""
+    header, truncation, a link or device member, a key twice): callers then parse it the usual way, which
+    reports what is wrong. Reads headers only (`tar_members` skips the data with seeks)."""
     keys: List[bytes] = []
     start: List[int] = []
     end: List[int] = []
     members: Dict[str, Tuple[List[int], List[int]]] = {}
-    long_name: Optional[str] = None
     seen = set()
+    current: Optional[str] = None
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
-            pos = 0
-            current: Optional[str] = None
-            while True:
-                header = f.read(512)
-                if len(header) < 512:
-                    if header:
-                        return None
-                    break
-                if header.count(0) == 512:
-                    break
-                if _octal(header[148:156], "checksum") != sum(header) - sum(header[148:156]) + 256:
-                    return None
-                size = _octal(header[124:136], "size")
-                kind = header[156:157]
-                padded = (size + 511) & ~511
-                data_at = pos + 512
-                pos = data_at + padded
-                if pos > st.st_size:
-                    return None  # truncated member data
-                if kind in EXTENDED_HEADERS:
-                    data = f.read(size)
-                    f.seek(padded - size, 1)
-                    long_name = member_long_name(kind, data) or long_name
-                    continue
-                f.seek(padded, 1)
-                if kind not in (b"0", b"\0", b"7"):
+            for member in tar_members(f, read_data=False, length=st.st_size):
+                if member.kind not in REGULAR:
                     return None  # directories, links, devices: rare in shards; the parser handles them
-                name, long_name = long_name or header_name(header), None
-                slash = name.rfind("/") + 1
-                dot = name.find(".", slash)
-                if dot < 0 or name.startswith("__", slash):
+                split = member_key(member.name)
+                if split is None:
                     continue  # webdataset metadata or extension-less members, as the parser skips them
-                key, suffix = name[:dot], name[dot + 1:].lower()
+                key, suffix = split
                 if key != current:
                     if key in seen:
                         return None  # a duplicate sample key: the parser reports it
                     seen.add(key)
                     current = key
                     keys.append(key.encode())
-                    start.append(data_at - 512)
-                    end.append(pos)
+                    start.append(member.offset - 512)
+                    end.append(member.end)
                 n = len(keys) - 1
                 offs, sizes = members.setdefault(suffix, ([-1] * n, [-1] * n))
                 offs += [-1] * (n - len(offs))
                 sizes += [-1] * (n - len(sizes))
                 if len(offs) > n:
                     return None  # a suffix twice in one sample: the parser keeps the last; rare
-                offs.append(data_at)
-                sizes.append(size)
-                end[-1] = pos
-    except (OSError, ValueError, UnicodeDecodeError):
+                offs.append(member.offset)
+                sizes.append(member.size)
+                end[-1] = member.end
+    except (OSError, EOFError, ValueError, UnicodeDecodeError):
         return None
     n = len(keys)
     cols = {}
@@ -609,12 +633,12 @@ def shard_location(path: Path, manifest: dict, name: str) -> str:
     through `..` or a link. Anything else is a ShardFormatError naming the manifest and the entry."""
     path = Path(path)
     index = manifest.get("format") == INDEX_FORMAT
-    if name.startswith("pipe:"):
+    scheme = url_scheme(name)
+    if scheme == "pipe":
         raise ShardFormatError(f"{path}: shard entry {name[:80]!r} is a pipe: command; a manifest is data and "
                                "may not run commands (type pipe: sources yourself: data.train='pipe:...')")
-    scheme = name.split("/")[0]
-    if ":" in scheme:
-        if index and scheme in ("http:", "https:") and name.split("/")[1:2] == [""]:
+    if scheme is not None:
+        if index and scheme in ("http", "https") and name.split("/")[1:2] == [""]:
             return name
         raise ShardFormatError(f"{path}: shard entry {name[:80]!r}: a manifest's shards are files in its "
                                "directory (an index's: also absolute paths and http(s) URLs)")

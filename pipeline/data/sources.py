@@ -7,6 +7,7 @@ URL or pattern with no manifest beside it) the loader streams (see pipeline.data
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import select
 from collections.abc import Sequence
@@ -14,11 +15,35 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.data import shards
+from pipeline.data.shards import is_remote, url_scheme
 
 DEFAULT_READ_TIMEOUT = 120.0  # seconds a remote shard may send nothing (data.read_timeout)
 CURL_EXITS = {6: "could not resolve the host", 7: "could not connect (connection refused?)",
               22: "the server answered with an HTTP error (404, 403, ...)", 28: "timed out",
               35: "TLS handshake failed", 52: "empty reply", 56: "connection reset"}
+
+
+class HashingStream:
+    """A read-only stream that feeds what is read through it to sha256 and counts the bytes."""
+
+    def __init__(self, raw):
+        self.raw, self.sha, self.bytes = raw, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.sha.update(data)
+        self.bytes += len(data)
+        return data
+
+    def hexdigest_to_end(self) -> str:
+        """The sha256 of the whole stream: what is left is read (the padding after a tar's end-of-archive
+        blocks belongs to the file's hash too)."""
+        while self.read(1 << 20):
+            pass
+        return self.sha.hexdigest()
+
+    def close(self) -> None:
+        self.raw.close()
 
 
 class RemoteStream:
@@ -37,7 +62,7 @@ class RemoteStream:
         self.ended = False
 
     def _what(self) -> str:
-        return "the download (curl)" if self.url.split(":")[0] in ("http", "https") else "the pipe: command"
+        return "the download (curl)" if url_scheme(self.url) in ("http", "https") else "the pipe: command"
 
     def _exit_status(self) -> None:
         proc = self.pipe.proc
@@ -77,7 +102,7 @@ def open_shard(url: str, timeout: float = DEFAULT_READ_TIMEOUT):
     """A shard's byte stream: a local file, or (pipe:, http(s)) a RemoteStream with a stall timeout."""
     import webdataset as wds
 
-    if is_remote(url) and url.split(":")[0] in ("pipe", "http", "https"):
+    if url_scheme(url) in ("pipe", "http", "https"):
         return RemoteStream(url, timeout)
     return wds.gopen(url, "rb")
 
@@ -119,7 +144,7 @@ def _from_manifest(path: Path, split: str, origin: str) -> SplitSource | None:
 
 def _sibling_counts(urls: Sequence[str]) -> tuple[tuple[int, ...] | None, tuple | None, tuple | None]:
     """Counts, shape and sha256s from a manifest.json next to local shards (any split), if it names every shard."""
-    if any(":" in u.split("/")[0] for u in urls):  # pipe:, http:, ... : no sibling to look at
+    if any(is_remote(u) for u in urls):  # no sibling to look at
         return None, None, None
     path = Path(urls[0]).parent / shards.MANIFEST
     if not path.is_file():
@@ -131,11 +156,6 @@ def _sibling_counts(urls: Sequence[str]) -> tuple[tuple[int, ...] | None, tuple 
     shape = tuple(manifest["shape"]) if manifest.get("shape") else None
     entries = [known[Path(u).name] for u in urls]
     return tuple(int(s["samples"]) for s in entries), shape, tuple(s.get("sha256") for s in entries)
-
-
-def is_remote(url: str) -> bool:
-    """pipe:, http:, s3:, ... (anything webdataset's gopen opens that is not a local path)."""
-    return ":" in url.split("/")[0]
 
 
 def shard_urls(spec: str, split: str | None = None) -> list[str]:

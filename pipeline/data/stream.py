@@ -6,6 +6,17 @@ and "factors" float32 [B, F] when the shards have them, "key" list[str], "skippe
 that were unreadable and replaced, data.on_error=warn). Images are decoded (.npy, jpg, png, ...) and brought
 to the configured channels and size here, in the workers, by pipeline.data.decode.ImageSpec.
 
+A worker runs small stages, each testable alone (webdataset's DataPipeline(*stages) shape):
+
+    plan     pipeline.data.layout: the positions each lane reads and the batches each block hands out
+    read     pipeline.data.reader.Reader: raw samples of a shard's positions, or one RawBlock of bytes
+    decode   Decoder: a RawBlock as Columns with a few numpy operations (the fast path), else Items one by one
+    fill     `fill`: lost samples replaced by repeats of readable ones (training, data.on_error=warn)
+    collate  `collate_columns` / `collate_items`: the batch dict
+
+With data.cache the training process holds the decoded split (SplitCache, filled once by the same read and
+decode stages) and a batch is rows of it, chosen by the same plan: read, decode and fill are skipped.
+
 Errors: data.on_error=raise stops with the shard's name. warn logs, counts (batch["skipped"]) and, in
 training, fills each lost sample with a repeat of a readable sample of the same shuffle block (a block with
 none borrows from the positions after it), so every rank still yields N full batches and resume stays
@@ -14,7 +25,9 @@ exact. Val/test drop lost samples instead.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,6 +47,88 @@ Read = Columns | list[Item | None]  # what a read of positions gives: arrays, or
 BY_VALUE_MAX_BYTES = 1 << 20
 
 
+@dataclass(frozen=True)
+class StreamSpec:
+    """What one rank's stream of one split is: which batches (the plan), how samples are read and decoded.
+
+    `num_batches`: batches per rank per epoch for training (None: unknown, streaming val/test); val/test with
+    counts compute their own. `image`: how samples are decoded and converted; `shape`: the (C, H, W) every
+    image must have after conversion (None: the source's, when known). `verify_checksums`: hash shards against
+    the manifest; `read_timeout`: seconds a remote shard may stall before it counts as unreadable."""
+
+    train: bool
+    batch_size: int
+    world_size: int = 1
+    rank: int = 0
+    lanes: int = 1
+    seed: int = 0
+    shuffle_buffer: int = 0
+    num_batches: int | None = None
+    on_error: str = "raise"
+    verify_checksums: bool = True
+    image: ImageSpec = field(default_factory=ImageSpec)
+    shape: tuple[int, int, int] | None = None
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+
+    @property
+    def block(self) -> int:
+        """Samples per shuffle block (training), or per read (val/test: one batch)."""
+        return layout.block_size(self.batch_size, self.shuffle_buffer) if self.train else self.batch_size
+
+    @property
+    def shuffle(self) -> bool:
+        return self.train and self.shuffle_buffer > 0
+
+
+class TrainPlan(NamedTuple):
+    """A lane's training epoch (counts known): positions base .. end-1 of the shards concatenated in `order`."""
+
+    counts: np.ndarray  # samples per shard, int64 [S]
+    order: np.ndarray  # the epoch's shard permutation
+    base: int
+    end: int
+
+
+# ------------------------------------------------------------------------------------------- decode
+class Decoder:
+    """Raw samples -> Items, and a shard's positions -> a Read: Columns through the shard's index where the
+    block fast path takes them (ImageSpec.decode_block), else Items one by one. A sample that cannot be
+    decoded raises ShardFormatError naming the shard and key (on_error=raise) or is logged and lost (None)."""
+
+    def __init__(self, image: ImageSpec, shape: tuple[int, int, int] | None, on_error: str):
+        self.image, self.shape, self.on_error = image, shape, on_error
+
+    def item(self, raw: dict | None, url: str) -> Item | None:
+        if raw is None:
+            return None
+        try:
+            image, label, factors = self.image.decode(raw)
+            if self.shape is not None and tuple(image.shape) != self.shape:
+                raise ValueError(f"image shape {tuple(image.shape)} after conversion, expected {self.shape}; set "
+                                 "data.image_size and data.channels to bring every image to one shape")
+            return Item(raw["__key__"], image, label, factors)
+        except (ValueError, KeyError) as e:
+            message = f"{url}: sample {raw.get('__key__')!r}: {e}"
+            if self.on_error == "raise":
+                raise shards.ShardFormatError(message) from None
+            log.warning("skipping sample: %s", message)
+            return None
+
+    def read(self, reader: Reader, shard: int, lo: int, hi: int) -> Read:
+        """Positions lo .. hi-1 of a shard: as arrays through the shard's index where that works, else
+        decoded sample by sample (from the indexed bytes, or parsed from the tar stream)."""
+        url = reader.urls[shard]
+        block = reader.block(shard, lo, hi)
+        if block is None:
+            return [self.item(raw, url) for raw in reader.read(shard, lo, hi)]
+        columns = self.image.decode_block(block, self.shape)
+        return columns if columns is not None else [self.item(raw, url) for raw in block.raws()]
+
+    def positions(self, reader: Reader, counts: np.ndarray, order: np.ndarray, lo: int, hi: int) -> Read:
+        """Positions lo .. hi-1 of the shards concatenated in `order` (wrapping modulo the total)."""
+        return join([self.read(reader, shard, a, b) for shard, a, b in layout.segments(counts, order, lo, hi)])
+
+
 def as_items(read: Read) -> list[Item | None]:
     return read.items() if isinstance(read, Columns) else read
 
@@ -47,6 +142,69 @@ def join(parts: list[Read]) -> Read:
     return [it for p in parts for it in as_items(p)]
 
 
+def columns_of(items: list[Item | None]) -> Columns | None:
+    """Items as Columns, or None when they are not alike (a lost sample, labels or factors in some only,
+    several shapes): left to the stream, which fills or reports them."""
+    if not items or any(it is None for it in items):
+        return None
+    first = items[0]
+    if any(it.image.shape != first.image.shape or (it.label is None) != (first.label is None)
+           or (it.factors is None) != (first.factors is None)
+           or (it.factors is not None and it.factors.shape != first.factors.shape)
+           for it in items):
+        return None
+    return Columns([it.key for it in items], np.stack([it.image for it in items]),
+                   None if first.label is None else np.array([it.label for it in items], dtype=np.int64),
+                   None if first.factors is None else np.stack([it.factors for it in items]).astype(np.float32))
+
+
+# --------------------------------------------------------------------------------------------- fill
+def fill(items: list[Item | None], donors: Callable[[], list[Item]]) -> tuple[list[Item], list[bool]]:
+    """Lost samples (None) replaced by repeats of the readable ones, in turn; `donors` (called only when every
+    sample is lost) gives readable samples from the positions after them. Returns the items and which were
+    filled. Depends on positions only, so a resumed epoch fills the same way."""
+    filled = [it is None for it in items]
+    if not any(filled):
+        return items, filled
+    good = [it for it in items if it is not None] or donors()
+    out, j = [], 0
+    for it in items:
+        if it is None:
+            it, j = good[j % len(good)], j + 1
+        out.append(it)
+    return out, filled
+
+
+# ------------------------------------------------------------------------------------------ collate
+def collate_columns(cols: Columns, idx: np.ndarray | None = None) -> dict:
+    """A batch (numpy arrays; the loader makes tensors) of rows `idx` of `cols` (None: all, in order)."""
+    if idx is None:
+        batch = {"image": cols.image, "key": list(cols.keys), "skipped": 0}
+    else:
+        batch = {"image": cols.image[idx], "key": [cols.keys[i] for i in idx.tolist()], "skipped": 0}
+    for name in ("label", "factors"):
+        value = getattr(cols, name)
+        if value is not None:
+            batch[name] = value if idx is None else value[idx]
+    return batch
+
+
+def collate_items(items: Sequence[Item], skipped: int, origin: str, image: ImageSpec) -> dict:
+    """A batch of items; labels in some only is a ShardFormatError naming `origin` and the sample."""
+    batch = {"image": np.stack([it.image for it in items]), "key": [it.key for it in items], "skipped": skipped}
+    if items[0].label is not None:
+        if any(it.label is None for it in items):
+            unlabelled = next(it.key for it in items if it.label is None)
+            raise shards.ShardFormatError(
+                f"{origin}: sample {unlabelled!r} has no label (data.label_keys {list(image.label_keys)}, "
+                f".json field {image.label_field!r}) while others have one")
+        batch["label"] = np.array([it.label for it in items], dtype=np.int64)
+    if items[0].factors is not None:
+        batch["factors"] = np.stack([it.factors for it in items]).astype(np.float32)
+    return batch
+
+
+# ----------------------------------------------------------------------------------------- transfer
 class Batch(dict):
     """A batch as the loader hands it out, which the DataLoader's pin-memory thread can pin (data.pin_memory
     on a CUDA run): torch pins tensors only, and small arrays leave the loader workers as numpy
@@ -66,6 +224,15 @@ def _pinned(value):
 def pinned_empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     """Page-locked host memory (torch's caching host allocator reuses it batch after batch)."""
     return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
+def for_transfer(batch: dict) -> dict:
+    """In a loader worker: arrays above BY_VALUE_MAX_BYTES become tensors (shared memory); the rest travel
+    by value. A Batch: the pin-memory thread pins the arrays too."""
+    for k, v in batch.items():
+        if isinstance(v, np.ndarray) and v.nbytes > BY_VALUE_MAX_BYTES:
+            batch[k] = torch.from_numpy(v)
+    return Batch(batch)
 
 
 class SplitCache:
@@ -104,65 +271,30 @@ class SplitCache:
         return batch
 
 
-class CachedRows:
-    """A read served by a SplitCache: the cache rows of the positions read."""
-
-    def __init__(self, rows: np.ndarray):
-        self.rows = rows
-
-
-def columns_of(items: list[Item | None]) -> Columns | None:
-    """Items as Columns, or None when they are not alike (a lost sample, labels or factors in some only,
-    several shapes): left to the stream, which fills or reports them."""
-    if not items or any(it is None for it in items):
-        return None
-    first = items[0]
-    if any(it[1].shape != first[1].shape or (it[2] is None) != (first[2] is None)
-           or (it[3] is None) != (first[3] is None) or (it[3] is not None and it[3].shape != first[3].shape)
-           for it in items):
-        return None
-    return Columns([it[0] for it in items], np.stack([it[1] for it in items]),
-                   None if first[2] is None else np.array([it[2] for it in items], dtype=np.int64),
-                   None if first[3] is None else np.stack([it[3] for it in items]).astype(np.float32))
-
-
-def for_transfer(batch: dict) -> dict:
-    """In a loader worker: arrays above BY_VALUE_MAX_BYTES become tensors (shared memory); the rest travel
-    by value. A Batch: the pin-memory thread pins the arrays too."""
-    for k, v in batch.items():
-        if isinstance(v, np.ndarray) and v.nbytes > BY_VALUE_MAX_BYTES:
-            batch[k] = torch.from_numpy(v)
-    return Batch(batch)
-
-
+# ------------------------------------------------------------------------------------------- stream
 class ShardStream(IterableDataset):
-    """One rank's batches of one split; pipeline.data.layout says which samples, in which order."""
+    """One rank's batches of one split: the stages above, composed per case (counts known: training or
+    val/test; counts unknown: streaming; data.cache)."""
 
-    def __init__(self, source: SplitSource, *, train: bool, batch_size: int, world_size: int, rank: int,
-                 lanes: int, seed: int, shuffle_buffer: int, num_batches: int | None, on_error: str,
-                 verify_checksums: bool = True, spec: ImageSpec | None = None,
-                 shape: tuple[int, int, int] | None = None, read_timeout: float = DEFAULT_READ_TIMEOUT):
-        """`spec`: how samples are decoded and converted; `shape`: the (C, H, W) every image must have after
-        conversion (default: the source's, when known); `verify_checksums`: hash shards against the manifest;
-        `read_timeout`: seconds a remote shard may stall before it counts as unreadable (data.on_error)."""
-        self.source, self.train, self.batch_size = source, train, batch_size
-        self.checks = ShardChecks(source.counts, source.digests if verify_checksums else None)
-        self.spec = spec or ImageSpec()
-        self.shape = tuple(shape) if shape is not None else (tuple(source.shape) if source.shape else None)
-        self.world_size, self.rank, self.lanes, self.seed = world_size, rank, lanes, seed
-        self.on_error, self.num_batches, self.read_timeout = on_error, num_batches, read_timeout
-        self.block = layout.block_size(batch_size, shuffle_buffer) if train else batch_size
-        self.shuffle = train and shuffle_buffer > 0
+    def __init__(self, source: SplitSource, spec: StreamSpec):
+        self.source, self.spec = source, spec
+        self.checks = ShardChecks(source.counts, source.digests if spec.verify_checksums else None)
+        shape = spec.shape if spec.shape is not None else source.shape
+        self.decoder = Decoder(spec.image, tuple(shape) if shape else None, spec.on_error)
+        self.num_batches = spec.num_batches
         self.epoch, self.start = 0, 0
         self._iterated = False
         self.cache: SplitCache | None = None  # set: training batches come from it, in the training process
-        if not train and source.counts is not None:  # exact split of the val/test samples
-            self.range = layout.eval_range(source.total, world_size, rank)
-            self.num_batches = layout.eval_num_batches(*self.range, batch_size)
+        if not spec.train and source.counts is not None:  # exact split of the val/test samples
+            self.range = layout.eval_range(source.total, spec.world_size, spec.rank)
+            self.num_batches = layout.eval_num_batches(*self.range, spec.batch_size)
 
     def set_position(self, epoch: int, start: int) -> None:
         """Called in the main process before workers start: new workers copy it."""
         self.epoch, self.start, self._iterated = epoch, start, False
+
+    def _reader(self) -> Reader:
+        return Reader(self.source.urls, self.spec.on_error, self.checks, self.spec.read_timeout)
 
     def __iter__(self) -> Iterator[dict]:
         if self._iterated:  # a persistent worker's copy: each further pass is the next epoch, from batch 0
@@ -173,14 +305,14 @@ class ShardStream(IterableDataset):
             return
         info = get_worker_info()
         w, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if workers != self.lanes:
-            raise RuntimeError(f"ShardStream built for {self.lanes} lanes runs in {workers} workers")
-        lane = layout.worker_lane(self.start, w, self.lanes)
-        reader = Reader(self.source.urls, self.on_error, self.checks, self.read_timeout)
+        if workers != self.spec.lanes:
+            raise RuntimeError(f"ShardStream built for {self.spec.lanes} lanes runs in {workers} workers")
+        lane = layout.worker_lane(self.start, w, self.spec.lanes)
+        reader = self._reader()
         try:
             if self.source.counts is None:
-                batches = self._batches_streaming(reader, lane)
-            elif self.train:
+                batches = self._stream_batches(reader, lane)
+            elif self.spec.train:
                 batches = self._train_batches(reader, lane)
             else:
                 batches = self._eval_batches(reader, lane)
@@ -189,6 +321,19 @@ class ShardStream(IterableDataset):
         finally:
             reader.close()
 
+    # ---- plan: which positions a lane reads, which batches each block hands out
+    def _blocks(self, lane: int, key_base: int) -> Iterator[layout.Block]:
+        s = self.spec
+        return layout.lane_blocks(lane=lane, lanes=s.lanes, num_batches=self.num_batches, batch_size=s.batch_size,
+                                  block=s.block, start=self.start, seed=s.seed, epoch=self.epoch, shuffle=s.shuffle,
+                                  key_base=key_base)
+
+    def _train_plan(self, lane: int) -> TrainPlan:
+        counts = np.asarray(self.source.counts, dtype=np.int64)
+        order = layout.shard_order(self.spec.seed, self.epoch, len(counts))
+        base, end = layout.lane_span(self.spec.rank, lane, self.num_batches, self.spec.lanes, self.spec.batch_size)
+        return TrainPlan(counts, order, base, end)
+
     # ---- the in-memory cache (data.cache)
     def fill_cache(self, device: torch.device | str | None = None) -> SplitCache | None:
         """Read and decode every sample of the split, shard by shard, through the loader's reader (sha256 and
@@ -196,13 +341,13 @@ class ShardStream(IterableDataset):
         instead: unknown counts (streaming), or samples that could not be read or decoded alike."""
         if self.source.counts is None:
             return None
-        reader = Reader(self.source.urls, self.on_error, self.checks, self.read_timeout)
+        reader = self._reader()
         parts: list[Columns] = []
         try:
             for shard, count in enumerate(self.source.counts):
                 if count == 0:
                     continue
-                read = self._read(reader, shard, 0, count)
+                read = self.decoder.read(reader, shard, 0, count)
                 reader.finish()
                 read = read if isinstance(read, Columns) else columns_of(read)
                 if read is None:
@@ -216,195 +361,124 @@ class ShardStream(IterableDataset):
     def _cached_batches(self) -> Iterator[dict]:
         """The epoch's batches from `start`, from the cache: each lane's batches exactly as a loader worker
         builds them, taken in the order the DataLoader takes them from its workers (batch i from lane i % W)."""
-        if not self.train:
+        if not self.spec.train:
             raise RuntimeError("the cache serves training batches only")
-        lanes = [self._train_batches(None, lane) for lane in range(self.lanes)]
+        lanes = [self._cached_lane(lane) for lane in range(self.spec.lanes)]
         for i in range(self.start, self.num_batches):
-            yield next(lanes[i % self.lanes])
+            yield next(lanes[i % self.spec.lanes])
 
-    # ---- items and batches
-    def _decode(self, raw: dict | None, url: str) -> Item | None:
-        if raw is None:
-            return None
-        try:
-            image, label, factors = self.spec.decode(raw)
-            if self.shape is not None and tuple(image.shape) != self.shape:
-                raise ValueError(f"image shape {tuple(image.shape)} after conversion, expected {self.shape}; set "
-                                 "data.image_size and data.channels to bring every image to one shape")
-            return raw["__key__"], image, label, factors
-        except (ValueError, KeyError) as e:
-            message = f"{url}: sample {raw.get('__key__')!r}: {e}"
-            if self.on_error == "raise":
-                raise shards.ShardFormatError(message) from None
-            log.warning("skipping sample: %s", message)
-            return None
-
-    def _read(self, reader: Reader, shard: int, lo: int, hi: int) -> Read:
-        """Positions lo .. hi-1 of a shard: as arrays through the shard's index where that works, else
-        decoded sample by sample (from the indexed bytes, or parsed from the tar stream)."""
-        url = self.source.urls[shard]
-        block = reader.block(shard, lo, hi)
-        if block is None:
-            return [self._decode(raw, url) for raw in reader.read(shard, lo, hi)]
-        columns = self.spec.decode_block(block, self.shape)
-        return columns if columns is not None else [self._decode(raw, url) for raw in block.raws()]
-
-    @staticmethod
-    def _collate_columns(cols: Columns, idx: np.ndarray | None = None) -> dict:
-        """A batch (numpy arrays; the loader makes tensors) of rows `idx` of `cols` (None: all, in order)."""
-        if idx is None:
-            batch = {"image": cols.image, "key": list(cols.keys), "skipped": 0}
-        else:
-            batch = {"image": cols.image[idx], "key": [cols.keys[i] for i in idx.tolist()], "skipped": 0}
-        for name in ("label", "factors"):
-            value = getattr(cols, name)
-            if value is not None:
-                batch[name] = value if idx is None else value[idx]
-        return batch
-
-    def _collate(self, items: list[Item], skipped: int) -> dict:
-        batch = {"image": np.stack([it[1] for it in items]),
-                 "key": [it[0] for it in items], "skipped": skipped}
-        if items[0][2] is not None:
-            if any(it[2] is None for it in items):
-                unlabelled = next(it[0] for it in items if it[2] is None)
-                raise shards.ShardFormatError(
-                    f"{self.source.origin}: sample {unlabelled!r} has no label "
-                    f"(data.label_keys {list(self.spec.label_keys)}, .json field {self.spec.label_field!r}) "
-                    "while others have one")
-            batch["label"] = np.array([it[2] for it in items], dtype=np.int64)
-        if items[0][3] is not None:
-            batch["factors"] = np.stack([it[3] for it in items]).astype(np.float32)
-        return batch
-
-    def _fill(self, items: list[Item | None], more: Callable[[], list[Item]]) -> tuple[list[Item], list[bool]]:
-        """Replace unreadable samples by repeats of this block's readable ones; a block with none borrows
-        from the positions after it (`more`). Both depend on positions only, so resume sees the same."""
-        filled = [it is None for it in items]
-        if not any(filled):
-            return items, filled
-        donors = [it for it in items if it is not None] or more()
-        out, j = [], 0
-        for it in items:
-            if it is None:
-                it, j = donors[j % len(donors)], j + 1
-            out.append(it)
-        return out, filled
-
-    def _emit_block(self, items: Read | CachedRows, block: layout.Block,
-                    more: Callable[[], list[Item]]) -> Iterator[dict]:
-        if isinstance(items, CachedRows):
-            for idx in block.batches:
-                yield self.cache.batch(items.rows[idx])
-            return
-        if isinstance(items, Columns):  # every sample read and decoded: nothing to fill
-            for idx in block.batches:
-                yield self._collate_columns(items, idx)
-            return
-        items, filled = self._fill(items, more)
-        for idx in block.batches:
-            yield self._collate([items[i] for i in idx], sum(filled[i] for i in idx))
-
-    def _blocks(self, lane: int, key_base: int) -> Iterator[layout.Block]:
-        return layout.lane_blocks(lane=lane, lanes=self.lanes, num_batches=self.num_batches,
-                                  batch_size=self.batch_size, block=self.block, start=self.start,
-                                  seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, key_base=key_base)
+    def _cached_lane(self, lane: int) -> Iterator[dict]:
+        plan = self._train_plan(lane)
+        for blk in self._blocks(lane, key_base=plan.base):
+            rows = self.cache.rows(layout.segments(plan.counts, plan.order, plan.base + blk.lo, plan.base + blk.hi))
+            for idx in blk.batches:
+                yield self.cache.batch(rows[idx])
 
     # ---- sample counts known
+    def _emit(self, read: Read, blk: layout.Block, donors: Callable[[], list[Item]]) -> Iterator[dict]:
+        """fill + collate: a block's batches."""
+        if isinstance(read, Columns):  # every sample read and decoded: nothing to fill
+            for idx in blk.batches:
+                yield collate_columns(read, idx)
+            return
+        items, filled = fill(read, donors)
+        for idx in blk.batches:
+            yield collate_items([items[i] for i in idx], sum(filled[i] for i in idx), self.source.origin,
+                                self.spec.image)
+
+    def _train_read(self, reader: Reader, plan: TrainPlan, lo: int, hi: int) -> Read:
+        read = self.decoder.positions(reader, plan.counts, plan.order, lo, hi)
+        if hi == plan.end:  # the lane's last read: finish verifying its shard before these samples go out
+            reader.finish()
+        return read
+
+    def _train_donors(self, plan: TrainPlan, pos: int) -> list[Item]:
+        """Readable samples for a block with none: the first after position `pos` (wrapping), read block by
+        block by a reader of their own."""
+        reader, total, block = self._reader(), int(sum(self.source.counts)), self.spec.block
+        try:
+            for lo in range(pos, pos + total, block):
+                good = [it for it in as_items(self._train_read(reader, plan, lo, min(lo + block, pos + total)))
+                        if it is not None]
+                if good:
+                    return good
+        finally:
+            reader.close()
+        raise shards.ShardFormatError(f"{self.source.origin}: no readable training sample at all")
+
     def _train_batches(self, reader: Reader, lane: int) -> Iterator[dict]:
-        counts = np.asarray(self.source.counts, dtype=np.int64)
-        order = layout.shard_order(self.seed, self.epoch, len(counts))
-        base, end = layout.lane_span(self.rank, lane, self.num_batches, self.lanes, self.batch_size)
-
-        def read(lo: int, hi: int, rd: Reader = reader) -> Read | CachedRows:
-            if self.cache is not None:
-                return CachedRows(self.cache.rows(layout.segments(counts, order, lo, hi)))
-            items = join([self._read(rd, shard, a, b) for shard, a, b in layout.segments(counts, order, lo, hi)])
-            if hi == end:  # the lane's last read: finish verifying its shard before these samples go out
-                rd.finish()
-            return items
-
-        def lookahead(pos: int) -> list[Item]:  # donors for a block with no readable sample
-            rd, total = Reader(self.source.urls, self.on_error, self.checks, self.read_timeout), int(counts.sum())
-            try:
-                for lo in range(pos, pos + total, self.block):
-                    good = [it for it in as_items(read(lo, min(lo + self.block, pos + total), rd)) if it is not None]
-                    if good:
-                        return good
-            finally:
-                rd.close()
-            raise shards.ShardFormatError(f"{self.source.origin}: no readable training sample at all")
-
-        for blk in self._blocks(lane, key_base=base):
-            yield from self._emit_block(read(base + blk.lo, base + blk.hi), blk,
-                                        lambda pos=base + blk.hi: lookahead(pos))
+        plan = self._train_plan(lane)
+        for blk in self._blocks(lane, key_base=plan.base):
+            read = self._train_read(reader, plan, plan.base + blk.lo, plan.base + blk.hi)
+            yield from self._emit(read, blk, lambda pos=plan.base + blk.hi: self._train_donors(plan, pos))
 
     def _eval_batches(self, reader: Reader, lane: int) -> Iterator[dict]:
         counts = np.asarray(self.source.counts, dtype=np.int64)
         order = np.arange(len(counts))
-        batches = layout.eval_batches(*self.range, lane=lane, lanes=self.lanes, batch_size=self.batch_size)
+        s = self.spec
+        batches = layout.eval_batches(*self.range, lane=lane, lanes=s.lanes, batch_size=s.batch_size)
         for j, (a, b) in enumerate(batches):
-            items = join([self._read(reader, s, x, y) for s, x, y in layout.segments(counts, order, a, b)])
+            read = self.decoder.positions(reader, counts, order, a, b)
             if j == len(batches) - 1:  # the lane's last read: finish verifying its shard first
                 reader.finish()
-            if isinstance(items, Columns):
-                yield self._collate_columns(items)
+            if isinstance(read, Columns):
+                yield collate_columns(read)
                 continue
-            good = [it for it in items if it is not None]
+            good = [it for it in read if it is not None]
             if good:
-                yield self._collate(good, len(items) - len(good))
+                yield collate_items(good, len(read) - len(good), self.source.origin, s.image)
 
     # ---- streaming (sample counts unknown)
-    def _stream_items(self, reader: Reader, lane: int) -> Iterator[tuple[dict | None, str]]:
+    def _stream_raws(self, reader: Reader, lane: int) -> Iterator[tuple[dict | None, str]]:
         """This slot's raw samples and their shards' URLs, cycling through the epoch for training."""
-        slot = layout.slot_of(self.rank, lane, self.lanes)
+        s = self.spec
+        slot = layout.slot_of(s.rank, lane, s.lanes)
         cycle = 0
         while True:
-            urls, stride, offset = layout.stream_cycle(len(self.source.urls), slot=slot,
-                                                       slots=self.world_size * self.lanes, seed=self.seed,
-                                                       epoch=self.epoch, cycle=cycle, permute=self.train)
+            urls, stride, offset = layout.stream_cycle(len(self.source.urls), slot=slot, slots=s.world_size * s.lanes,
+                                                       seed=s.seed, epoch=self.epoch, cycle=cycle, permute=s.train)
             produced = i = 0
-            for s in urls:
-                for raw in reader.read(s, 0, None):
+            for shard in urls:
+                for raw in reader.read(shard, 0, None):
                     if i % stride == offset:
                         produced += 1
-                        yield raw, self.source.urls[s]
+                        yield raw, self.source.urls[shard]
                     i += 1
-            if not self.train:
+            if not s.train:
                 return
             if produced == 0:
                 raise shards.ShardFormatError(f"{self.source.origin}: slot {slot} read no samples in a full "
                                               "pass; the shards are empty or unreadable")
             cycle += 1
 
-    def _batches_streaming(self, reader: Reader, lane: int) -> Iterator[dict]:
-        stream = self._stream_items(reader, lane)
-        if not self.train:
+    def _stream_donors(self, lane: int, pos: int) -> list[Item]:
+        """A readable sample for an unreadable block: the slot's stream after position `pos`."""
+        for i, (raw, url) in enumerate(self._stream_raws(self._reader(), lane)):
+            if i >= pos and (it := self.decoder.item(raw, url)) is not None:
+                return [it]
+            if i >= pos + 100 * self.spec.block:
+                break
+        raise shards.ShardFormatError(f"{self.source.origin}: no readable training sample at all")
+
+    def _stream_batches(self, reader: Reader, lane: int) -> Iterator[dict]:
+        s = self.spec
+        raws = self._stream_raws(reader, lane)
+        if not s.train:
             items: list[Item] = []
-            for raw, url in stream:
-                it = self._decode(raw, url)
+            for raw, url in raws:
+                it = self.decoder.item(raw, url)
                 if it is not None:
                     items.append(it)
-                if len(items) == self.batch_size:
-                    yield self._collate(items, 0)
+                if len(items) == s.batch_size:
+                    yield collate_items(items, 0, self.source.origin, s.image)
                     items = []
             if items:
-                yield self._collate(items, 0)
+                yield collate_items(items, 0, self.source.origin, s.image)
             return
-
-        def more(pos: int) -> list[Item]:  # donors for an unreadable block: the stream after it
-            ahead = self._stream_items(Reader(self.source.urls, self.on_error, self.checks, self.read_timeout), lane)
-            for i, (raw, url) in enumerate(ahead):
-                if i >= pos and (it := self._decode(raw, url)) is not None:
-                    return [it]
-                if i >= pos + 100 * self.block:
-                    break
-            raise shards.ShardFormatError(f"{self.source.origin}: no readable training sample at all")
-
         pos = 0  # samples of the slot's stream consumed so far
-        for blk in self._blocks(lane, key_base=layout.stream_key_base(self.rank, lane, self.lanes)):
+        for blk in self._blocks(lane, key_base=layout.stream_key_base(s.rank, lane, s.lanes)):
             for _ in range(blk.lo - pos):  # resume: skip whole blocks undecoded
-                next(stream)
-            items = [self._decode(*next(stream)) for _ in range(blk.hi - blk.lo)]
+                next(raws)
+            items = [self.decoder.item(*next(raws)) for _ in range(blk.hi - blk.lo)]
             pos = blk.hi
-            yield from self._emit_block(items, blk, lambda hi=blk.hi: more(hi))
+            yield from self._emit(items, blk, lambda hi=blk.hi: self._stream_donors(lane, hi))

@@ -344,7 +344,6 @@ def _train(cfg, run_dir: Path, rank_zero: bool, command: Optional[str]) -> dict:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from pipeline.data.datamodule import ShardDataModule
-    from pipeline.data.prepare import ensure_prepared
     from pipeline.launch.cli import data_errors
     from pipeline.run.checkpointing import AtomicCheckpointIO, CheckpointError
     from pipeline.training.callbacks import DeferredSignals, LossBoundExceeded, RunInterrupted
@@ -354,8 +353,8 @@ def _train(cfg, run_dir: Path, rank_zero: bool, command: Optional[str]) -> dict:
 
     ckpt_dir = run_dir / "checkpoints"
     # The data first: a bad source, shape or size fails here, before any run file or W&B run exists.
-    ensure_prepared(cfg.data)
     dm = ShardDataModule(cfg.data)
+    dm.prepare_data()  # data.dataset into data.root on first use; Lightning's call later finds it done
     dm.preflight(expected_world_size(cfg))
     resume, resume_said = prepare_run_dir(cfg, run_dir, rank_zero)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # model init; per-batch noise: StepSeed
