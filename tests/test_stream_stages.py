@@ -6,13 +6,13 @@ import dataclasses
 
 import numpy as np
 import pytest
-from data_helpers import write_dataset
 
 from pipeline.data import shards
 from pipeline.data import stream as S
 from pipeline.data.decode import Columns, ImageSpec, Item
 from pipeline.data.reader import Reader, ShardChecks
 from pipeline.data.sources import resolve_source
+from tests.helpers.data import write_dataset
 
 
 def item(key, value, label=None, factors=None):
