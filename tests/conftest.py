@@ -45,6 +45,17 @@ def trained_run(digits_root, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="session")
+def uneven(tmp_path_factory) -> Path:
+    """Shards of uneven sizes (helpers.data.UNEVEN train, UNEVEN_VAL val, 5 test samples) with labels and
+    factors: equal batches per rank must come from the layout, not from tidy shards."""
+    from tests.helpers.data import UNEVEN, UNEVEN_VAL, write_dataset
+
+    root = tmp_path_factory.mktemp("uneven")
+    write_dataset(root, {"train": UNEVEN, "val": UNEVEN_VAL, "test": (5,)}, factors=True)
+    return root
+
+
 def pytest_collection_modifyitems(config, items):
     """A test on the real SLURM cluster is slow too (it installs and starts one): `-m "not slow"` skips it."""
     for item in items:

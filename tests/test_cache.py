@@ -14,13 +14,6 @@ from pipeline.data import shards
 from tests.helpers.data import UNEVEN, data_cfg, module_for, write_dataset
 
 
-@pytest.fixture(scope="module")
-def uneven(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
-    write_dataset(root, {"train": UNEVEN, "val": (7, 30)}, factors=True)
-    return root
-
-
 def batches(loader, epochs: int = 1) -> list:
     out = []
     for _ in range(epochs):

@@ -8,16 +8,7 @@ from collections import Counter
 import pytest
 import torch.multiprocessing as mp
 
-from tests.helpers.data import UNEVEN, KeyFileRecorder, data_cfg, ddp_rank_main, write_dataset
-
-VAL = (9, 40, 3, 21)  # 73 validation samples: ranks get 36 and 37
-
-
-@pytest.fixture(scope="module")
-def uneven(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp_data")
-    write_dataset(root, {"train": UNEVEN, "val": VAL})
-    return root
+from tests.helpers.data import UNEVEN, UNEVEN_VAL, KeyFileRecorder, data_cfg, ddp_rank_main
 
 
 def check(results, batch_size=16):
@@ -29,7 +20,7 @@ def check(results, batch_size=16):
         keys = [k for batches in per_rank for b in batches for k in b]
         assert len(keys) == len(set(keys)) == 2 * steps * batch_size
     val = Counter(k for r in results for b in r["val"] for k in b)
-    assert len(val) == sum(VAL) and set(val.values()) == {1}
+    assert len(val) == sum(UNEVEN_VAL) and set(val.values()) == {1}
 
 
 @pytest.mark.slow

@@ -11,14 +11,7 @@ import torch
 from pipeline.data import shards
 from pipeline.data.datamodule import ShardDataModule
 from pipeline.data.sources import DataSetupError
-from tests.helpers.data import UNEVEN, KeyRecorder, data_cfg, keys_of, module_for, write_dataset, write_split
-
-
-@pytest.fixture(scope="module")
-def uneven(tmp_path_factory):
-    root = tmp_path_factory.mktemp("uneven")
-    write_dataset(root, {"train": UNEVEN, "val": (7, 30, 11, 2), "test": (5,)}, factors=True)
-    return root
+from tests.helpers.data import UNEVEN, UNEVEN_VAL, KeyRecorder, data_cfg, keys_of, module_for, write_dataset, write_split
 
 
 def epochs(loader, n):
@@ -45,7 +38,7 @@ def test_train_equal_batches_no_repeats(uneven, world, workers):
 @pytest.mark.parametrize("world,workers", [(1, 2), (2, 2), (3, 0)])
 def test_val_and_test_exactly_once(uneven, world, workers):
     cfg = data_cfg(uneven, num_workers=workers, batch_size=8)
-    for split, total in (("val", 50), ("test", 5)):
+    for split, total in (("val", sum(UNEVEN_VAL)), ("test", 5)):
         stage = "fit" if split == "val" else "test"
         keys = []
         for r in range(world):
@@ -210,7 +203,7 @@ def test_streaming_source_equal_batches(tmp_path, world, workers):
 def test_sibling_manifest_and_directory_sources(uneven):
     dm = module_for(data_cfg(uneven, train=str(uneven / "train-{000000..000006}.tar"), val=str(uneven)))
     assert dm.source("train").total == sum(UNEVEN) and dm.steps_per_epoch == sum(UNEVEN) // 16
-    assert dm.source("val").total == 50
+    assert dm.source("val").total == sum(UNEVEN_VAL)
 
 
 def test_set_up_checks_say_what_to_change(uneven):

@@ -13,6 +13,7 @@ from pipeline.config import DataConfig
 from pipeline.data import shards
 
 UNEVEN = (13, 200, 57, 31, 120, 88, 44)  # 7 shards, 553 samples
+UNEVEN_VAL = (9, 40, 3, 21)  # 73 validation samples: 2 ranks get 36 and 37
 
 
 def write_split(out: Path, split: str, sizes: Sequence[int], *, shape=(1, 4, 4), factors: bool = False) -> dict:
