@@ -57,7 +57,10 @@ def uneven(tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """A test on the real SLURM cluster is slow too (it installs and starts one): `-m "not slow"` skips it."""
+    """A test on the real SLURM cluster is slow too (it installs and starts one): `-m "not slow"` skips it.
+    Under pytest-xdist (`-n 2`, the default in pyproject.toml) the SLURM tests share one worker: one cluster
+    at a time on this host."""
     for item in items:
         if item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.xdist_group("slurm"))
