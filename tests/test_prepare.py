@@ -17,6 +17,7 @@ from PIL import Image
 
 from pipeline.data import recipes, shards
 from pipeline.data.prepare import PrepareError, ensure_prepared, main, prepare
+from pipeline.run.files import is_temp
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -232,7 +233,7 @@ def test_sigkill_leaves_only_complete_shards(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
-    finals = [f for f in out.glob("*.tar") if not f.name.startswith(shards.TMP_PREFIX)]
+    finals = [f for f in out.glob("*.tar") if not is_temp(f.name)]
     assert 2 <= len(finals) < len(list(ref.glob("*.tar")))  # killed part-way
     assert all(f.read_bytes() == (ref / f.name).read_bytes() for f in finals)
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from pipeline.data import shards
 from pipeline.data.prepare import main
+from pipeline.run.files import is_temp
 from tests.helpers.data import data_cfg, module_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,4 +138,4 @@ def test_pixels_failing_mid_write_leave_no_manifest_and_no_temp_file(tmp_path, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{src / '00027.jpg'}: not a readable image" in err and "no manifest" in err
     assert not (out / "manifest.json").exists()
-    assert not [p for p in out.iterdir() if p.name.startswith(shards.TMP_PREFIX)]
+    assert not [p for p in out.iterdir() if is_temp(p.name)]

@@ -31,7 +31,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optiona
 
 import numpy as np
 
-from pipeline.run.files import SPLITS, TMP_PREFIX, fsync_dir, tmp_path, write_json_atomic
+from pipeline.run.files import SPLITS, atomic_write, fsync_dir, remove_temp_files, write_json_atomic
 
 MANIFEST = "manifest.json"
 INCOMPLETE = ".prepare-incomplete"  # present while a prepare writes (or after one was killed): not a dataset
@@ -440,24 +440,19 @@ def sha256_file(path: Path) -> str:
 
 
 def write_shard(path: Path, samples: Iterable[List[Tuple[str, bytes]]]) -> Tuple[int, str]:
-    """Write encoded samples to `path` atomically (temp name, fsync, rename); returns (count, sha256)."""
-    tmp = tmp_path(path)
-    count = 0
-    try:
-        with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for members in samples:
-                    for name, data in members:
-                        tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
-                    count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return count, digest
+    """Write encoded samples to `path` atomically (files.atomic_write); returns (count, sha256)."""
+    count, digest = 0, []
+
+    def write(f) -> None:
+        nonlocal count
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for members in samples:
+                for name, data in members:
+                    tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+                count += 1
+
+    atomic_write(path, write, check=lambda tmp: digest.append(sha256_file(tmp)))
+    return count, digest[0]
 
 
 # A chunk source: indices -> (images uint8 [k, C, H, W], labels int [k] or None, factors float32 [k, F] or None)
@@ -535,8 +530,7 @@ def _write_dataset(out_dir: Path, fetch: FetchFn, splits: Dict[str, np.ndarray],
     incomplete = out_dir / INCOMPLETE  # until the manifest is in place: training refuses the directory
     incomplete.write_text("a prepare into this directory started and has not finished\n")
     fsync_dir(out_dir)
-    for stale in out_dir.glob(f"{TMP_PREFIX}*"):  # temp files of a killed run
-        stale.unlink(missing_ok=True)
+    remove_temp_files(out_dir)  # of a killed run
     (out_dir / MANIFEST).unlink(missing_ok=True)  # from now on the directory is "not prepared"
     fsync_dir(out_dir)
 

@@ -24,7 +24,6 @@ import hashlib
 import os
 import pickle
 import re
-import uuid
 import zipfile
 from enum import Enum
 from pathlib import Path
@@ -33,11 +32,10 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from pipeline.run.files import fsync_dir
+from pipeline.run import files
+from pipeline.run.files import remove_temp_files as remove_temp_files  # temporary files: files.temp_path
 
 CHECKSUM_KEY = "pipeline_checksum"
-TEMP_SUFFIX = ".tmp"  # temporary files are `.<name>.<pid>-<random>.tmp` beside their checkpoint
-_TEMP = re.compile(r"^\..+\.\d+-[0-9a-f]{8}\.tmp$")
 
 
 class CheckpointError(Exception):
@@ -188,45 +186,35 @@ class _Writes:
 
 
 def write_temp(checkpoint: dict, path: str | os.PathLike, save: Callable = torch.save) -> Path:
-    """Write `checkpoint` (with its checksum) to a new temporary file beside `path`, on disk and checked to
-    read back as a checkpoint archive; `commit_temp` then puts it in place. CheckpointWriteError naming
-    `path` on any failure (the temporary file is removed)."""
+    """Write `checkpoint` (with its checksum) to a new temporary file beside `path` (files.write_temp), on disk
+    and checked to read back as a checkpoint archive; `commit_temp` then puts it in place.
+    CheckpointWriteError naming `path` on any failure (the temporary file is removed)."""
     path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
+
+    def write(f) -> None:
+        writes = _Writes(f)
+        try:
+            save(with_checksum(checkpoint), writes)
+        except RuntimeError:
+            if writes.error is not None:
+                raise writes.error from None
+            raise
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # In the destination directory: the rename in commit_temp is then atomic (same filesystem).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # at most 0644, whatever the umask
-        try:
-            with os.fdopen(fd, "wb") as f:
-                writes = _Writes(f)
-                try:
-                    save(with_checksum(checkpoint), writes)
-                except RuntimeError:
-                    if writes.error is not None:
-                        raise writes.error from None
-                    raise
-                f.flush()
-                os.fsync(f.fileno())  # the data is on disk before any name points at it
-            _check_archive(tmp)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        return files.write_temp(path, write, check=_check_archive)
     except (OSError, zipfile.BadZipFile, RuntimeError) as e:
         raise _write_error(path, e) from None
-    return tmp
 
 
 def commit_temp(tmp: Path, path: str | os.PathLike) -> None:
     """Atomically replace `path` with the temporary file from `write_temp`, durably."""
     path = Path(path)
     try:
-        os.replace(tmp, path)
-        fsync_dir(path.parent)  # the rename itself survives a power loss
+        files.commit(tmp, path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing right after it was written")
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise _write_error(path, e) from None
 
 
@@ -240,28 +228,11 @@ def ensure_writable(directory: str | os.PathLike) -> None:
     """Create `directory` and a file in it now, so that a run whose checkpoints cannot be written stops at
     start (CheckpointWriteError naming the directory), not hours later at its first save."""
     directory = Path(directory)
-    probe = directory / f".write-test.{os.getpid()}-{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        os.close(fd)
-        probe.unlink()
+        files.write_temp(directory / "write-test", b"").unlink()
     except OSError as e:
         raise CheckpointWriteError(f"cannot write checkpoints to {directory}: {e.strerror or e}") from None
-
-
-def remove_temp_files(*directories: str | os.PathLike) -> List[Path]:
-    """Delete temporary files left by writers that were killed mid-write (only while holding the run
-    lock: no live writer can own them). Returns what was removed."""
-    removed = []
-    for d in directories:
-        d = Path(d)
-        if d.is_dir():
-            for p in d.iterdir():
-                if _TEMP.match(p.name) and p.is_file():
-                    p.unlink(missing_ok=True)
-                    removed.append(p)
-    return removed
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -1,5 +1,17 @@
-"""The run directory's two rules: one writer at a time (`RunLock`), and one run per directory
-(`check_same_run`: a resume continues the run that config.yaml describes, or stops).
+"""The run directory and its one owner, `RunDir`: everything a training does to RUN_DIR goes through it.
+
+    run = RunDir(cfg.run.dir, rank_zero)
+    run.create()
+    with run.locked():                  # one writer at a time: RUN_DIR/run.lock (global rank zero only)
+        run.clean(cfg)                  # run files sound, checkpoints writable, temporary files swept, resume=never
+        resume = run.resume_from(cfg)   # the checkpoint that continues this run (or None), checked to be this run
+        run.save_config(cfg)            # config.yaml: what the run is (atomically, files.atomic_write)
+        said = run.roll_back_to(resume) # metric rows and best checkpoints of work lost after it dropped
+        run.wandb_run_id()              # the W&B run id every restart continues
+
+Its two rules: one writer at a time (`RunLock`), and one run per directory (`check_same_run`: a resume
+continues the run that config.yaml describes, or stops). Every file it writes goes through
+pipeline/run/files.py (`atomic_write`), so `remove_temp_files` knows what a killed writer leaves.
 
 The lock is `flock` on RUN_DIR/run.lock, so it dies with its process: a job restarted after a crash,
 a kill or a SLURM preemption takes it again at once. Only global rank zero takes it (train.py): on shared
@@ -10,15 +22,18 @@ refused, the other ranks never start (Lightning starts them after this point) or
 from __future__ import annotations
 
 import codecs
+import contextlib
 import fcntl
 import json
 import os
 import socket
 import time
 from pathlib import Path
-from typing import Mapping, Optional, Set
+from typing import Iterator, Mapping, Optional, Set, Tuple
 
 from pipeline import config as C
+from pipeline.run import tracking
+from pipeline.run.files import FILE_MODE, atomic_write, remove_temp_files
 
 LOCK_FILE = "run.lock"
 
@@ -42,9 +57,6 @@ def _drop_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_drop_in_child)
-
-
-RUN_FILE_MODE = 0o644  # at most: run files are never group- or world-writable, whatever the umask
 
 
 def restrict_umask() -> int:
@@ -83,7 +95,7 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, RUN_FILE_MODE)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         except OSError as e:
             raise RunDirError(f"cannot write to run directory {self.run_dir}: {e.strerror or e}") from None
         try:
@@ -125,7 +137,7 @@ class RunLock:
         self.release()
 
 
-RUN_FILES = ("config.yaml", "metrics.csv", "wandb_run_id.txt")  # what a run reads back from RUN_DIR
+RUN_FILES = ("config.yaml", "metrics.csv", tracking.WANDB_ID_FILE)  # what a run reads back from RUN_DIR
 
 
 def check_run_files(run_dir: str | os.PathLike) -> None:
@@ -201,20 +213,132 @@ def check_resume_path(checkpoint: str | os.PathLike, cfg, checkpoint_hparams: Op
     check_same_run(run, cfg, checkpoint_hparams, checkpoint=str(checkpoint))
 
 
-def start_over(run_dir: str | os.PathLike) -> list:
-    """resume=never in a directory that holds a run: remove its checkpoints (else a later resume=auto, or
-    Lightning's own SLURM resume from hpc_ckpt_N.ckpt, would continue the old run under the new config)
-    and its metric rows, and its W&B run id (the new run is a new W&B run: its history starts again at step 0).
-    Returns what was removed."""
-    from pipeline.run.tracking import WANDB_ID_FILE, truncate_metrics_csv
+Resume = Tuple[str, dict]  # (checkpoint path, its loaded and verified contents)
 
-    run_dir = Path(run_dir)
-    removed = [p for p in [*run_dir.glob("hpc_ckpt_*.ckpt"), *(run_dir / "checkpoints").glob("*.ckpt")] if p.is_file()]
-    for p in removed:
-        p.unlink()
-    if truncate_metrics_csv(run_dir / "metrics.csv", 0):
-        removed.append(run_dir / "metrics.csv")
-    if (run_dir / WANDB_ID_FILE).is_file():
-        (run_dir / WANDB_ID_FILE).unlink()
-        removed.append(run_dir / WANDB_ID_FILE)
-    return removed
+
+class RunDir:
+    """The one owner of a run directory: its lock, its identity (config.yaml), what a resume continues
+    from and what it rolls back, its W&B run id, and the temporary files its writers leave. Rank zero writes;
+    the other ranks only choose the same checkpoint to resume from."""
+
+    def __init__(self, path: str | os.PathLike, rank_zero: bool = True):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.rank_zero = rank_zero
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.csv"
+
+    def say(self, text: str) -> None:
+        """A notice about the run directory, from rank zero only."""
+        if self.rank_zero:
+            print(text, flush=True)
+
+    def create(self) -> None:
+        """Make the directory. RunDirError when it or a directory above it is a file; other OSErrors (a
+        failing disk, permissions) are raised as they are."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise RunDirError(f"run directory {self.path} cannot be created: it or a directory above it is a file, "
+                              "not a directory. Give another run.dir (or run.name)") from None
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[RunDir]:
+        """Hold RUN_DIR/run.lock (global rank zero only: the other ranks start after it holds it, or end with
+        it). RunDirError naming the holder when another training has it."""
+        lock = RunLock(self.path).acquire() if self.rank_zero else None
+        try:
+            yield self
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def clean(self, cfg) -> None:
+        """Before anything is chosen or written (rank zero, holding the lock): the files the run reads back are
+        sound; checkpoints can be written (now, not at the first save hours in); what killed writers left is
+        removed; resume=never starts over; another directory's W&B id stops the run before anything is written."""
+        from pipeline.run.checkpointing import ensure_writable
+
+        if not self.rank_zero:
+            return
+        check_run_files(self.path)
+        ensure_writable(self.checkpoints)
+        remove_temp_files(self.path, self.checkpoints)
+        if cfg.resume == "never" and (removed := self.start_over()):
+            self.say(f"# resume=never: starting over in {self.path}; removed {', '.join(p.name for p in removed)}")
+        if tracking.resolve_wandb_mode(cfg.logger.wandb.mode) != "disabled":
+            tracking.read_wandb_run_id(self.path)
+
+    def start_over(self) -> list:
+        """resume=never in a directory that holds a run: remove its checkpoints (else a later resume=auto, or
+        Lightning's own SLURM resume from hpc_ckpt_N.ckpt, would continue the old run under the new config)
+        and its metric rows, and its W&B run id (the new run is a new W&B run: its history starts again at step
+        0). Returns what was removed."""
+        removed = [p for p in [*self.path.glob("hpc_ckpt_*.ckpt"), *self.checkpoints.glob("*.ckpt")] if p.is_file()]
+        for p in removed:
+            p.unlink()
+        if tracking.truncate_metrics_csv(self.metrics_file, 0):
+            removed.append(self.metrics_file)
+        id_file = self.path / tracking.WANDB_ID_FILE
+        if id_file.is_file():
+            id_file.unlink()
+            removed.append(id_file)
+        return removed
+
+    def resume_from(self, cfg) -> Optional[Resume]:
+        """The checkpoint this training continues from (`resume`: never, auto, or a path; checkpointing.
+        choose_resume), or None for a fresh start. RunDirError when it continues another run, or is already
+        past trainer.max_steps. resume=auto's fallback to a best-step*.ckpt continues from a copy of it at
+        checkpoints/last.ckpt, so that Lightning, which never deletes the checkpoint it resumed from, can drop
+        that best later."""
+        from pipeline.run.checkpointing import atomic_save, choose_resume
+
+        resume = choose_resume(cfg.resume, self.path, self.say)
+        if resume is None:
+            return None
+        path, checkpoint = resume
+        if self.rank_zero:
+            hparams = checkpoint.get("hyper_parameters")
+            if cfg.resume not in ("auto", "never"):  # another run's checkpoint continues that run, not this one
+                check_resume_path(path, cfg, hparams)
+            check_same_run(self.path, cfg, hparams)
+        if int(checkpoint.get("global_step", 0)) > cfg.trainer.max_steps:
+            raise RunDirError(
+                f"{path} is at step {checkpoint.get('global_step')}, already past trainer.max_steps="
+                f"{cfg.trainer.max_steps}: nothing to train, and the run is left as it is. Raise trainer.max_steps "
+                "to extend it, train a new run (run.name=<new name>), or start this one over (resume=never)")
+        if cfg.resume == "auto" and Path(path).name.startswith("best-"):
+            last = self.checkpoints / "last.ckpt"
+            if self.rank_zero:
+                atomic_save(checkpoint, last)
+                self.say(f"# {last} replaced by a copy of {path}")
+            path = str(last)
+        return path, checkpoint
+
+    def save_config(self, cfg) -> None:
+        """config.yaml: the run this directory holds, which a later resume must continue (check_same_run)."""
+        if self.rank_zero:
+            atomic_write(self.config_file, C.to_yaml(cfg))
+
+    def roll_back_to(self, resume: Optional[Resume]) -> Optional[str]:
+        """Drop what work lost after the resumed checkpoint left: metric rows logged after its step and
+        best checkpoints saved after it (the resumed run redoes that work). Returns what the start-up summary
+        says about the resume (rank zero), else None."""
+        from pipeline.run.checkpointing import remove_later_best
+
+        if resume is None or not self.rank_zero:
+            return None
+        step = int(resume[1].get("global_step", 0))
+        dropped = tracking.truncate_metrics_csv(self.metrics_file, step)
+        remove_later_best(self.path, step)
+        return f"resuming from {resume[0]} (step {step}); dropped {dropped} metric rows logged after it"
+
+    def wandb_run_id(self) -> str:
+        """The W&B run id of this directory, created once (tracking.wandb_run_id) and reused by every restart."""
+        return tracking.wandb_run_id(self.path)

@@ -27,10 +27,11 @@ import shlex
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
+
+from pipeline.run.files import atomic_write
 
 log = logging.getLogger("pipeline.sync")
 REQUEST_SUFFIX = ".json"
@@ -41,15 +42,13 @@ LOCK_NAME = ".watch.lock"
 # ----------------------------------------------------------------------------- the training side
 def write_request(sync_dir: Path, run_dir: Path, run_id: str, segment: Path, seq: int) -> Path:
     """Ask the watcher to sync `segment` (RUN_DIR/wandb/offline-run-*): atomically (a temporary file in the
-    same directory, renamed over the previous request of this segment)."""
+    same directory, renamed over the previous request of this segment: files.atomic_write)."""
     sync_dir = Path(sync_dir)
     sync_dir.mkdir(parents=True, exist_ok=True)
     path = sync_dir / f"{Path(segment).name}{REQUEST_SUFFIX}"
     body = {"run_dir": str(Path(run_dir).resolve()), "run_id": run_id, "segment": str(Path(segment).resolve()),
             "seq": int(seq), "written": time.time()}
-    tmp = sync_dir / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    tmp.write_text(json.dumps(body) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(body) + "\n")
     return path
 
 

@@ -6,11 +6,14 @@ The W&B key is never read from or written to the repo or the run directory: wand
 from __future__ import annotations
 
 import csv
+import io
 import netrc
 import os
 import uuid
 from pathlib import Path
 from typing import Mapping, Optional
+
+from pipeline.run.files import atomic_write
 
 WANDB_ID_FILE = "wandb_run_id.txt"
 _MODE_ALIASES = {"dryrun": "offline", "run": "online", "online": "online", "offline": "offline",
@@ -79,18 +82,12 @@ def read_wandb_run_id(run_dir: Path) -> Optional[str]:
     if not run_id:
         raise RunIdError(f"{path} holds no W&B run id: delete it to start a new W&B run")
     if owner is None:
-        _replace(path, _id_file_text(run_id, run_dir))
+        atomic_write(path, _id_file_text(run_id, run_dir))
     elif owner != _owner(run_dir):
         raise RunIdError(f"{path} holds W&B run {run_id} of {owner}, not of this directory: copied, or the directory "
                          f"moved. A new run: delete the file (a new W&B run starts); the same run, moved: set its "
                          f"owner line to {_owner(run_dir)}")
     return run_id
-
-
-def _replace(path: Path, text: str) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def wandb_run_id(run_dir: Path) -> str:
@@ -102,14 +99,8 @@ def wandb_run_id(run_dir: Path) -> str:
         return found
     path = Path(run_dir) / WANDB_ID_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")  # unique per writer, threads too
-    tmp.write_text(_id_file_text(uuid.uuid4().hex[:12], run_dir))
-    try:
-        os.link(tmp, path)  # atomic create-if-absent: a concurrent writer's id wins, never two ids
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
+    # create-if-absent: of concurrent writers one id wins, never two ids
+    atomic_write(path, _id_file_text(uuid.uuid4().hex[:12], run_dir), exclusive=True)
     return read_wandb_run_id(run_dir)
 
 
@@ -129,10 +120,9 @@ def truncate_metrics_csv(path: Path, global_step: int) -> int:
     keep = [r for r in rows if not r.get("step") or int(float(r["step"])) < global_step]
     if len(keep) == len(rows):
         return 0
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(keep)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(keep)
+    atomic_write(path, text.getvalue())
     return len(rows) - len(keep)

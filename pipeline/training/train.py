@@ -40,17 +40,19 @@ TERMINATED_EXIT = 143  # SIGTERM (kill, SLURM's time limit): 128 + SIGTERM, chec
 USR1_EXIT = 138  # USR1 outside SLURM: 128 + SIGUSR1, checkpointed, and nothing requeues the run
 
 
-def build_loggers(cfg, run_dir: Path, rank_zero: bool):
-    from pipeline.run.tracking import resolve_wandb_mode, wandb_run_id
+def build_loggers(cfg, run):
+    """The CSV logger, and W&B unless disabled (its run id from the run directory, `run`: a RunDir)."""
+    from pipeline.run.tracking import resolve_wandb_mode
     from pipeline.training.lightning_compat import resumable_csv_logger, wandb_logger
 
+    run_dir = run.path
     loggers = [resumable_csv_logger(run_dir)]
     mode = resolve_wandb_mode(cfg.logger.wandb.mode)
     if mode != "disabled":
         w = cfg.logger.wandb
         loggers.append(wandb_logger(
             project=w.project, entity=w.entity, group=w.group, tags=list(w.tags), name=cfg.run.name,
-            save_dir=str(run_dir), id=wandb_run_id(run_dir) if rank_zero else None, resume="allow",
+            save_dir=str(run_dir), id=run.wandb_run_id() if run.rank_zero else None, resume="allow",
             offline=(mode == "offline"), config=C.to_dict(cfg),
             checkpoints=checkpoint_files(run_dir, w.log_checkpoints) if w.log_checkpoints else None,
         ))
@@ -206,33 +208,26 @@ def train(cfg, command: Optional[str] = None) -> dict:
     from lightning.pytorch.utilities import rank_zero_only
 
     from pipeline.run.checkpointing import CheckpointError, CheckpointWriteError
-    from pipeline.run.rundir import RunDirError, RunLock, restrict_umask
+    from pipeline.run.rundir import RunDir, RunDirError, restrict_umask
     from pipeline.run.tracking import RunIdError
     from pipeline.training.console import quiet_known_noise
 
     quiet_known_noise()
     restrict_umask()  # run files at most 0644 whatever the umask: nobody else can replace a checkpoint
-    rank_zero = rank_zero_only.rank == 0
-    run_dir = Path(cfg.run.dir)
+    run = RunDir(cfg.run.dir, rank_zero=rank_zero_only.rank == 0)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):  # it, or a directory above it, is a file: status 2
-        _bad_input(f"run directory {run_dir} cannot be created: it or a directory above it is a file, not a "
-                   "directory. Give another run.dir (or run.name)")
+        run.create()
+    except RunDirError as e:  # it, or a directory above it, is a file: status 2
+        _bad_input(e)
     except OSError as e:
-        raise SystemExit(f"error: cannot create run directory {run_dir}: {e.strerror or e}") from None
-    lock = None
+        raise SystemExit(f"error: cannot create run directory {run.path}: {e.strerror or e}") from None
     try:
-        # Global rank zero only: the other ranks start after it holds the lock, or end with it (rundir.py).
-        lock = RunLock(run_dir).acquire() if rank_zero else None
-        return _train(cfg, run_dir, rank_zero, command)
+        with run.locked():  # global rank zero only: the other ranks start after it holds the lock, or end with it
+            return _train(cfg, run, command)
     except CheckpointWriteError as e:  # the disk (full, read-only, a quota), not the input: status 1
         raise SystemExit(f"error: {e}") from None
     except (RunDirError, CheckpointError, C.ConfigError, RunIdError) as e:
         _bad_input(e)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 BAD_INPUT_EXIT = 2  # a config, run directory or checkpoint that cannot be used: as a config error
@@ -242,59 +237,6 @@ def _bad_input(e: BaseException | str) -> None:
     """One line on stderr, exit status 2 (bad input, as config errors; a failing disk stays status 1)."""
     print(f"error: {e}", file=sys.stderr, flush=True)
     raise SystemExit(BAD_INPUT_EXIT) from None
-
-
-def prepare_run_dir(cfg, run_dir: Path, rank_zero: bool):
-    """Everything done to RUN_DIR before training (rank zero holds the run lock): fail now if checkpoints
-    cannot be written; clear what a killed writer left; pick the checkpoint to resume from and check that
-    it continues the same run; save config.yaml; drop metric rows and best checkpoints from work lost
-    after that checkpoint. Returns ((checkpoint path, its verified contents) or None, what the start-up
-    summary says about it)."""
-    from pipeline.run.checkpointing import atomic_save, choose_resume, ensure_writable, remove_later_best, remove_temp_files
-    from pipeline.run.rundir import RunDirError, check_resume_path, check_run_files, check_same_run, start_over
-    from pipeline.run.tracking import read_wandb_run_id, resolve_wandb_mode, truncate_metrics_csv
-
-    def say(text: str) -> None:
-        if rank_zero:
-            print(text, flush=True)
-
-    ckpt_dir = run_dir / "checkpoints"
-    if rank_zero:
-        check_run_files(run_dir)
-        ensure_writable(ckpt_dir)  # now, not at the first save hours in
-        remove_temp_files(run_dir, ckpt_dir)
-        if cfg.resume == "never" and (removed := start_over(run_dir)):
-            say(f"# resume=never: starting over in {run_dir}; removed {', '.join(p.name for p in removed)}")
-        if resolve_wandb_mode(cfg.logger.wandb.mode) != "disabled":
-            read_wandb_run_id(run_dir)  # another directory's id (copied) stops the run before anything is written
-    resume = choose_resume(cfg.resume, run_dir, say)
-    if resume and rank_zero:
-        if cfg.resume not in ("auto", "never"):  # another run's checkpoint continues that run, not this one
-            check_resume_path(resume[0], cfg, resume[1].get("hyper_parameters"))
-        check_same_run(run_dir, cfg, resume[1].get("hyper_parameters"))
-    if resume and int(resume[1].get("global_step", 0)) > cfg.trainer.max_steps:
-        raise RunDirError(
-            f"{resume[0]} is at step {resume[1].get('global_step')}, already past trainer.max_steps="
-            f"{cfg.trainer.max_steps}: nothing to train, and the run is left as it is. Raise trainer.max_steps to "
-            "extend it, train a new run (run.name=<new name>), or start this one over (resume=never)")
-    if resume and cfg.resume == "auto" and Path(resume[0]).name.startswith("best-"):
-        # The fallback when last.ckpt and hpc_ckpt_N do not load: continue from a copy at last.ckpt, so
-        # that Lightning, which never deletes the checkpoint it resumed from, can drop this best later.
-        if rank_zero:
-            atomic_save(resume[1], ckpt_dir / "last.ckpt")
-            say(f"# {ckpt_dir / 'last.ckpt'} replaced by a copy of {resume[0]}")
-        resume = str(ckpt_dir / "last.ckpt"), resume[1]
-    if rank_zero:
-        tmp = run_dir / "config.yaml.tmp"
-        tmp.write_text(C.to_yaml(cfg))
-        os.replace(tmp, run_dir / "config.yaml")
-    said = None
-    if resume and rank_zero:
-        step = int(resume[1].get("global_step", 0))
-        dropped = truncate_metrics_csv(run_dir / "metrics.csv", step)
-        remove_later_best(run_dir, step)
-        said = f"resuming from {resume[0]} (step {step}); dropped {dropped} metric rows logged after it"
-    return resume, said
 
 
 # The model keys that fix the shapes of the weights: a warm start (model.init_from) needs them equal.
@@ -339,7 +281,7 @@ def expected_world_size(cfg) -> int:
     return (device_count(cfg.trainer.devices) or 1) * int(cfg.trainer.num_nodes)
 
 
-def _train(cfg, run_dir: Path, rank_zero: bool, command: Optional[str]) -> dict:
+def _train(cfg, run, command: Optional[str]) -> dict:
     import lightning.pytorch as pl
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -351,12 +293,15 @@ def _train(cfg, run_dir: Path, rank_zero: bool, command: Optional[str]) -> dict:
     from pipeline.training.lightning_compat import launched_by_rank_zero
     from pipeline.training.module import VAEModule
 
-    ckpt_dir = run_dir / "checkpoints"
+    run_dir, rank_zero, ckpt_dir = run.path, run.rank_zero, run.checkpoints
     # The data first: a bad source, shape or size fails here, before any run file or W&B run exists.
     dm = ShardDataModule(cfg.data)
     dm.prepare_data()  # data.dataset into data.root on first use; Lightning's call later finds it done
     dm.preflight(expected_world_size(cfg))
-    resume, resume_said = prepare_run_dir(cfg, run_dir, rank_zero)
+    run.clean(cfg)
+    resume = run.resume_from(cfg)
+    run.save_config(cfg)
+    resume_said = run.roll_back_to(resume)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # model init; per-batch noise: StepSeed
     module = VAEModule(C.to_object(cfg.model), C.to_object(cfg.objective), C.to_object(cfg.optim),
                        input_shape=tuple(dm.input_shape), max_steps=cfg.trainer.max_steps,
@@ -366,13 +311,12 @@ def _train(cfg, run_dir: Path, rank_zero: bool, command: Optional[str]) -> dict:
     if cfg.trainer.compile:
         module.vae.compile()  # in place: checkpoint keys stay unprefixed
 
-    loggers, wandb_mode = build_loggers(cfg, run_dir, rank_zero)
+    loggers, wandb_mode = build_loggers(cfg, run)
     sync_requests = None
     if cfg.logger.wandb.sync_dir and wandb_mode == "offline" and rank_zero:
         from pipeline.run.sync import SyncRequests
-        from pipeline.run.tracking import wandb_run_id
 
-        sync_requests = SyncRequests(Path(cfg.logger.wandb.sync_dir), run_dir, wandb_run_id(run_dir))
+        sync_requests = SyncRequests(Path(cfg.logger.wandb.sync_dir), run_dir, run.wandb_run_id())
     callbacks = build_callbacks(cfg, run_dir, sync_requests)
     trainer = build_trainer(cfg, run_dir, loggers, callbacks, AtomicCheckpointIO(preloaded=resume))
     signals = next(c for c in callbacks if isinstance(c, DeferredSignals))
