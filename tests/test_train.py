@@ -82,10 +82,16 @@ EXACT = [
 
 
 def assert_same_run(ref_dir: Path, run_dir: Path, first_step: int, last_step: int):
-    ref, got = weights(ref_dir / "checkpoints" / "last.ckpt"), weights(run_dir / "checkpoints" / "last.ckpt")
-    assert ref.keys() == got.keys()
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=0, msg=f"weights differ at {k}")
+    ref_ckpt, got_ckpt = (torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+                          for d in (ref_dir, run_dir))
+    # state_dict: the weights (their EMA with optim.ema_decay, the trained ones then in current_model_state)
+    for part in ("state_dict", "current_model_state", "averaging_state"):
+        assert (part in ref_ckpt) == (part in got_ckpt), part
+        ref, got = ref_ckpt.get(part, {}), got_ckpt.get(part, {})
+        assert ref.keys() == got.keys()
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=0, msg=f"{part} differs at {k}")
+    assert ref_ckpt.get("skipped_steps") == got_ckpt.get("skipped_steps")
 
     def by_step(rows):
         return {(int(r["step"]), key): float(v) for r in rows for key, v in r.items()
@@ -106,6 +112,28 @@ def test_exact_resume_single_process(tiny_overrides, tmp_path):
     assert torch.load(cut_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 17
     train(load_config([], base + [f"run.dir={cut_dir}"]))
     assert_same_run(ref_dir, cut_dir, first_step=17, last_step=30)
+
+
+# EMA of the weights, clipping and skipping on; the cut run is a finished run (its EMA copied into the module at
+# its end, as Lightning does) extended by a larger trainer.max_steps
+EMA_CLIP_SKIP = ["optim.ema_decay=0.8", "optim.grad_clip_norm=3.5", "optim.grad_skip_norm=4.5"]
+
+
+def test_exact_resume_with_ema_clipping_and_skipping(tiny_overrides, tmp_path):
+    base = tiny_overrides + EXACT + EMA_CLIP_SKIP
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    train(load_config([], base + [f"run.dir={ref_dir}"]))
+    train(load_config([], base + [f"run.dir={cut_dir}", "trainer.max_steps=17"]))
+    cut = torch.load(cut_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    train(load_config([], base + [f"run.dir={cut_dir}"]))
+    assert_same_run(ref_dir, cut_dir, first_step=17, last_step=30)
+    last = torch.load(ref_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert 0 < last["skipped_steps"] < 30 and int(last["averaging_state"]["n_averaged"]) == 30
+    key = "vae.encoder.1.0.weight"
+    assert not torch.equal(last["state_dict"][key], last["current_model_state"][key])  # EMA != trained
+    assert not torch.equal(last["current_model_state"][key], cut["current_model_state"][key])  # trained on
+    skipped = [float(r["train/skipped_steps"]) for r in read_metrics(ref_dir) if r.get("train/skipped_steps")]
+    assert skipped == sorted(skipped) and skipped[-1] == last["skipped_steps"]
 
 
 def test_exact_resume_two_ddp_ranks(tiny_overrides, tmp_path):
