@@ -3,6 +3,8 @@ optim.grad_skip_norm (VAEModule: one norm per step; a skipped step leaves weight
 in process on in-memory batches. Exact resume through pipeline.train is in tests/test_train.py."""
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -159,3 +161,54 @@ def test_clipping_bounds_the_applied_norm():
     assert len(ClipProbe.applied) == 5
     assert all(before > 0.5 for before, _ in ClipProbe.applied)  # the clip was active ...
     assert all(after == pytest.approx(0.5, rel=1e-4) for _, after in ClipProbe.applied)  # ... and bounds it
+
+
+@pytest.mark.slow
+def test_evaluate_and_safe_load_read_an_ema_checkpoint_as_its_average(tiny_overrides, tmp_path):
+    from pipeline.analysis.evaluate import evaluate, load_module
+    from pipeline.config import load_config
+    from pipeline.run.checkpointing import safe_load
+    from pipeline.training.train import train
+
+    run_dir = tmp_path / "run"
+    train(load_config([], tiny_overrides + ["trainer.max_steps=12", "optim.ema_decay=0.9"]))
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    state = safe_load(ckpt)  # the weights-only unpickler: current_model_state and averaging_state are plain
+    assert {"state_dict", "current_model_state", "averaging_state"} <= set(state)
+    module, step = load_module(ckpt, torch.device("cpu"))
+    assert step == 12
+    ours = module.state_dict()
+    key = "vae.encoder.1.0.weight"
+    assert all(torch.equal(ours[k], v) for k, v in state["state_dict"].items())  # the average ...
+    assert not torch.equal(ours[key], state["current_model_state"][key])  # ... not the trained weights
+    results = evaluate(run_dir, split="val", iwae_samples=2, progress=False, wandb_log=False)
+    assert results["global_step"] == 12 and math.isfinite(results["elbo"])
+    best = sorted((run_dir / "checkpoints").glob("best-step*.ckpt"))
+    assert best and "current_model_state" in safe_load(best[-1])
+
+
+def test_config_keys_bounds_the_moved_clip_key_and_16_mixed():
+    from pipeline.config import ConfigError, load_config
+
+    cfg = load_config([], ["optim.ema_decay=0.999", "optim.grad_clip_norm=1", "optim.grad_skip_norm=100"])
+    assert (cfg.optim.ema_decay, cfg.optim.grad_clip_norm, cfg.optim.grad_skip_norm) == (0.999, 1.0, 100.0)
+    defaults = load_config([])
+    assert defaults.optim.ema_decay is None and defaults.optim.grad_clip_norm is None
+    assert defaults.optim.grad_skip_norm is None
+    for bad in ("optim.ema_decay=1", "optim.ema_decay=0", "optim.grad_clip_norm=0", "optim.grad_skip_norm=-1"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config([], [bad])
+    with pytest.raises(ConfigError, match="grad_skip_norm.*16-mixed"):
+        load_config([], ["optim.grad_skip_norm=10", "trainer.precision=16-mixed"])
+    with pytest.raises(ConfigError, match="It moved: optim.grad_clip_norm"):
+        load_config([], ["trainer.gradient_clip_val=1"])
+
+
+def test_a_config_yaml_saved_before_the_move_still_reads(tmp_path):
+    from pipeline.config import load_config, load_saved
+
+    old = tmp_path / "config.yaml"
+    old.write_text("trainer:\n  gradient_clip_val: 0.0\n  max_steps: 7\n")  # every run's config.yaml had it
+    assert load_saved(old).optim.grad_clip_norm is None and load_saved(old).trainer.max_steps == 7
+    old.write_text("trainer:\n  gradient_clip_val: 2.5\n")
+    assert load_config([old]).optim.grad_clip_norm == 2.5
