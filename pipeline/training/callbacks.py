@@ -487,6 +487,14 @@ class EMAWeights(EMAWeightAveraging):
             self._device = trainer.strategy.root_device
         super().setup(trainer, pl_module, stage)
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The precision plugin converted the model after setup (64-true: float64): the average follows, kept at
+        # least float32 (bf16-true / 16-true weights: a float32 average, whose small updates do not round away).
+        for average, live in zip(self._average_model.module.parameters(), pl_module.parameters()):
+            dtype = torch.promote_types(live.dtype, torch.float32) if live.is_floating_point() else live.dtype
+            if average.dtype != dtype:
+                average.data = average.data.to(dtype)
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
         if trainer.global_step <= self._latest_update_step:  # no optimizer step on this batch (accumulation)
             return
