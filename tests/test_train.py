@@ -136,9 +136,10 @@ def test_exact_resume_with_ema_clipping_and_skipping(tiny_overrides, tmp_path):
     assert skipped == sorted(skipped) and skipped[-1] == last["skipped_steps"]
 
 
-def test_exact_resume_two_ddp_ranks(tiny_overrides, tmp_path):
+@pytest.mark.parametrize("extra", [[], EMA_CLIP_SKIP], ids=["plain", "ema-clip-skip"])
+def test_exact_resume_two_ddp_ranks(extra, tiny_overrides, tmp_path):
     ddp = ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=32"]
-    base = tiny_overrides + EXACT + ddp
+    base = tiny_overrides + EXACT + ddp + extra
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     run_train(base + [f"run.dir={ref_dir}"])
     run_train(base + [f"run.dir={cut_dir}", "trainer.max_steps=13"])
