@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.training.callbacks import EMAWeights
+from pipeline.training.callbacks import EMAWeights, ImageLogger
 from pipeline.training.module import VAEModule
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -75,13 +75,22 @@ def test_ema_follows_its_closed_form_step_by_step():
     assert not torch.allclose(w[0][0], w[1][0])
 
 
-def test_validation_numbers_come_from_the_ema_weights():
-    ema = EMAWeights(0.9)
+class SeenAtEpochEnd(pl.Callback):
+    """The weights the module holds in on_validation_epoch_end, where ImageLogger draws its grids."""
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        assert hasattr(ImageLogger, "on_validation_epoch_end")
+        self.weights = [p.detach().clone() for p in pl_module.parameters()]
+
+
+def test_validation_numbers_and_grids_come_from_the_ema_weights():
+    ema, seen = EMAWeights(0.9), SeenAtEpochEnd()
     m = module()
-    fit = trainer(6, [ema, FixedNoise()])
+    fit = trainer(6, [ema, seen, FixedNoise()])
     fit.fit(m, datamodule=Batches())
     val_ema = float(fit.callback_metrics["val/elbo"])
     averaged = [p.clone() for p in ema.averaged_parameters()]
+    assert all(torch.equal(a, p) for a, p in zip(averaged, seen.weights))  # the grids' weights: the average
     # after fit the module holds the average (Lightning's on_train_end): a plain validation of it agrees
     assert all(torch.equal(a, p) for a, p in zip(averaged, m.parameters()))
     again = trainer(6, [FixedNoise()])
