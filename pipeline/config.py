@@ -146,6 +146,9 @@ class OptimConfig:
     lr_schedule: LRSchedule = setting("constant", "cosine decays to min_lr_ratio * lr at max_steps")
     lr_warmup_steps: int = setting(0, "linear LR warm-up from 0", ge=0)
     min_lr_ratio: float = setting(0.1, "cosine: the final LR as a fraction of lr", ge=0, le=1)
+    ema_decay: Optional[float] = setting(None, "EMA of the weights, updated every step: validation, checkpoints' state_dict and evaluate use it; null: off", gt=0, lt=1)
+    grad_clip_norm: Optional[float] = setting(None, "clip the total gradient norm to this (Lightning's gradient_clip_val, norm); null: off", gt=0)
+    grad_skip_norm: Optional[float] = setting(None, "skip the optimizer step when the total gradient norm (before clipping) exceeds this or is not finite; null: off", gt=0)
 
 
 @dataclass
@@ -158,7 +161,6 @@ class TrainerConfig:
     precision: Precision = setting("32-true", "Lightning precision")
     val_check_interval: int = setting(500, "validate every N training batches (and always at the last step)", gt=0)
     log_every_n_steps: int = setting(25, "write train metrics every N steps", gt=0)
-    gradient_clip_val: float = setting(0.0, "gradient norm clip; 0 disables", ge=0)
     accumulate_grad_batches: int = setting(1, "batches per optimizer step", gt=0)
     limit_val_batches: Optional[int] = setting(None, "null: the whole validation split", ge=0)
     enable_progress_bar: bool = setting(True, "one bar on a terminal, a line every few steps otherwise")
@@ -314,13 +316,32 @@ def is_operational(key: str) -> bool:
 SPANS_MAX_STEPS = {"optim.lr_schedule": ("cosine",), "objective.kl_schedule": ("cyclical",)}
 
 
+# Keys that moved: old -> (new, how an old value reads as the new one). YAML files written before the move (every
+# run's config.yaml holds every key) are read with the new key; a command-line override of the old one is told it.
+MOVED = {"trainer.gradient_clip_val": ("optim.grad_clip_norm", lambda v: v or None)}
+
+
+def _moved_keys(loaded: Any) -> Any:
+    """A loaded YAML mapping with each MOVED key given under its new name."""
+    if not isinstance(loaded, DictConfig):
+        return loaded
+    for old, (new, convert) in MOVED.items():
+        section, key = old.rsplit(".", 1)
+        node = OmegaConf.select(loaded, section, throw_on_missing=False)
+        if isinstance(node, DictConfig) and key in node:
+            value = convert(node.pop(key))
+            if OmegaConf.select(loaded, new, throw_on_missing=False) is None:
+                OmegaConf.update(loaded, new, value, force_add=True)
+    return loaded
+
+
 def load_saved(path: str | os.PathLike) -> DictConfig:
     """A run's saved config.yaml over the schema, not re-validated (its `resume` path may be gone)."""
     try:
         loaded = OmegaConf.load(path)
     except Exception as e:
         raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
-    return _merge(OmegaConf.structured(Config), loaded, str(path))
+    return _merge(OmegaConf.structured(Config), _moved_keys(loaded), str(path))
 
 
 def identity_differences(saved: DictConfig, new: DictConfig) -> List[Tuple[str, Any, Any]]:
@@ -397,6 +418,8 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
             allowed = ", ".join(a.strip().strip("'") for a in literal.group(2).split(","))
             raise ConfigError(f"{source}: bad value for '{key}': {literal.group(1)!r}; expected one of: {allowed}") from None
         hint = _nearest(key, _all_keys(OmegaConf.to_container(base, resolve=False))) if isinstance(e, ConfigKeyError) or "not in" in msg else ""
+        if key in MOVED:
+            hint = f" It moved: {MOVED[key][0]} (null: off)."
         raise ConfigError(f"{source}: bad config key '{key}': {msg}.{hint}") from None
 
 
@@ -419,6 +442,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"bad value for 'resume': {cfg.resume!r} is neither auto, never nor an existing checkpoint")
     if cfg.model.init_from is not None and not Path(cfg.model.init_from).is_file():
         raise ConfigError(f"bad value for 'model.init_from': {cfg.model.init_from!r} is not an existing checkpoint")
+    if cfg.optim.grad_skip_norm is not None and cfg.trainer.precision == "16-mixed":
+        raise ConfigError("'optim.grad_skip_norm' cannot be used with trainer.precision=16-mixed: its GradScaler sets "
+                          "the fused optimizer's found_inf itself and leaves the gradients scaled; use bf16-mixed")
     _check_devices(cfg.trainer.devices)
     if cfg.trainer.devices in (-1, "-1"):  # Lightning's "all devices"; on CPU it raised there, "auto" means the same
         cfg.trainer.devices = "auto"
@@ -510,7 +536,7 @@ def load_config(files: Sequence[str | os.PathLike] = (), overrides: Sequence[str
             loaded = OmegaConf.load(path)
         except Exception as e:  # YAML syntax errors come in several types
             raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
-        cfg = _merge(cfg, loaded, str(path))
+        cfg = _merge(cfg, _moved_keys(loaded), str(path))
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"override {o!r} is not of the form key=value")

@@ -19,6 +19,18 @@ def test_fused_adamw_only_with_every_parameter_on_cuda_and_never_where_lightning
     assert accel.fused_adamw(set()) is False
 
 
+def test_fused_adamw_on_every_device_when_steps_may_be_skipped():
+    """optim.grad_skip_norm: only the fused kernels honour optimizer.found_inf (CPU and CUDA)."""
+    assert accel.fused_adamw({"cpu"}, "32-true", 0.0, skip=True) is True
+    assert accel.fused_adamw({"cpu", "cuda"}, "bf16-mixed", 1.0, skip=True) is True
+    assert accel.fused_adamw({"cuda"}, "32-true", 1.0, skip=True) is True
+    assert accel.fused_adamw(set(), skip=True) is False
+    assert accel.describe("cpu", True, None, None, None) == "cpu: torch defaults, fused AdamW (optim.grad_skip_norm)"
+    module = VAEModule({"arch": "mlp", "latent_dim": 2, "hidden_dims": [8]}, {}, {"grad_skip_norm": 10.0}, (1, 4, 4),
+                       max_steps=5)
+    assert module.configure_optimizers()["optimizer"].defaults["fused"] is True  # here, on the CPU
+
+
 def test_tf32_and_cudnn_benchmark_on_cuda_only_and_benchmark_not_when_deterministic():
     assert accel.matmul_precision("cuda") == "high" and accel.matmul_precision("cpu") is None
     assert accel.cudnn_benchmark("conv", "cuda", deterministic=False) is True

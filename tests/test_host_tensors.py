@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.training.callbacks import DataErrorCounter
+from pipeline.training.callbacks import DataErrorCounter, EMAWeights
 from pipeline.training.lightning_compat import logs_written_this_step
 from pipeline.training.module import VAEModule
 from pipeline.vae.metrics import ExactSums
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 COUNT = {"made": 0}
 # torch.optim's step counters are host tensors unless the optimizer is fused or capturable (as in
 # tests/helpers/sync_probe.py): AdamW's first step makes them on the host, no device involved.
-HOST_SIDE = ("torch.optim",)
+HOST_SIDE = ("torch.optim.optimizer", "torch.optim.adam", "torch.optim.adamw", "torch.optim.lr_scheduler")
 
 
 @pytest.fixture
@@ -107,15 +107,23 @@ class Windows(pl.Callback):
         self.val.append(COUNT["made"] - self._at)
 
 
-def test_no_host_value_tensor_in_training_or_validation_steps(counting):
+# optim.ema_decay, grad_clip_norm and grad_skip_norm on, with a limit that skips some steps
+EMA_CLIP_SKIP = {"ema_decay": 0.9, "grad_clip_norm": 1.0, "grad_skip_norm": 1.5}
+
+
+@pytest.mark.parametrize("optim", [{}, EMA_CLIP_SKIP], ids=["default", "ema-clip-skip"])
+def test_no_host_value_tensor_in_training_or_validation_steps(counting, optim):
     torch.manual_seed(0)
-    module = VAEModule({"arch": "mlp", "latent_dim": 3, "hidden_dims": [16]}, {}, {}, (1, 8, 8), max_steps=12)
+    module = VAEModule({"arch": "mlp", "latent_dim": 3, "hidden_dims": [16]}, {}, optim, (1, 8, 8), max_steps=12)
     windows = Windows()
+    ema = [EMAWeights(optim["ema_decay"])] if "ema_decay" in optim else []
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=12, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         val_check_interval=6, log_every_n_steps=5,
-                         callbacks=[windows, DataErrorCounter()])
+                         val_check_interval=6, log_every_n_steps=5, gradient_clip_val=optim.get("grad_clip_norm"),
+                         callbacks=[*ema, windows, DataErrorCounter()])
     trainer.fit(module, datamodule=Skipping())
+    if optim:
+        assert 0 < module.skipped_steps < 12 and "train/grad_norm" in trainer.callback_metrics
     assert len(windows.train) == 12 and len(windows.val) == 2 * 6
     quiet = [made for logs, made in windows.train if not logs]
     assert len(quiet) == 10 and quiet == [0] * 10, windows.train

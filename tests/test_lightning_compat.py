@@ -238,3 +238,47 @@ def test_started_ranks_and_launched_by_rank_zero_read_the_local_launcher(tmp_pat
     assert compat.started_ranks(trainer) == ["rank 1"]
     monkeypatch.setattr(type(trainer.strategy), "global_rank", property(lambda self: 1))
     assert compat.launched_by_rank_zero(trainer) and compat.started_ranks(trainer) == []
+
+
+def test_ema_weights_keeps_lightnings_checkpoint_layout_and_swap(tmp_path):
+    """EMAWeights relies on WeightAveraging's private `_average_model`, `_latest_update_step` and `_swap_models`:
+    a checkpoint taken inside fit holds the average in state_dict and the trained weights in current_model_state,
+    a resume restores both and the step of the last update, and the swap exchanges them."""
+    from pipeline.training.module import VAEModule
+    from tests.test_ema_and_grad_skip import Batches
+
+    class SaveAt(pl.Callback):  # after EMAWeights: the step's average is in
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                trainer.save_checkpoint(tmp_path / "three.ckpt")
+                self.live = [p.detach().clone() for p in pl_module.parameters()]
+
+    def fit(steps, ema, callbacks=(), ckpt_path=None):
+        torch.manual_seed(0)
+        module = VAEModule({"arch": "mlp", "latent_dim": 2, "hidden_dims": [8]}, {}, {}, (1, 8, 8), max_steps=10)
+        pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                   limit_val_batches=0, callbacks=[ema, *callbacks]).fit(module, datamodule=Batches(), ckpt_path=ckpt_path)
+        return module
+
+    ema, save = compat.EMAWeights(0.5), SaveAt()
+    fit(3, ema, [save])
+    ckpt = torch.load(tmp_path / "three.ckpt", weights_only=True)
+    names = [n for n, _ in VAEModule({"arch": "mlp", "latent_dim": 2, "hidden_dims": [8]}, {}, {}, (1, 8, 8),
+                                     max_steps=10).named_parameters()]
+    assert all(torch.equal(ckpt["state_dict"][n], a) for n, a in zip(names, ema.averaged_parameters()))
+    assert all(torch.equal(ckpt["current_model_state"][n], w) for n, w in zip(names, save.live))
+    assert int(ckpt["averaging_state"]["n_averaged"]) == 3 and ckpt["callbacks"]
+    resumed = compat.EMAWeights(0.5)
+    module = fit(3, resumed, ckpt_path=tmp_path / "three.ckpt")  # nothing left to train: restored only
+    assert resumed._latest_update_step == 3
+    assert all(torch.equal(a, b) for a, b in zip(resumed.averaged_parameters(), ema.averaged_parameters()))
+    before = [p.detach().clone() for p in module.parameters()]
+    average = [a.clone() for a in resumed.averaged_parameters()]
+    if all(torch.equal(b, a) for b, a in zip(before, average)):  # fit's end copied the average in: back to the trained
+        module.load_state_dict(ckpt["current_model_state"])
+        before = [p.detach().clone() for p in module.parameters()]
+    assert not all(torch.equal(b, a) for b, a in zip(before, average))
+    resumed._swap_models(module)
+    assert all(torch.equal(p, a) for p, a in zip(module.parameters(), average))
+    assert all(torch.equal(a, b) for a, b in zip(resumed.averaged_parameters(), before))

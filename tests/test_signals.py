@@ -31,7 +31,7 @@ from tests.helpers.processes import (
     wait_for_workers,
     wait_idle,
 )
-from tests.helpers.run import EXACT, assert_same_run, run_train
+from tests.helpers.run import EMA_CLIP_SKIP, EXACT, assert_same_run, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -102,6 +102,29 @@ def test_ctrl_c_checkpoints_at_the_batch_end_and_the_same_command_resumes_exactl
     resumed = run_train(args)  # the same command
     assert f"(step {step})" in resumed.stdout, resumed.stdout[-3000:]
     run_train(args + [f"run.dir={tmp_path / 'ref'}"])  # uninterrupted
+    assert_same_run(tmp_path / "ref", run_dir, first_step=step, last_step=steps)
+
+
+def test_sigterm_with_ema_and_skipping_checkpoints_at_a_batch_end_and_resumes_exactly(tiny_overrides, tmp_path):
+    """The EMA is updated before DeferredSignals saves at that batch end: the checkpoint holds the step's EMA,
+    trained weights and skip count, and the resumed run continues them as if never stopped."""
+    steps = 120
+    args = tiny_overrides + EXACT + EMA_CLIP_SKIP + [f"trainer.max_steps={steps}", "trainer.val_check_interval=50",
+                                                     "checkpoint.every_n_steps=20"]
+    run_dir = tmp_path / "run"
+    proc = start_train(args)
+    wait_for_file(proc, run_dir / "checkpoints" / "last.ckpt")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-6000:]
+    stop = re.search(r"# SIGTERM at step (\d+): checkpoint saved", out)
+    assert stop, out[-6000:]
+    step = int(stop.group(1))
+    assert 20 <= step < steps, step
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == step and int(saved["averaging_state"]["n_averaged"]) == step
+    run_train(args)
+    run_train(args + [f"run.dir={tmp_path / 'ref'}"])
     assert_same_run(tmp_path / "ref", run_dir, first_step=step, last_step=steps)
 
 

@@ -106,7 +106,8 @@ def test_every_third_party_import_is_declared():
 # the public API: OmegaConf.select, OmegaConf.to_container).
 PRIVATE = ("_checkpoint_connector", "_logger_connector", "_iterator", "_check_log_dir_exists", "fit_loop",
            "_shutdown_workers", "_active_loop", "_experiment", "_fs", "_wandb_init", "_should_check_val_fx",
-           "_data_fetcher", "_broadcast_sigterm_tensor", "_trainer", "_get_node")
+           "_data_fetcher", "_broadcast_sigterm_tensor", "_trainer", "_get_node", "_average_model",
+           "_latest_update_step", "_swap_models")
 
 
 def private_names(source: str) -> list[str]:

@@ -32,8 +32,13 @@ def probe(args: list[str], out) -> dict[int, list]:
     return {int(p.stem[4:]): json.loads(p.read_text()) for p in out.glob("rank*.json")}
 
 
-@pytest.mark.parametrize("devices", [1, 2])
-def test_no_host_read_or_collective_in_a_step_unless_metrics_are_written(devices, digits_root, tmp_path):
+# optim.ema_decay, grad_clip_norm and grad_skip_norm on (a low skip limit: some steps are skipped): the EMA update,
+# the norm, the clip and the skip stay on the device
+EMA_CLIP_SKIP = ["optim.ema_decay=0.9", "optim.grad_clip_norm=3.5", "optim.grad_skip_norm=4.0"]
+
+
+@pytest.mark.parametrize("devices,extra", [(1, []), (2, []), (1, EMA_CLIP_SKIP)], ids=["1", "2", "1-ema-clip-skip"])
+def test_no_host_read_or_collective_in_a_step_unless_metrics_are_written(devices, extra, digits_root, tmp_path):
     steps = 60
     every = load_config([]).trainer.signal_every_n_steps
     # the default config (cadences, loader, progress, checkpoints, images), a CPU-sized model and run
@@ -42,7 +47,7 @@ def test_no_host_read_or_collective_in_a_step_unless_metrics_are_written(devices
             f"run.dir={tmp_path / 'run'}"]
     if devices > 1:
         args += [f"trainer.devices={devices}", "trainer.strategy=ddp"]
-    ranks = probe(args, tmp_path / "counts")
+    ranks = probe(args + extra, tmp_path / "counts")
     assert sorted(ranks) == list(range(devices))
     for rank, rows in ranks.items():
         assert [r[0] for r in rows] == list(range(steps))

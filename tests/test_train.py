@@ -9,7 +9,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.training.train import train
-from tests.helpers.run import EXACT, assert_same_run, read_metrics, run_train
+from tests.helpers.run import EMA_CLIP_SKIP, EXACT, assert_same_run, read_metrics, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -79,9 +79,31 @@ def test_exact_resume_single_process(tiny_overrides, tmp_path):
     assert_same_run(ref_dir, cut_dir, first_step=17, last_step=30)
 
 
-def test_exact_resume_two_ddp_ranks(tiny_overrides, tmp_path):
+# EMA_CLIP_SKIP on; the cut run is a finished run (its EMA copied into the module at its end, as Lightning
+# does) extended by a larger trainer.max_steps
+
+
+def test_exact_resume_with_ema_clipping_and_skipping(tiny_overrides, tmp_path):
+    base = tiny_overrides + EXACT + EMA_CLIP_SKIP
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    train(load_config([], base + [f"run.dir={ref_dir}"]))
+    train(load_config([], base + [f"run.dir={cut_dir}", "trainer.max_steps=17"]))
+    cut = torch.load(cut_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    train(load_config([], base + [f"run.dir={cut_dir}"]))
+    assert_same_run(ref_dir, cut_dir, first_step=17, last_step=30)
+    last = torch.load(ref_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert 0 < last["skipped_steps"] < 30 and int(last["averaging_state"]["n_averaged"]) == 30
+    key = "vae.encoder.1.0.weight"
+    assert not torch.equal(last["state_dict"][key], last["current_model_state"][key])  # EMA != trained
+    assert not torch.equal(last["current_model_state"][key], cut["current_model_state"][key])  # trained on
+    skipped = [float(r["train/skipped_steps"]) for r in read_metrics(ref_dir) if r.get("train/skipped_steps")]
+    assert skipped == sorted(skipped) and skipped[-1] == last["skipped_steps"]
+
+
+@pytest.mark.parametrize("extra", [[], EMA_CLIP_SKIP], ids=["plain", "ema-clip-skip"])
+def test_exact_resume_two_ddp_ranks(extra, tiny_overrides, tmp_path):
     ddp = ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=32"]
-    base = tiny_overrides + EXACT + ddp
+    base = tiny_overrides + EXACT + ddp + extra
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     run_train(base + [f"run.dir={ref_dir}"])
     run_train(base + [f"run.dir={cut_dir}", "trainer.max_steps=13"])

@@ -1,6 +1,6 @@
 """Callbacks the Trainer needs beyond Lightning's own: per-batch seeding (exact resume), image grids, a
 final validation, step-consistent SLURM preemption and Ctrl-C, data-error counters, last.ckpt after
-validation, and a loss watch."""
+validation, a loss watch, and the EMA of the weights."""
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +16,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 
-from pipeline.training.lightning_compat import (
+from pipeline.training.lightning_compat import (  # noqa: F401  EMAWeights: a Lightning callback subclassed there
+    EMAWeights,
     align_log_step,
     batches_trained,
     hpc_save_path,
@@ -453,3 +454,4 @@ class LossWatch(Callback):
             if trainer.strategy.reduce_boolean_decision(value > self.max_loss, all=False):
                 raise LossBoundExceeded(f"training loss {value:.4g} after {trainer.global_step} steps exceeds "
                                         f"trainer.max_loss={self.max_loss:g}")
+

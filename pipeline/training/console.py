@@ -174,6 +174,18 @@ def data_name(root: str) -> str:
     return "indexed shards" if isinstance(manifest, dict) and manifest.get("format") == INDEX_FORMAT else "shards"
 
 
+def optim_line(o) -> str:
+    """The summary's optimizer line, and which weights the numbers of the run come from (optim.ema_decay)."""
+    clip = f"clip at norm {o.grad_clip_norm:g}" if o.grad_clip_norm is not None else "no clipping"
+    skip = f"skip steps with norm > {o.grad_skip_norm:g}" if o.grad_skip_norm is not None else "no skipping"
+    if o.ema_decay is None:
+        weights = "validation, grids and evaluate use the trained weights"
+    else:
+        weights = (f"validation, grids, checkpoints' state_dict and evaluate use the EMA of the weights (decay "
+                   f"{o.ema_decay:g}); training and resume continue the trained ones (current_model_state)")
+    return f"# optim     AdamW lr {o.lr:g} ({o.lr_schedule}), {clip}, {skip}; {weights}"
+
+
 def summary_lines(cfg, dm, module, trainer, wandb_mode: str, resume: Optional[str],
                   defaults: Optional[str] = None) -> List[str]:
     """The start-up summary: where the run writes, what it trains on and with, and what differs from
@@ -206,6 +218,7 @@ def summary_lines(cfg, dm, module, trainer, wandb_mode: str, resume: Optional[st
         f"# loader    {loader}",
         f"# model     {m.arch} VAE, latent {m.latent_dim}, {m.likelihood} likelihood, {params:,} parameters; "
         f"beta {cfg.objective.beta:g} ({cfg.objective.kl_schedule} KL schedule)",
+        optim_line(cfg.optim),
         f"# devices   {devices}",
         f"# steps     {t.max_steps}; validate every {t.val_check_interval} and at the end; "
         f"checkpoint every {cfg.checkpoint.every_n_steps}",
@@ -214,7 +227,7 @@ def summary_lines(cfg, dm, module, trainer, wandb_mode: str, resume: Optional[st
         "# changed   " + ("  ".join(f"{k}={v}" for k, v in changed.items()) if changed else "nothing (all defaults)"),
     ]
     if str(t.devices) in ("auto", "-1") and trainer.num_devices > 1:  # not SLURM's: launch.py fills those in
-        lines.insert(5, f"# NOTE      trainer.devices={t.devices} took all {trainer.num_devices} {accelerator} devices "
+        lines.insert(6, f"# NOTE      trainer.devices={t.devices} took all {trainer.num_devices} {accelerator} devices "
                         f"on this node: global batch {cfg.data.batch_size * trainer.num_devices * trainer.num_nodes}; "
                         "trainer.devices=1 trains on one")
     return lines

@@ -10,6 +10,10 @@ import csv
 import warnings
 from pathlib import Path
 
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import EMAWeightAveraging
+
 
 def attached_trainer(module):
     """The Trainer `module` (a LightningModule) is attached to, or None. `module.trainer` raises when there is
@@ -204,3 +208,82 @@ def launched_by_rank_zero(trainer) -> bool:
     from lightning.fabric.plugins.environments import LightningEnvironment
 
     return not trainer.is_global_zero and type(trainer.strategy.cluster_environment) is LightningEnvironment
+
+
+class EMAWeights(EMAWeightAveraging):
+    """optim.ema_decay: an exponential moving average of the weights, updated after every optimizer step,
+    ema <- decay * ema + (1 - decay) * w (the first update copies w, as torch's AveragedModel does).
+
+    Lightning's EMAWeightAveraging keeps its layout: checkpoints hold the average in `state_dict` (what
+    `pipeline.evaluate`, `model.init_from` and `VAEModule.from_checkpoint` load) and the trained weights in
+    `current_model_state` (what a resume continues from), and `n_averaged` in `averaging_state`; validation (its
+    metrics, image grids and best checkpoint) runs on the average. Three changes, each for something the run
+    relies on:
+    - The average is made on the training device (`trainer.strategy.root_device`): Lightning's setup hook runs
+      before the model is moved there, so the stock callback kept it on the CPU and copied every weight off the
+      GPU at every step.
+    - The update is torch's `get_ema_multi_avg_fn` (one foreach lerp) on the device, with no host read:
+      AveragedModel.update_parameters reads its `n_averaged` buffer twice a step (a GPU sync each;
+      tests/test_sync.py counts them). Whether it is the first update is known on the host
+      (`_latest_update_step`, restored from the checkpoint).
+    - The average is swapped back after `on_validation_end` of the callbacks before checkpoints, not at
+      `on_validation_epoch_end`: ImageLogger draws its grids in that hook, after this callback's (it is listed
+      first), and must see the average; checkpoint callbacks run after this one and save the trained weights.
+    It must come before DeferredSignals and LastCheckpoint (build_callbacks lists it first): a checkpoint taken at
+    a batch end then holds this step's average, and the resumed run continues it exactly. After fit the module
+    holds the average (Lightning's on_train_end), as the checkpoints' state_dict does.
+    Here, not in callbacks.py: it uses WeightAveraging's private `_average_model` (torch's AveragedModel),
+    `_latest_update_step` (its checkpointed state), `_device` and `_swap_models`; tests/test_lightning_compat.py
+    checks the checkpoint layout and the swap they give.
+    """
+
+    def __init__(self, decay: float):
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+        super().__init__(decay=decay)
+        self.decay = float(decay)
+        self._lerp = get_ema_multi_avg_fn(self.decay)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._device = trainer.strategy.root_device
+        super().setup(trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The precision plugin converted the model after setup (64-true: float64): the average follows, kept at
+        # least float32 (bf16-true / 16-true weights: a float32 average, whose small updates do not round away).
+        for average, live in zip(self._average_model.module.parameters(), pl_module.parameters()):
+            dtype = torch.promote_types(live.dtype, torch.float32) if live.is_floating_point() else live.dtype
+            if average.dtype != dtype:
+                average.data = average.data.to(dtype)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step <= self._latest_update_step:  # no optimizer step on this batch (accumulation)
+            return
+        self.update(pl_module, first=self._latest_update_step == 0)
+        self._latest_update_step = trainer.global_step
+
+    @torch.no_grad()
+    def update(self, pl_module: LightningModule, first: bool = False) -> None:
+        """One EMA step of the average towards pl_module's weights (first: a copy of them)."""
+        averaged = self._average_model
+        ema = [p.detach() for p in averaged.module.parameters()]
+        live = [p.detach() for p in pl_module.parameters()]
+        live = [w if w.dtype == e.dtype and w.device == e.device else w.to(e) for w, e in zip(live, ema)]
+        if first:
+            for e, w in zip(ema, live):
+                e.copy_(w)
+        else:
+            self._lerp(ema, live, None)  # torch's own EMA step: one foreach lerp
+        averaged.n_averaged.add_(1)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pass  # swapped back in on_validation_end
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._average_model is not None:
+            self._swap_models(pl_module)
+
+    def averaged_parameters(self) -> list:
+        """The average's parameters (tensors on the training device), in pl_module.parameters() order."""
+        return [p.detach() for p in self._average_model.module.parameters()]

@@ -9,6 +9,8 @@ Images become float in [0, 1] here, on the device, not in the loader.
 
 Logged (all in nats per example unless named otherwise):
   train/{loss, elbo, recon, kl, kl_weight, bits_per_dim[, capacity_nats]}   every step, no syncs
+  train/grad_norm (total, before clipping) with optim.grad_clip_norm or grad_skip_norm; train/skipped_steps (a
+      running count) with grad_skip_norm: on the steps whose metrics are written, no host read on others
 A non-finite training loss stops the run (FloatingPointError naming its step) without a host read per step:
 see `_note_non_finite`.
   {val,test}/{loss, elbo, recon, kl, bits_per_dim, active_units, kl_dim_<d>[, iwae]}
@@ -75,6 +77,10 @@ class VAEModule(pl.LightningModule):
         # training losses (detached, on the device) and their steps since the last check (_note_non_finite);
         # mutated in place, so noting one skips nn.Module.__setattr__
         self._losses: Dict[str, list] = {"recent": [], "blocks": [], "steps": []}
+        # optim.grad_skip_norm: optimizer steps skipped so far (a device int64 scalar once training; the
+        # checkpoint's `skipped_steps`), and this step's total gradient norm (for clipping and logging)
+        self._skipped: Any = 0
+        self._grad_norm: Optional[torch.Tensor] = None
 
     HPARAMS = ("model", "objective", "optim", "input_shape", "max_steps")  # what a training checkpoint carries
 
@@ -225,15 +231,64 @@ class VAEModule(pl.LightningModule):
         # fused: one kernel for the whole update on CUDA (accel.fused_adamw); None leaves torch's choice
         fused = accel.fused_adamw({p.device.type for p in params},
                                   getattr(trainer, "precision", "32-true") if trainer is not None else "32-true",
-                                  getattr(trainer, "gradient_clip_val", 0) if trainer is not None else 0)
+                                  getattr(trainer, "gradient_clip_val", 0) if trainer is not None else 0,
+                                  cfg.grad_skip_norm is not None)
         optimizer = torch.optim.AdamW(
             params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=fused or None
         )
-        # A pure function of the scheduler's step count, which the checkpoint restores.
+        # A pure function of the scheduler's step count, which the checkpoint restores. A skipped step
+        # (optim.grad_skip_norm) still advances it, as it advances global_step and the KL schedule: every
+        # schedule stays a function of the step, and knowing whether a step was skipped would take a host read.
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: schedules.lr_factor(step, cfg, self.max_steps)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # ---- gradient norm: clipping and skipping, without a host read per step --------------------
+    # Lightning calls on_before_optimizer_step after the backward pass (and DDP's all-reduce) and before
+    # configure_gradient_clipping and optimizer.step. The total norm is taken once, on the device; a step whose
+    # norm exceeds optim.grad_skip_norm (or is not finite) is skipped by the fused AdamW itself: it honours
+    # `optimizer.found_inf` as GradScaler uses it (weights, moments and its step count unchanged; accel.py makes
+    # AdamW fused on every device when skipping is on).
+    def on_before_optimizer_step(self, optimizer) -> None:
+        cfg = self.optim_cfg
+        if cfg.grad_skip_norm is None and cfg.grad_clip_norm is None:
+            self._grad_norm = None
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            self._grad_norm = None
+            return
+        norm = torch.nn.utils.get_total_norm(grads)
+        self._grad_norm = norm
+        if cfg.grad_skip_norm is not None:
+            skip = ~(norm <= cfg.grad_skip_norm)  # NaN and inf norms are skipped too
+            optimizer.found_inf = skip.to(torch.float32)
+            if not torch.is_tensor(self._skipped) or self._skipped.device != norm.device:
+                self._skipped = torch.full((), int(self._skipped), dtype=torch.int64, device=norm.device)
+            self._skipped.add_(skip)
+        if self._writes_logs_this_step():
+            self.log("train/grad_norm", norm.detach(), on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
+            if cfg.grad_skip_norm is not None:
+                self.log("train/skipped_steps", self._skipped.to(torch.float32), on_step=True, on_epoch=False,
+                         sync_dist=False, batch_size=1)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """optim.grad_clip_norm (Lightning's gradient_clip_val, norm algorithm) with the norm taken above: the same
+        clip as torch.nn.utils.clip_grad_norm_, without computing the norm a second time."""
+        if gradient_clip_val and self._grad_norm is not None and gradient_clip_algorithm in (None, "norm"):
+            params = [p for p in self.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped by optim.grad_skip_norm so far (a host read)."""
+        return int(self._skipped)
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        self._skipped = int(checkpoint.get("skipped_steps", 0))
 
     # ---- non-finite loss, without a host read per step ---------------------------------------
     # `if not torch.isfinite(loss)` waits for the device every step. Instead each step's loss is kept (detached,
@@ -292,6 +347,8 @@ class VAEModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         self._raise_if_non_finite(agree=True)  # every rank writes (dumps) a checkpoint: all take part
+        if self.optim_cfg.grad_skip_norm is not None:
+            checkpoint["skipped_steps"] = self.skipped_steps  # a save waits for the device anyway
 
     def _writes_logs_this_step(self) -> bool:
         """Whether Lightning writes step metrics after this batch (every trainer.log_every_n_steps)."""

@@ -84,6 +84,7 @@ def build_callbacks(cfg, run_dir: Path, sync_requests=None):
     from pipeline.training.callbacks import (
         DataErrorCounter,
         DeferredSignals,
+        EMAWeights,
         FinalValidation,
         ImageLogger,
         LastCheckpoint,
@@ -94,7 +95,9 @@ def build_callbacks(cfg, run_dir: Path, sync_requests=None):
     )
 
     ckpt_dir = run_dir / "checkpoints"
-    callbacks = [
+    # first: the step's EMA update comes before any checkpoint taken at that batch end (EMAWeights)
+    callbacks = [EMAWeights(cfg.optim.ema_decay)] if cfg.optim.ema_decay is not None else []
+    callbacks += [
         StepSeed(cfg.seed),
         StepLabels(),
         LearningRateMonitor(logging_interval="step"),
@@ -141,7 +144,9 @@ def build_trainer(cfg, run_dir: Path, loggers, callbacks, checkpoint_io=None):
         val_check_interval=t.val_check_interval, check_val_every_n_epoch=None, num_sanity_val_steps=0,
         limit_val_batches=t.limit_val_batches,  # None: all (1.0 would print a notice on every run)
         log_every_n_steps=t.log_every_n_steps,
-        gradient_clip_val=t.gradient_clip_val or None, accumulate_grad_batches=t.accumulate_grad_batches,
+        # the clip uses the norm VAEModule already took for logging and skipping (configure_gradient_clipping)
+        gradient_clip_val=cfg.optim.grad_clip_norm, gradient_clip_algorithm="norm",
+        accumulate_grad_batches=t.accumulate_grad_batches,
         enable_progress_bar=t.enable_progress_bar, deterministic=t.deterministic,
         enable_model_summary=False,  # the start-up summary gives the parameter count
         # one dispatch for our stateless callbacks, no profiler contexts: ~0.15 ms of a short step (pipeline/training/hooks.py)
@@ -173,7 +178,8 @@ def apply_device_defaults(cfg, trainer) -> str:
     benchmark = accel.cudnn_benchmark(cfg.model.arch, device, cfg.trainer.deterministic)
     if benchmark is not None:
         torch.backends.cudnn.benchmark = benchmark
-    fused = accel.fused_adamw({device}, str(trainer.precision), cfg.trainer.gradient_clip_val)
+    fused = accel.fused_adamw({device}, str(trainer.precision), cfg.optim.grad_clip_norm,
+                              cfg.optim.grad_skip_norm is not None)
     return accel.describe(device, fused, matmul, benchmark, accel.ddp_kwargs(cfg.trainer.strategy))
 
 

@@ -56,10 +56,16 @@ EXACT = [
 
 
 def assert_same_run(ref_dir: Path, run_dir: Path, first_step: int, last_step: int):
-    ref, got = weights(ref_dir / "checkpoints" / "last.ckpt"), weights(run_dir / "checkpoints" / "last.ckpt")
-    assert ref.keys() == got.keys()
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=0, msg=f"weights differ at {k}")
+    ref_ckpt, got_ckpt = (torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+                          for d in (ref_dir, run_dir))
+    # state_dict: the weights (their EMA with optim.ema_decay, the trained ones then in current_model_state)
+    for part in ("state_dict", "current_model_state", "averaging_state"):
+        assert (part in ref_ckpt) == (part in got_ckpt), part
+        ref, got = ref_ckpt.get(part, {}), got_ckpt.get(part, {})
+        assert ref.keys() == got.keys()
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=0, msg=f"{part} differs at {k}")
+    assert ref_ckpt.get("skipped_steps") == got_ckpt.get("skipped_steps")
 
     def by_step(rows):
         return {(int(r["step"]), key): float(v) for r in rows for key, v in r.items()
@@ -70,3 +76,7 @@ def assert_same_run(ref_dir: Path, run_dir: Path, first_step: int, last_step: in
     assert any(k == "val/elbo" for _, k in ref_m) and any(k == "train/kl_weight" for _, k in ref_m)
     for key in ref_m:
         assert got_m[key] == pytest.approx(ref_m[key], abs=1e-5, rel=1e-5), key
+
+
+# EMA of the weights, clipping and skipping on (optim.*): the exact-resume tests run with and without them
+EMA_CLIP_SKIP = ["optim.ema_decay=0.8", "optim.grad_clip_norm=3.5", "optim.grad_skip_norm=4.5"]

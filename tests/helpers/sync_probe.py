@@ -23,7 +23,9 @@ from lightning.pytorch import Callback
 COUNTS = {"reads": 0, "collectives": 0}
 # Reads that are not syncs on any device: torch.optim's step counters are host tensors unless the optimizer
 # is capturable or fused (torch/optim/adam.py), so AdamW's per-parameter `.item()` never waits for a GPU.
-HOST_SIDE = ("torch.optim",)
+# Only the optimizer's own modules: torch.optim.swa_utils (AveragedModel, under Lightning's weight averaging)
+# reads a device buffer, and is counted.
+HOST_SIDE = ("torch.optim.optimizer", "torch.optim.adam", "torch.optim.adamw", "torch.optim.lr_scheduler")
 
 
 def _counting(fn, kind: str):
