@@ -148,6 +148,7 @@ def measure_pipeline(cfg, warmup: int, device: str, compile_model: bool = False,
 
     from pipeline import config as C
     from pipeline.data.datamodule import ShardDataModule
+    from pipeline.run.rundir import RunDir
     from pipeline.training.module import VAEModule
     from pipeline.training.train import build_callbacks, build_loggers, build_trainer
 
@@ -160,7 +161,7 @@ def measure_pipeline(cfg, warmup: int, device: str, compile_model: bool = False,
     if compile_model:
         module.vae.compile()
     timer = make_timer(warmup, device)
-    loggers, _ = build_loggers(cfg, run_dir, rank_zero=True)
+    loggers, _ = build_loggers(cfg, RunDir(run_dir))
     trainer = build_trainer(cfg, run_dir, loggers, build_callbacks(cfg, run_dir) + [timer])
     threads = torch.get_num_threads()
     if torch_threads:
