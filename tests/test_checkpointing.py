@@ -59,6 +59,7 @@ def flip_bytes(src: Path, dst: Path, n: int = 32) -> None:
 
 
 # ---- writing and verifying --------------------------------------------------------------------------------
+@pytest.mark.slow  # a real training run (or several processes)
 def test_checksum_verifies_after_a_round_trip_in_another_process(tmp_path):
     path = tmp_path / "a.ckpt"
     ck.atomic_save(sample_checkpoint(), path)

@@ -88,6 +88,7 @@ def test_results_go_to_the_runs_wandb_summary(trained_run, monkeypatch):
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
 
 
+@pytest.mark.slow  # a real training run (or several processes)
 def test_mig_is_computed_when_batches_carry_factors():
     from pipeline.training.module import VAEModule
     from pipeline.vae.disentangle import mig

@@ -38,6 +38,7 @@ def train_source_error(cfg) -> str:
 
 
 # ---------------------------------------------------------------------------- a manifest is data
+@pytest.mark.slow  # a real training run (or several processes)
 def test_manifest_pipe_entry_never_runs(tmp_path):
     root = tmp_path / "ds"
     write_dataset(root, {"train": [40, 40], "val": [16]})
@@ -302,6 +303,7 @@ def test_summary_names_the_data_at_data_root(tmp_path, shard_dir):
 
 
 # ---------------------------------------------------------------------------- prepare: killed, or twice
+@pytest.mark.slow  # a real training run (or several processes)
 def test_killed_prepare_is_refused_by_training_a_second_writer_is_named_and_a_rerun_starts_over(tmp_path):
     import os
     import signal

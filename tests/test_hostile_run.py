@@ -79,6 +79,7 @@ def test_a_yaml_file_that_is_not_a_mapping_is_one_line(text, named, tiny_overrid
 
 
 # ------------------------------------------------------------------------------ the run directory
+@pytest.mark.slow  # a real training run (or several processes)
 def test_run_files_are_at_most_0644_whatever_the_umask(tiny_overrides, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
@@ -94,6 +95,7 @@ def test_run_files_are_at_most_0644_whatever_the_umask(tiny_overrides, tmp_path)
     assert not loose, loose
 
 
+@pytest.mark.slow  # a real training run (or several processes)
 @pytest.mark.parametrize("name", ["config.yaml", "metrics.csv"])
 def test_a_run_file_that_is_a_directory_is_one_line(name, tiny_overrides, tmp_path):
     (tmp_path / "run" / name).mkdir(parents=True)
@@ -110,6 +112,7 @@ def test_a_metrics_csv_that_is_not_text_is_one_line(tiny_overrides, tmp_path):
     assert str(metrics) in line and "not a CSV text file" in line
 
 
+@pytest.mark.slow  # a real training run (or several processes)
 def test_a_run_dir_that_is_a_file_is_exit_2(tiny_overrides, tmp_path):
     (tmp_path / "run").write_text("not a directory\n")
     assert str(tmp_path / "run") in one_error_line(run_train(tiny_overrides, check=False))
@@ -149,12 +152,14 @@ def test_resume_from_another_runs_checkpoint_is_refused(beta4_run, tiny_override
     assert {p: p.read_bytes() for p in before} == before
 
 
+@pytest.mark.slow  # a real training run (or several processes)
 def test_resume_from_a_checkpoint_with_another_latent_dim_is_one_line(beta4_run, tiny_overrides, tmp_path):
     line = one_error_line(run_train(tiny_overrides + [f"resume={beta4_run / CKPT}", "objective.beta=4",
                                                       "model.latent_dim=6"], check=False))
     assert "model.latent_dim: 4 -> 6" in line, line
 
 
+@pytest.mark.slow  # a real training run (or several processes)
 def test_init_from_warm_starts_the_weights_at_step_0(beta4_run, tiny_overrides, tmp_path):
     src = torch.load(beta4_run / CKPT, map_location="cpu", weights_only=False)
     proc = run_train(tiny_overrides + [f"model.init_from={beta4_run / CKPT}", "trainer.max_steps=1",
@@ -168,6 +173,7 @@ def test_init_from_warm_starts_the_weights_at_step_0(beta4_run, tiny_overrides, 
     assert diff < 5e-3, diff
 
 
+@pytest.mark.slow  # a real training run (or several processes)
 def test_init_from_with_another_latent_dim_is_one_line(beta4_run, tiny_overrides):
     line = one_error_line(run_train(tiny_overrides + [f"model.init_from={beta4_run / CKPT}", "model.latent_dim=6"],
                                     check=False))

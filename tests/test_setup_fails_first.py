@@ -2,9 +2,12 @@
 run (offline: no wandb/ directory; online: no failed run in the project) and no run files."""
 from __future__ import annotations
 
+import pytest
+
 from tests.helpers.run import TINY, run_train
 
 
+@pytest.mark.slow  # a real training run (or several processes)
 def test_a_data_error_leaves_no_wandb_run_and_no_run_files(digits_root, tmp_path):
     run = tmp_path / "run"
     args = [o for o in TINY if not o.startswith("logger.wandb.mode=")]
