@@ -318,3 +318,80 @@ def test_resize_modes_and_channel_conversion():
     assert grey.shape == (1, 8, 16) and grey[0, 0, 0] == 76 and grey[0, 0, -1] == 29  # 0.299 R, 0.114 B
     hwc = {"__key__": "k", "npy": shards.npy_bytes(rgb)}  # the same pixels as H x W x C .npy
     assert np.array_equal(ImageSpec(size=8).decode(hwc)[0], crop)
+
+
+# ------------------------------------------------------------------ gzip-compressed shards (.tar.gz, .tgz)
+@pytest.fixture(scope="module")
+def gzipped(foreign, tmp_path_factory):
+    """The foreign shards gzip-compressed as other tools ship them (.tar.gz and .tgz mixed), indexed."""
+    import gzip
+    import shutil
+
+    root, _ = foreign
+    out = tmp_path_factory.mktemp("gzipped")
+    for split in ("train", "val"):
+        (out / split).mkdir()
+        for i, tar in enumerate(sorted((root / split).glob("*.tar"))):
+            suffix = ".tgz" if i % 2 else ".tar.gz"
+            with open(tar, "rb") as src, gzip.open(out / split / (tar.stem + suffix), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    idx = out / "index"
+    for split in ("train", "val"):
+        assert prepare_main(["index", "--source", str(out / split), "--split", split, "--out", str(idx),
+                             "--workers", "2", "--no-progress"]) == 0
+    return out, idx
+
+
+def test_gzip_shards_are_indexed_with_the_files_own_sha256(gzipped):
+    import hashlib
+
+    out, idx = gzipped
+    manifest = json.loads((idx / "manifest.json").read_text())
+    entries = manifest["splits"]["train"]["shards"]
+    assert [e["samples"] for e in entries] == list(TRAIN)
+    for e in entries:
+        path = Path(shards.shard_location(idx / "manifest.json", manifest, e["name"]))
+        assert path.name.endswith(("gz", "tgz")) and e["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_gzip_shards_train_in_exact_mode_and_verify(gzipped, world):
+    """Counts from the index: equal batches, every sample once, the sha256 checked while streaming."""
+    _, idx = gzipped
+    cfg = cfg_for(idx)
+    n = sum(TRAIN) // (world * 8)
+    train, val = [], []
+    for r in range(world):
+        dm = module_for(cfg, world, r)
+        batches = list(dm.train_dataloader())
+        assert len(batches) == n
+        for b in batches:
+            check_batch(b)
+        train += [k for b in batches for k in b["key"]]
+        val += [k for b in dm.val_dataloader() for k in b["key"]]
+    assert len(train) == len(set(train)) == world * n * 8
+    assert sorted(val) == [f"{i:09d}" for i in range(100_000, 100_000 + sum(VAL))]
+
+
+def test_gzip_shards_stream_without_index(gzipped):
+    out, _ = gzipped
+    cfg = data_cfg(out, train=str(out / "train"), val=str(out / "val"), image_size=8, channels=3, batch_size=8,
+                   steps_per_epoch=6)
+    dm = module_for(cfg, 2, 0)
+    assert len(dm.source("train").urls) == len(TRAIN) and dm.source("train").counts is None
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 6
+    for b in batches + list(dm.val_dataloader()):
+        check_batch(b)
+
+
+def test_a_damaged_gzip_shard_is_one_line_naming_it(gzipped, tmp_path):
+    out, _ = gzipped
+    bad = tmp_path / "train"
+    bad.mkdir()
+    data = (out / "train" / "00001.tgz").read_bytes()
+    (bad / "00001.tgz").write_bytes(data[: len(data) // 2] + bytes(64))  # cut and garbled
+    cfg = data_cfg(tmp_path, train=str(bad), val=None, image_size=8, channels=3, batch_size=8, steps_per_epoch=4,
+                   num_workers=0)
+    with pytest.raises(shards.ShardFormatError, match=r"00001\.tgz: unreadable tar data"):
+        list(module_for(cfg).train_dataloader())

@@ -20,12 +20,14 @@ a new prepare starts it over); one writer at a time (flock on DIR/.write.lock, n
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
 import os
 import re
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -39,6 +41,16 @@ WRITE_LOCK = ".write.lock"  # flock of the process writing the directory (holder
 FORMAT = "vae-pipeline-shards/1"
 INDEX_FORMAT = "vae-pipeline-index/1"  # `prepare index` manifests (pipeline.data.index)
 IMAGE, LABEL, FACTORS = "npy", "label.cls", "factors.npy"  # sample field names (file suffixes)
+# gzip-compressed shards (webdataset reads them, several public datasets ship them): read by streaming
+# decompression, never through the index (no seeks into a gzip stream); their sha256 is the file's own.
+GZIP_SUFFIXES = (".tar.gz", ".tgz")
+SHARD_SUFFIXES = (".tar", *GZIP_SUFFIXES)
+
+
+def is_gzip(name: str) -> bool:
+    return name.lower().endswith(GZIP_SUFFIXES)
+
+
 SHARD_RE = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}\.tar$")
 
 
@@ -285,6 +297,8 @@ def iter_tar_samples(stream, name: str) -> Iterator[Dict[str, bytes]]:
     """
     current: Optional[Dict[str, bytes]] = None
     seen = set()  # keys met so far: a key twice is a DUPLICATE sample (plain webdataset raises; we report it)
+    if is_gzip(name):  # decompressed here, so a HashingStream around `stream` hashes the file's bytes
+        stream = gzip.GzipFile(fileobj=stream, mode="rb")
     try:
         for member in tar_members(stream):
             split = member_key(member.name) if member.kind in REGULAR else None
@@ -301,7 +315,7 @@ def iter_tar_samples(stream, name: str) -> Iterator[Dict[str, bytes]]:
             elif suffix in current:  # the same member twice in a row: two samples under one key
                 current[DUPLICATE] = b""
             current[suffix] = member.data
-    except (EOFError, OSError, ValueError, UnicodeDecodeError) as e:
+    except (EOFError, OSError, ValueError, UnicodeDecodeError, zlib.error) as e:  # gzip: BadGzipFile, EOFError
         raise ShardFormatError(f"{name}: unreadable tar data after sample "
                                f"{current['__key__'] if current else '(none)'}: {e}") from e
     if current is not None:
@@ -376,7 +390,10 @@ class RawBlock:
 def index_tar(path: str) -> Optional[TarIndex]:
     """A TarIndex of a local tar file, or None when the file is not one this reads without doubt (a bad
     header, truncation, a link or device member, a key twice): callers then parse it the usual way, which
-    reports what is wrong. Reads headers only (`tar_members` skips the data with seeks)."""
+    reports what is wrong. Reads headers only (`tar_members` skips the data with seeks). None for a gzip
+    shard: it is read by streaming decompression."""
+    if is_gzip(str(path)):
+        return None
     keys: List[bytes] = []
     start: List[int] = []
     end: List[int] = []

@@ -159,19 +159,20 @@ def _sibling_counts(urls: Sequence[str]) -> tuple[tuple[int, ...] | None, tuple 
 
 
 def shard_urls(spec: str, split: str | None = None) -> list[str]:
-    """The shards of a directory (its `{split}-*.tar`; failing those, every `*.tar`: the names other tools
+    """The shards of a directory (its `{split}-*.tar`; failing those, every `*.tar`, `*.tar.gz`, `*.tgz`: the names other tools
     write), a brace pattern or a URL, in canonical order; local ones must exist."""
     import webdataset as wds
 
     if os.path.isdir(spec):
         _refuse_incomplete(Path(spec))
-        tars = sorted(p for p in Path(spec).glob("*.tar") if not p.name.startswith("."))
+        tars = sorted(p for p in Path(spec).iterdir()
+                      if p.name.lower().endswith(shards.SHARD_SUFFIXES) and not p.name.startswith("."))
         if any(shards.SHARD_RE.match(p.name) for p in tars):  # our naming: only this split's shards
             tars = [p for p in tars if split and p.name.startswith(f"{split}-")]
             if not tars:
                 raise DataSetupError(f"{spec}: no manifest.json and no {split}-*.tar shards in this directory")
         if not tars:
-            raise DataSetupError(f"{spec}: no manifest.json and no .tar shards in this directory")
+            raise DataSetupError(f"{spec}: no manifest.json and no .tar / .tar.gz / .tgz shards in this directory")
         return [str(p) for p in tars]
     urls = list(wds.shardlists.expand_urls(spec))
     if not urls:
