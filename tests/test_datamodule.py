@@ -88,24 +88,87 @@ def test_loader_resume_matches_uninterrupted(uneven, workers):
             assert seen_now + rest[0] == reference[epoch] and rest[1] == reference[epoch + 1]
 
 
-def test_changed_settings_restart_the_epoch_with_a_warning(uneven):
-    loader = module_for(data_cfg(uneven, num_workers=2)).train_dataloader()
+@pytest.mark.parametrize("workers", [1, 0, 3])
+def test_changed_loader_workers_continue_the_epoch_exactly(uneven, workers):
+    """The order does not depend on the loader workers: 2 -> 1, 0 or 3 workers mid-epoch continue with the
+    batches the 2-worker run would have handed out next."""
+    cfg = data_cfg(uneven, num_workers=2)
+    reference = keys_of(module_for(cfg).train_dataloader())
+    loader = module_for(cfg).train_dataloader()
+    it = iter(loader)
+    seen = [list(next(it)["key"]) for _ in range(5)]
+    state = loader.state_dict()
+    del it
+    resumed = module_for(data_cfg(uneven, num_workers=workers), resumed=state).train_dataloader()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed.load_state_dict(state)
+    assert seen + keys_of(resumed) == reference
+
+
+def test_changed_order_restarts_the_epoch_with_a_warning(uneven):
+    loader = module_for(data_cfg(uneven)).train_dataloader()
     it = iter(loader)
     for _ in range(5):
         next(it)
     state = loader.state_dict()
-    cfg1 = data_cfg(uneven, num_workers=1)
+    cfg1 = data_cfg(uneven, seed=1)
     fresh = keys_of(module_for(cfg1).train_dataloader())  # epoch 0 with the new settings
-    resumed = module_for(cfg1).train_dataloader()
-    with pytest.warns(UserWarning, match="num_workers 2 -> 1.*restarting epoch 0 from its first batch"):
+    resumed = module_for(cfg1, resumed=state).train_dataloader()
+    with pytest.warns(UserWarning, match="seed 0 -> 1.*restarting epoch 0 from its first batch"):
         resumed.load_state_dict(state)
     assert keys_of(resumed) == fresh
-    # a world-size change at an epoch boundary is clean: no warning, next epoch
-    state.update(batches_done=state["num_batches"], world_size=2)
+    # a change at an epoch boundary is clean: no warning, next epoch
+    state.update(batches_done=state["num_batches"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         resumed.load_state_dict(state)
     assert resumed.state_dict()["epoch"] == 1
+
+
+def global_steps(cfg, world, resumed=None, epochs_=1):
+    """Each global step's samples, in rank order, over `epochs_` epochs from the loaders' position."""
+    loaders = [module_for(cfg, world, r, resumed=resumed).train_dataloader() for r in range(world)]
+    if resumed is not None:
+        for loader in loaders:
+            loader.load_state_dict(resumed)
+    out = []
+    for _ in range(epochs_):
+        per_rank = [keys_of(loader) for loader in loaders]
+        assert len({len(b) for b in per_rank}) == 1  # every rank the same number of batches
+        out += [[k for b in step for k in b] for step in zip(*per_rank)]
+    return out
+
+
+@pytest.mark.parametrize("cache", ["none", "host"])
+def test_elastic_resume_keeps_every_global_step(uneven, cache):
+    """A run started on 4 ranks (global batch 4 x 16), stopped mid-epoch and resumed on 2, 1 or 8 ranks (and
+    other worker counts) hands out the same samples in every later global step, in the same order."""
+    cfg = data_cfg(uneven, num_workers=2, cache=cache)
+    reference = global_steps(cfg, 4, epochs_=2)  # 8 steps of 64 per epoch
+    assert len(reference) == 16 and all(len(step) == 64 for step in reference)
+    first = module_for(cfg, 4, 0).train_dataloader()
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    state = first.state_dict()
+    del it
+    assert (state["global_batch"], state["parts"]) == (64, 4)
+    for world, workers in [(2, 1), (1, 0), (8, 3)]:
+        got = global_steps(data_cfg(uneven, num_workers=workers, cache=cache), world, resumed=state, epochs_=2)
+        assert got == reference[3:], world
+
+
+def test_resume_on_a_world_size_that_cannot_read_the_order_is_refused(uneven):
+    state = module_for(data_cfg(uneven), 4, 0).train_dataloader().state_dict()
+    with pytest.raises(DataSetupError, match=r"3 ranks cannot read the run's training order \(4 canonical partitions"
+                                             r".*global batch of 64.*splits exactly over 1, 2, 4, 8, 16, 32, 64 ranks; "):
+        module_for(data_cfg(uneven), 3, 0, resumed=state)
+    with pytest.raises(DataSetupError, match=r"global batch of 50 \(data.global_batch_size\) does not split evenly "
+                                             r"over 4 ranks.*multiple of 4, or run on 1, 2, 5, 10, 25, 50 ranks"):
+        module_for(data_cfg(uneven, global_batch_size=50), 4, 0)
+    dm = module_for(data_cfg(uneven, global_batch_size=48), 3, 0)  # a fresh run: any divisor of G
+    assert (dm.batch_size, dm.global_batch, dm.parts) == (16, 48, 3)
 
 
 def _trainer(root, max_epochs, **kw):

@@ -340,3 +340,18 @@ def test_iwae_draws_noise_in_blocks_whatever_the_chunk_size(lg, monkeypatch):
     for chunk in (300, 7):
         torch.testing.assert_close(bounds[chunk], bounds[2500], atol=1e-10, rtol=0)
     assert O.noise_block_samples(5000, 4096, 1024) == 4  # large batches x latents: blocks stay <= 2^24 values
+
+
+def test_a_ranks_noise_rows_are_its_rows_of_the_global_draw():
+    """Elastic resume: rank r of R draws the global batch's noise and keeps rows r*B .. (r+1)*B - 1, the numbers
+    one process drawing for the whole batch gives those samples."""
+    like = torch.zeros(4, 3)
+    torch.manual_seed(7)
+    whole = O.noise_rows(torch.randn, torch.zeros(12, 3), None)
+    for rank in range(3):
+        torch.manual_seed(7)
+        assert torch.equal(O.noise_rows(torch.randn, like, (4 * rank, 12)), whole[4 * rank:4 * rank + 4])
+    torch.manual_seed(7)
+    mu = torch.zeros(4, 3)
+    z = O.reparameterize(mu, torch.zeros(4, 3), (4, 12))
+    assert torch.equal(z, whole[4:8])

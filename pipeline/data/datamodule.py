@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from pipeline.data import shards
+from pipeline.data import layout, shards
 from pipeline.data.decode import ImageSpec, SampleError
 from pipeline.data.loader import ShardLoader
 from pipeline.data.sources import (
@@ -57,6 +57,10 @@ class ShardDataModule(pl.LightningDataModule):
         self._loaders: list[ShardLoader] = []
         self.world_size, self.rank = 1, 0
         self.steps_per_epoch: int | None = None
+        # the training batch: per rank, over all ranks, the canonical partitions (layout.Canon), and why
+        self.batch_size, self.global_batch, self.parts = cfg.batch_size, None, None
+        self.batch_origin = "data.batch_size x 1 rank"
+        self.resumed: dict | None = None  # the checkpoint's loader state (continue_order)
         self.seed = 0 if cfg.seed is None else int(cfg.seed)
         try:
             self.spec = ImageSpec.from_config(cfg)
@@ -180,10 +184,55 @@ class ShardDataModule(pl.LightningDataModule):
         finally:
             self.world_size = saved
 
+    def continue_order(self, state: dict | None) -> None:
+        """A resumed run: the loader state its checkpoint holds (ShardLoader.state_dict), whose global batch
+        and canonical partitions this run keeps whatever its world size (elastic resume)."""
+        self.resumed = dict(state) if state else None
+
+    def _choose_batch(self, src: SplitSource) -> None:
+        """The global batch G and canonical partitions P of the training order, and this rank's batch G / R.
+
+        G: data.global_batch_size when set; else, resuming on another world size, the checkpoint's (kept: the
+        effective batch never changes behind the user's back); else data.batch_size x world size. P: the
+        checkpoint's when it continues that order, else the world size. A world size that cannot read the
+        order (R must divide G, and divide or be divided by P) is refused naming the sizes that work."""
+        R, cfg, old = self.world_size, self.cfg, self.resumed
+        old_G = old_P = None
+        if old:
+            old_G = old.get("global_batch") or old.get("batch_size", 0) * old.get("world_size", 0) or None
+            old_P = old.get("parts") or old.get("world_size")
+        if cfg.global_batch_size is not None:
+            G, origin = int(cfg.global_batch_size), "data.global_batch_size"
+        elif old_G and old.get("world_size") != R:
+            G, origin = int(old_G), f"kept from the checkpoint ({old.get('world_size')} ranks x {old.get('batch_size')})"
+        else:
+            G, origin = cfg.batch_size * R, f"data.batch_size x {R} ranks"
+        P = int(old_P) if old_G == G and old_P else R
+        if src.counts is None:
+            P = R  # a streamed split's order depends on the world size anyway
+        if P != R and not layout.world_fits(R, P, G):
+            works = ", ".join(map(str, layout.fitting_worlds(P, G)))
+            raise DataSetupError(f"{R} ranks cannot read the run's training order ({P} canonical partitions, its first "
+                                 f"start's world size, and a global batch of {G}, {origin}): it splits exactly over "
+                                 f"{works} ranks; resume on one of those (or train a new run: run.name=<new name>)")
+        if G % R:
+            works = ", ".join(map(str, layout.fitting_worlds(1, G)))
+            raise DataSetupError(f"a global batch of {G} ({origin}) does not split evenly over {R} ranks: set "
+                                 f"data.global_batch_size to a multiple of {R}, or run on {works} ranks")
+        self.batch_size, self.global_batch, self.parts, self.batch_origin = G // R, G, P, origin
+
+    def batch_text(self) -> str:
+        """The training batch as the start-up summary says it."""
+        if self.global_batch is None or self.batch_origin == "data.batch_size x 1 rank":
+            return f"batch {self.batch_size} per device"
+        return f"batch {self.batch_size} per device, {self.global_batch} per step ({self.batch_origin})"
+
     def _check_train(self) -> int:
-        src, B, R = self.source("train"), self.cfg.batch_size, self.world_size
+        src, R = self.source("train"), self.world_size
         if src is None:
             raise DataSetupError(f"no train split in {self.cfg.train or self.cfg.root}")
+        self._choose_batch(src)
+        B = self.batch_size
         if src.counts is None:
             if self.cfg.steps_per_epoch is None:
                 raise DataSetupError(
@@ -198,8 +247,8 @@ class ShardDataModule(pl.LightningDataModule):
         total = src.total
         if B * R > total:
             raise DataSetupError(
-                f"data.batch_size {B} x world size {R} = {B * R} exceeds the {total} training samples in "
-                f"{src.origin}: lower data.batch_size to at most {max(1, total // R)} or use fewer devices")
+                f"batch {B} x world size {R} = {B * R} ({self.batch_origin}) exceeds the {total} training samples "
+                f"in {src.origin}: lower data.batch_size to at most {max(1, total // R)} or use fewer devices")
         full = total // (B * R)
         if self.cfg.steps_per_epoch is not None and self.cfg.steps_per_epoch > full:
             log.warning("data.steps_per_epoch %d > %d = floor(%d / (%d x %d)): samples repeat within an epoch",
@@ -271,7 +320,8 @@ class ShardDataModule(pl.LightningDataModule):
         split is served from data.cache when that holds it: the same batches, built in this process."""
         src = self.source(split)
         stream = ShardStream(src, StreamSpec(
-            train=train, batch_size=self.cfg.batch_size, world_size=self.world_size, rank=self.rank,
+            train=train, batch_size=self.batch_size if train else self.cfg.batch_size, world_size=self.world_size,
+            rank=self.rank, parts=self.parts or self.world_size,
             lanes=self._lanes(), seed=self.seed, shuffle_buffer=self.cfg.shuffle_buffer,
             num_batches=self.steps_per_epoch if train else None, on_error=self.cfg.on_error,
             verify_checksums=self.cfg.verify_checksums, image=self.spec, shape=self.split_shape(split),

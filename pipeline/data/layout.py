@@ -1,19 +1,22 @@
 """Which samples each rank, loader worker (lane) and batch gets in an epoch: pure functions of integers
 (sample counts, seed, epoch, rank, world size, lanes, batch size, shuffle block, start); no files, no torch.
 
-Per split and epoch e (B = batch size, W = lanes = max(1, data.num_workers), R = world size):
-- Train, sample counts known (a manifest): the shard order is permuted from (seed, e) and the shards'
-  concatenation read as one sequence of positions. Each rank gets exactly N batches of B samples,
-  N = data.steps_per_epoch or floor(total / (R * B)): rank r owns positions [r*N*B, (r+1)*N*B) (positions
-  past `total`, possible only with a larger explicit steps_per_epoch, wrap around). Equal batches by
-  construction, whatever the shard sizes or count: fewer shards than R * W is fine.
-- Lanes: batch i of the rank's epoch belongs to lane i % W; lanes are contiguous runs of the rank's range
-  in lane order. PyTorch's DataLoader takes batches round-robin from its workers, so when an epoch starts at
-  batch `start`, worker w serves lane (start + w) % W from that lane's next batch, and the main process sees
-  batches start, start + 1, ... in order. Mid-epoch resume is just `start` = batches already handed out.
-- Shuffle: within a lane, blocks of K samples (data.shuffle_buffer rounded to a multiple of B) are permuted
-  with a seed from (seed, e, block position). Unlike a rolling buffer per worker, a block's content depends
-  only on positions, so a resumed epoch re-reads at most one block and yields identical batches.
+Per split and epoch e (G = global batch, R = world size, B = G / R per rank, W = lanes = max(1, data.num_workers)):
+- Train, sample counts known (a manifest or an index): one global order, fixed by (seed, e), G and P
+  canonical partitions (the world size of the run's first start), not by the world size or loader workers
+  the run has now, so a run resumed on other hardware continues with the same samples in every global step
+  (mosaicml streaming's "elastic determinism"; P plays the part of its num_canonical_nodes). The shard order
+  is permuted from (seed, e) and the shards' concatenation read as one sequence of positions; N global steps
+  per epoch (data.steps_per_epoch or floor(total / G)); partition p owns positions [p*N*b, (p+1)*N*b),
+  b = G / P (past `total` they wrap around). Step i takes b samples from each partition, in partition order:
+  partition p's block i*b // K (blocks of K samples, data.shuffle_buffer rounded to a multiple of b, each
+  permuted with a seed from (seed, e, its first position)), its samples (i*b mod K) .. + b of the
+  permutation. Rank r of R reads partitions [r*P/R, (r+1)*P/R) whole (R divides P), or slice r mod (R/P) of
+  partition r // (R/P) (P divides R, which then reads R/P times the bytes it uses); other R are refused.
+- Lanes: rank batch i belongs to lane i % W (the DataLoader takes batches round-robin from its workers); when
+  an epoch starts at batch `start`, worker w serves lane (start + w) % W. A lane reads each block that holds
+  one of its batches and decodes only the samples of its batches (all of them in that block, also those
+  before `start`, so a resumed lane decodes, and fills lost samples, exactly as the uninterrupted one).
 - Val/test: no shuffle. Rank r reads positions [r*T//R, (r+1)*T//R): every sample exactly once per run,
   ranks may differ by one batch, the last batch may be short.
 - Counts unknown (streaming): train needs data.steps_per_epoch. Slot s = r * W + lane reads shards
@@ -61,14 +64,6 @@ def shard_order(seed: int, epoch: int, num_shards: int) -> np.ndarray:
     return rng(seed, epoch).permutation(num_shards)
 
 
-def lane_span(rank: int, lane: int, num_batches: int, lanes: int, batch_size: int) -> tuple[int, int]:
-    """Positions [lo, hi) of the epoch's sequence that `lane` of `rank` reads (counts known): rank r owns
-    [r*N*B, (r+1)*N*B), split into contiguous runs in lane order."""
-    sizes = lane_sizes(num_batches, lanes)
-    lo = rank * num_batches * batch_size + batch_size * sum(sizes[:lane])
-    return lo, lo + sizes[lane] * batch_size
-
-
 @dataclass(frozen=True)
 class Block:
     """A shuffle block of a lane: samples lo .. hi-1 of the lane (0 = its first sample of the epoch)."""
@@ -94,6 +89,79 @@ def lane_blocks(*, lane: int, lanes: int, num_batches: int, batch_size: int, blo
         order = rng(seed, epoch, key).permutation(hi - lo) if shuffle else np.arange(hi - lo)
         batches = tuple(order[b:b + batch_size] for b in range(max(0, first - lo), hi - lo, batch_size))
         yield Block(lo, hi, key, batches)
+
+
+# ------------------------------------------------------------------- train, counts known: one global order
+@dataclass(frozen=True)
+class Canon:
+    """The training epoch's global order: `parts` canonical partitions, `global_batch` samples per step,
+    `num_steps` steps per epoch, shuffle blocks of `block` samples per partition (0: no shuffle)."""
+
+    parts: int
+    global_batch: int
+    num_steps: int
+    shuffle_buffer: int = 0
+
+    @property
+    def part_batch(self) -> int:
+        return self.global_batch // self.parts
+
+    @property
+    def block(self) -> int:
+        return block_size(self.part_batch, self.shuffle_buffer)
+
+    @property
+    def part_length(self) -> int:
+        return self.num_steps * self.part_batch
+
+    def step_block(self, step: int) -> int:
+        """The block of each partition that step `step` takes its samples from."""
+        return step * self.part_batch // self.block
+
+    def block_range(self, k: int) -> tuple[int, int]:
+        """Positions [lo, hi) of block k within a partition."""
+        return k * self.block, min((k + 1) * self.block, self.part_length)
+
+    def block_steps(self, k: int) -> range:
+        lo, hi = self.block_range(k)
+        return range(lo // self.part_batch, -(-hi // self.part_batch))
+
+    def block_order(self, seed: int, epoch: int, part: int, k: int) -> np.ndarray:
+        """Block k of partition `part` in hand-out order: positions within the partition."""
+        lo, hi = self.block_range(k)
+        if self.shuffle_buffer <= 0:
+            return np.arange(lo, hi)
+        return lo + rng(seed, epoch, part * self.part_length + lo).permutation(hi - lo)
+
+    def step_slice(self, step: int) -> slice:
+        """Where step `step`'s samples lie in its block's order."""
+        first = step * self.part_batch - self.step_block(step) * self.block
+        return slice(first, first + self.part_batch)
+
+
+def rank_parts(rank: int, world_size: int, parts: int, part_batch: int) -> list[tuple[int, int, int]]:
+    """(partition, a, z): rank `rank` takes samples a .. z-1 of each listed partition's b-sample step batch,
+    in this order (world_size divides parts: whole partitions; parts divides world_size: one slice)."""
+    if parts % world_size == 0:
+        per = parts // world_size
+        return [(p, 0, part_batch) for p in range(rank * per, (rank + 1) * per)]
+    share = world_size // parts
+    width = part_batch // share
+    return [(rank // share, (rank % share) * width, (rank % share + 1) * width)]
+
+
+def world_fits(world_size: int, parts: int, global_batch: int) -> bool:
+    """Whether `world_size` ranks can read an order of `parts` partitions, each rank B = G / R samples."""
+    return global_batch % world_size == 0 and (parts % world_size == 0 or world_size % parts == 0)
+
+
+def fitting_worlds(parts: int, global_batch: int, up_to: int = 64) -> list[int]:
+    return [w for w in range(1, up_to + 1) if world_fits(w, parts, global_batch)]
+
+
+def lane_steps(start: int, lane: int, lanes: int, num_steps: int) -> range:
+    """The epoch's rank batches (= global steps) `lane` hands out from batch `start` on."""
+    return range(start + (lane - start) % lanes, num_steps, lanes)
 
 
 def segments(counts: Sequence[int], order: Sequence[int], lo: int, hi: int) -> list[tuple[int, int, int]]:

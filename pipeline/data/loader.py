@@ -4,9 +4,12 @@ can resume mid-epoch; and the loader workers' start-up (worker_init, signals).
 - Workers are persistent (a digits epoch is shorter than forking them) and forked where possible (inside
   spawned ranks the default would be spawn, which re-imports torch and Lightning per worker).
 - Resume: `ShardLoader.state_dict()` = {epoch, batches_done, skipped_samples, world_size, num_workers, seed,
-  batch_size, num_batches}; Lightning saves it in checkpoints and loads it before iterating. A different
-  world size, worker count, seed, batch size or epoch length restarts the interrupted epoch from its first
-  batch, with a warning (an epoch that had finished simply moves on to the next one).
+  batch_size, num_batches, global_batch, parts}; Lightning saves it in checkpoints and loads it before
+  iterating. With sample counts known the order depends on the seed, the global batch, the epoch length and
+  the canonical partitions only (pipeline.data.layout), so the world size and worker count may change
+  (elastic resume); streamed splits (counts unknown) also need the same world size and workers. A change
+  of what the order depends on restarts the interrupted epoch from its first batch, with a warning (an
+  epoch that had finished simply moves on to the next one).
 """
 from __future__ import annotations
 
@@ -48,7 +51,9 @@ def worker_init(worker_id: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
 
 
-STATE_CHECKED = ("world_size", "num_workers", "seed", "batch_size", "num_batches")
+# what the epoch's order depends on (pipeline.data.layout): counts known, and streamed (counts unknown)
+ORDER_KEYS = ("seed", "global_batch", "num_batches", "parts")
+STREAM_ORDER_KEYS = ("world_size", "num_workers", "seed", "batch_size", "num_batches")
 
 
 class ShardLoader(DataLoader):
@@ -118,7 +123,8 @@ class ShardLoader(DataLoader):
     def _settings(self) -> dict:
         s = self.dataset.spec
         return {"world_size": s.world_size, "num_workers": s.lanes, "seed": s.seed,
-                "batch_size": s.batch_size, "num_batches": self.dataset.num_batches}
+                "batch_size": s.batch_size, "num_batches": self.dataset.num_batches,
+                "global_batch": s.batch_size * s.world_size, "parts": s.parts}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches_done": self.batches_done,
@@ -128,7 +134,10 @@ class ShardLoader(DataLoader):
         epoch, done = int(state["epoch"]), int(state["batches_done"])
         self.skipped_samples = int(state.get("skipped_samples", 0))
         mine = self._settings()
-        changed = [f"{k} {state[k]} -> {mine[k]}" for k in STATE_CHECKED if k in state and state[k] != mine[k]]
+        state = {"global_batch": state.get("batch_size", 0) * state.get("world_size", 0),
+                 "parts": state.get("world_size"), **state}  # checkpoints from before elastic resume
+        keys = ORDER_KEYS if self.dataset.source.counts is not None else STREAM_ORDER_KEYS
+        changed = [f"{k} {state[k]} -> {mine[k]}" for k in keys if k in state and state[k] != mine[k]]
         if done >= int(state.get("num_batches") or mine["num_batches"] or 0):
             self._resume = (epoch + 1, 0)  # the saved epoch had finished: start the next one normally
         elif changed:

@@ -51,15 +51,16 @@ BY_VALUE_MAX_BYTES = 1 << 20
 class StreamSpec:
     """What one rank's stream of one split is: which batches (the plan), how samples are read and decoded.
 
-    `num_batches`: batches per rank per epoch for training (None: unknown, streaming val/test); val/test with
+    `num_batches`: batches per rank (= global steps) per epoch for training (None: unknown, streaming val/test); val/test with
     counts compute their own. `image`: how samples are decoded and converted; `shape`: the (C, H, W) every
     image must have after conversion (None: the source's, when known). `verify_checksums`: hash shards against
     the manifest; `read_timeout`: seconds a remote shard may stall before it counts as unreadable."""
 
     train: bool
-    batch_size: int
+    batch_size: int  # per rank: the global batch / world_size
     world_size: int = 1
     rank: int = 0
+    parts: int = 1  # canonical partitions of the training order (layout.Canon): the first start's world size
     lanes: int = 1
     seed: int = 0
     shuffle_buffer: int = 0
@@ -81,12 +82,45 @@ class StreamSpec:
 
 
 class TrainPlan(NamedTuple):
-    """A lane's training epoch (counts known): positions base .. end-1 of the shards concatenated in `order`."""
+    """The training epoch's order (counts known): layout.Canon over the shards concatenated in `order`."""
 
+    canon: layout.Canon
     counts: np.ndarray  # samples per shard, int64 [S]
     order: np.ndarray  # the epoch's shard permutation
-    base: int
-    end: int
+
+
+class BlockRead:
+    """The samples a lane uses of one block of one partition, read and decoded once: `batch(step, a, z)` is
+    samples a .. z-1 of step `step`'s b-sample part of it, filled (lost samples, data.on_error=warn) among
+    the lane's samples of the block alone, so a resumed lane fills as the uninterrupted one did."""
+
+    def __init__(self, read: Read, lo: int, order: np.ndarray, kept: np.ndarray,
+                 donors: Callable[[], list[Item]], origin: str, image: ImageSpec):
+        self.lo, self.order, self.origin, self.image = lo, order, origin, image
+        self.columns = read if isinstance(read, Columns) else None
+        if self.columns is None:
+            self.index = {int(q): j for j, q in enumerate(kept)}
+            self.items, self.filled = fill([read[int(q) - lo] for q in kept], donors)
+
+    def batch(self, where: slice, a: int, z: int) -> dict:
+        rows = self.order[where][a:z] - self.lo
+        if self.columns is not None:
+            return collate_columns(self.columns, rows)
+        picked = [self.index[int(r) + self.lo] for r in rows]
+        return collate_items([self.items[j] for j in picked], sum(self.filled[j] for j in picked), self.origin,
+                             self.image)
+
+
+def concat_batches(parts: list[dict]) -> dict:
+    """A rank's batch from its partitions' pieces, in partition order."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {"key": [k for p in parts for k in p["key"]], "skipped": sum(p["skipped"] for p in parts)}
+    for name in parts[0]:
+        if name not in out:
+            out[name] = (torch.cat if isinstance(parts[0][name], torch.Tensor) else np.concatenate)(
+                [p[name] for p in parts])
+    return out
 
 
 # ------------------------------------------------------------------------------------------- decode
@@ -114,19 +148,31 @@ class Decoder:
             log.warning("skipping sample: %s", message)
             return None
 
-    def read(self, reader: Reader, shard: int, lo: int, hi: int) -> Read:
+    def read(self, reader: Reader, shard: int, lo: int, hi: int, keep: np.ndarray | None = None) -> Read:
         """Positions lo .. hi-1 of a shard: as arrays through the shard's index where that works, else
-        decoded sample by sample (from the indexed bytes, or parsed from the tar stream)."""
+        decoded sample by sample (from the indexed bytes, or parsed from the tar stream); where `keep` (a mask
+        over the positions) is given, only those are decoded one by one (the others come back as None)."""
         url = reader.urls[shard]
         block = reader.block(shard, lo, hi)
-        if block is None:
-            return [self.item(raw, url) for raw in reader.read(shard, lo, hi)]
-        columns = self.image.decode_block(block, self.shape)
-        return columns if columns is not None else [self.item(raw, url) for raw in block.raws()]
+        raws = reader.read(shard, lo, hi) if block is None else None
+        if block is not None:
+            columns = self.image.decode_block(block, self.shape)
+            if columns is not None:
+                return columns
+            raws = block.raws()
+        if keep is None:
+            return [self.item(raw, url) for raw in raws]
+        return [self.item(raw, url) if k else None for raw, k in zip(raws, keep)]
 
-    def positions(self, reader: Reader, counts: np.ndarray, order: np.ndarray, lo: int, hi: int) -> Read:
-        """Positions lo .. hi-1 of the shards concatenated in `order` (wrapping modulo the total)."""
-        return join([self.read(reader, shard, a, b) for shard, a, b in layout.segments(counts, order, lo, hi)])
+    def positions(self, reader: Reader, counts: np.ndarray, order: np.ndarray, lo: int, hi: int,
+                  keep: np.ndarray | None = None) -> Read:
+        """Positions lo .. hi-1 of the shards concatenated in `order` (wrapping modulo the total); `keep`: a
+        mask over them, as in `read`."""
+        parts, at = [], lo
+        for shard, a, b in layout.segments(counts, order, lo, hi):
+            parts.append(self.read(reader, shard, a, b, None if keep is None else keep[at - lo:at - lo + b - a]))
+            at += b - a
+        return join(parts)
 
 
 def as_items(read: Read) -> list[Item | None]:
@@ -323,16 +369,20 @@ class ShardStream(IterableDataset):
 
     # ---- plan: which positions a lane reads, which batches each block hands out
     def _blocks(self, lane: int, key_base: int) -> Iterator[layout.Block]:
+        """A streaming slot's shuffle blocks (counts unknown)."""
         s = self.spec
         return layout.lane_blocks(lane=lane, lanes=s.lanes, num_batches=self.num_batches, batch_size=s.batch_size,
                                   block=s.block, start=self.start, seed=s.seed, epoch=self.epoch, shuffle=s.shuffle,
                                   key_base=key_base)
 
-    def _train_plan(self, lane: int) -> TrainPlan:
+    def _train_plan(self) -> TrainPlan:
+        s = self.spec
         counts = np.asarray(self.source.counts, dtype=np.int64)
-        order = layout.shard_order(self.spec.seed, self.epoch, len(counts))
-        base, end = layout.lane_span(self.spec.rank, lane, self.num_batches, self.spec.lanes, self.spec.batch_size)
-        return TrainPlan(counts, order, base, end)
+        canon = layout.Canon(s.parts, s.batch_size * s.world_size, self.num_batches, s.shuffle_buffer)
+        return TrainPlan(canon, counts, layout.shard_order(s.seed, self.epoch, len(counts)))
+
+    def _slices(self, plan: TrainPlan) -> list[tuple[int, int, int]]:
+        return layout.rank_parts(self.spec.rank, self.spec.world_size, plan.canon.parts, plan.canon.part_batch)
 
     # ---- the in-memory cache (data.cache)
     def fill_cache(self, device: torch.device | str | None = None) -> SplitCache | None:
@@ -359,24 +409,28 @@ class ShardStream(IterableDataset):
         return None if columns is None else SplitCache(columns, self.source.counts, device)
 
     def _cached_batches(self) -> Iterator[dict]:
-        """The epoch's batches from `start`, from the cache: each lane's batches exactly as a loader worker
-        builds them, taken in the order the DataLoader takes them from its workers (batch i from lane i % W)."""
+        """The epoch's batches from `start`, from the cache: the rows the layout gives each step, the same
+        samples the loader workers would read (the lanes only decide who reads, not what)."""
         if not self.spec.train:
             raise RuntimeError("the cache serves training batches only")
-        lanes = [self._cached_lane(lane) for lane in range(self.spec.lanes)]
-        for i in range(self.start, self.num_batches):
-            yield next(lanes[i % self.spec.lanes])
-
-    def _cached_lane(self, lane: int) -> Iterator[dict]:
-        plan = self._train_plan(lane)
-        for blk in self._blocks(lane, key_base=plan.base):
-            rows = self.cache.rows(layout.segments(plan.counts, plan.order, plan.base + blk.lo, plan.base + blk.hi))
-            for idx in blk.batches:
-                yield self.cache.batch(rows[idx])
+        plan = self._train_plan()
+        canon, slices = plan.canon, self._slices(plan)
+        held: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # partition -> (block, its rows, its order)
+        for i in range(self.start, canon.num_steps):
+            k, rows = canon.step_block(i), []
+            for part, a, z in slices:
+                if part not in held or held[part][0] != k:
+                    lo, hi = canon.block_range(k)
+                    base = part * canon.part_length
+                    block_rows = self.cache.rows(layout.segments(plan.counts, plan.order, base + lo, base + hi))
+                    held[part] = (k, block_rows, canon.block_order(self.spec.seed, self.epoch, part, k) - lo)
+                _, block_rows, order = held[part]
+                rows.append(block_rows[order[canon.step_slice(i)][a:z]])
+            yield self.cache.batch(np.concatenate(rows))
 
     # ---- sample counts known
     def _emit(self, read: Read, blk: layout.Block, donors: Callable[[], list[Item]]) -> Iterator[dict]:
-        """fill + collate: a block's batches."""
+        """fill + collate: a streaming block's batches."""
         if isinstance(read, Columns):  # every sample read and decoded: nothing to fill
             for idx in blk.batches:
                 yield collate_columns(read, idx)
@@ -386,31 +440,60 @@ class ShardStream(IterableDataset):
             yield collate_items([items[i] for i in idx], sum(filled[i] for i in idx), self.source.origin,
                                 self.spec.image)
 
-    def _train_read(self, reader: Reader, plan: TrainPlan, lo: int, hi: int) -> Read:
-        read = self.decoder.positions(reader, plan.counts, plan.order, lo, hi)
-        if hi == plan.end:  # the lane's last read: finish verifying its shard before these samples go out
-            reader.finish()
-        return read
-
     def _train_donors(self, plan: TrainPlan, pos: int) -> list[Item]:
-        """Readable samples for a block with none: the first after position `pos` (wrapping), read block by
-        block by a reader of their own."""
-        reader, total, block = self._reader(), int(sum(self.source.counts)), self.spec.block
+        """Readable samples for a block with none: the first after epoch position `pos` (wrapping), read block
+        by block by a reader of their own."""
+        reader, total, block = self._reader(), int(plan.counts.sum()), plan.canon.block
         try:
             for lo in range(pos, pos + total, block):
-                good = [it for it in as_items(self._train_read(reader, plan, lo, min(lo + block, pos + total)))
-                        if it is not None]
+                read = self.decoder.positions(reader, plan.counts, plan.order, lo, min(lo + block, pos + total))
+                good = [it for it in as_items(read) if it is not None]
                 if good:
                     return good
         finally:
             reader.close()
         raise shards.ShardFormatError(f"{self.source.origin}: no readable training sample at all")
 
+    def _read_block(self, reader: Reader, plan: TrainPlan, part: int, k: int, lane: int, a: int, z: int,
+                    last: bool) -> BlockRead:
+        """Block k of partition `part`: the samples a .. z-1 of every step of this lane in it (also those
+        before `start`: a resumed lane decodes and fills as the uninterrupted one did)."""
+        canon, s = plan.canon, self.spec
+        lo, hi = canon.block_range(k)
+        order = canon.block_order(s.seed, self.epoch, part, k)
+        kept = np.sort(np.concatenate([order[canon.step_slice(j)][a:z] for j in canon.block_steps(k)
+                                       if j % s.lanes == lane]))
+        keep = np.zeros(hi - lo, dtype=bool)
+        keep[kept - lo] = True
+        base = part * canon.part_length
+        read = self.decoder.positions(reader, plan.counts, plan.order, base + lo, base + hi, keep)
+        if last:  # the lane's last read of this partition: finish verifying its shard before these samples go out
+            reader.finish()
+        donors = lambda: self._train_donors(plan, base + hi)  # noqa: E731
+        return BlockRead(read, lo, order, kept, donors, self.source.origin, s.image)
+
     def _train_batches(self, reader: Reader, lane: int) -> Iterator[dict]:
-        plan = self._train_plan(lane)
-        for blk in self._blocks(lane, key_base=plan.base):
-            read = self._train_read(reader, plan, plan.base + blk.lo, plan.base + blk.hi)
-            yield from self._emit(read, blk, lambda pos=plan.base + blk.hi: self._train_donors(plan, pos))
+        plan = self._train_plan()
+        canon, s = plan.canon, self.spec
+        steps = layout.lane_steps(self.start, lane, s.lanes, canon.num_steps)
+        if not steps:
+            return
+        slices = self._slices(plan)
+        # a reader per partition: each reads its own range of positions in order
+        readers = [reader] + [self._reader() for _ in slices[1:]]
+        held: dict[int, tuple[int, BlockRead]] = {}
+        last_block = canon.step_block(steps[-1])
+        try:
+            for i in steps:
+                k, pieces = canon.step_block(i), []
+                for (part, a, z), part_reader in zip(slices, readers):
+                    if part not in held or held[part][0] != k:
+                        held[part] = (k, self._read_block(part_reader, plan, part, k, lane, a, z, k == last_block))
+                    pieces.append(held[part][1].batch(canon.step_slice(i), a, z))
+                yield concat_batches(pieces)
+        finally:
+            for extra in readers[1:]:
+                extra.close()
 
     def _eval_batches(self, reader: Reader, lane: int) -> Iterator[dict]:
         counts = np.asarray(self.source.counts, dtype=np.int64)

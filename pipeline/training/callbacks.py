@@ -46,11 +46,12 @@ def _seed_torch(seed: int) -> None:
 
 
 class StepSeed(Callback):
-    """Reseed torch before every batch from (seed, batches trained so far, rank).
+    """Reseed torch before every training batch from (seed, batches trained so far), alike on every rank.
 
     The reparameterisation noise and dynamic binarisation then depend only on the position in training,
     like the KL schedules: a run resumed at any batch draws exactly the noise an uninterrupted run
-    would, with no RNG state to save, and ranks draw independent noise. The position is Lightning's
+    would, with no RNG state to save. Every rank draws the global batch's noise and uses its own rows
+    (VAEModule._noise_rows), so samples get independent noise and the same noise on any world size. The position is Lightning's
     restored total batch counter, not (current_epoch, batch_idx): a run stopped mid-epoch by max_steps
     is saved with its epoch counted as completed, so current_epoch is one ahead after resume. Counting
     batches, not optimizer steps, gives each accumulated micro-batch its own noise.
@@ -61,7 +62,7 @@ class StepSeed(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         position = batches_trained(trainer)
-        _seed_torch(derived_seed(self.seed, 0, position, trainer.global_rank))
+        _seed_torch(derived_seed(self.seed, 0, position))
 
     def _eval_seed(self, trainer: Trainer, stage: int) -> None:
         _seed_torch(derived_seed(self.seed, stage, trainer.global_step, trainer.global_rank))

@@ -214,7 +214,7 @@ def summary_lines(cfg, dm, module, trainer, wandb_mode: str, resume: Optional[st
     lines = [
         f"# run       {cfg.run.dir}  (full config: {cfg.run.dir}/config.yaml)",
         f"# data      {data}: {_size(counts['train'])} train / {_size(counts['val'])} val / {_size(counts['test'])} "
-        f"test images of {shape}, batch {cfg.data.batch_size} per device",
+        f"test images of {shape}, {dm.batch_text()}",
         f"# loader    {loader}",
         f"# model     {m.arch} VAE, latent {m.latent_dim}, {m.likelihood} likelihood, {params:,} parameters; "
         f"beta {cfg.objective.beta:g} ({cfg.objective.kl_schedule} KL schedule)",

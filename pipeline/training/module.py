@@ -129,15 +129,25 @@ class VAEModule(pl.LightningModule):
         its input, and the likelihood compares with the exact pixel values."""
         x = image.to(torch.promote_types(self.vae.to_mu_logvar.weight.dtype, torch.float32)) / 255.0
         if self.binarize == "dynamic":
-            x = torch.bernoulli(x)
+            x = (objectives.noise_rows(torch.rand, x, self._noise_rows(x.shape[0])) < x).to(x.dtype)
         elif self.binarize == "threshold":
             x = (x > 0.5).to(x.dtype)
         return x
 
     # ---- the objective ----------------------------------------------------------------------
+    def _noise_rows(self, n: int) -> Optional[tuple[int, int]]:
+        """Training noise is drawn for the whole global batch, alike on every rank (StepSeed seeds it from the
+        step alone), and a rank uses its rows (rank * n ..: the layout puts rank r's samples there): a
+        sample's noise does not depend on how many ranks share the batch, so a run resumed on another world
+        size trains on the same noise. Costs R x the draws of one rank's batch (latents: R x B x D numbers)."""
+        trainer = attached_trainer(self)
+        if trainer is None or not self.training or trainer.world_size == 1:
+            return None
+        return trainer.global_rank * n, trainer.world_size * n
+
     def _terms(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """One z ~ q(z|x) per example: recon, kl, elbo [B], kl_per_dim and mu [B, D] (nats)."""
-        params, mu, logvar, _ = self.vae(x)
+        params, mu, logvar, _ = self.vae(x, self._noise_rows(x.shape[0]))
         terms = objectives.elbo_terms(x, params, mu, logvar, self.model_cfg.likelihood,
                                       self.model_cfg.gaussian_sigma)
         terms["mu"] = mu

@@ -279,6 +279,12 @@ def warm_start(module, path: str) -> str:
     return f"model weights from {path} (step {checkpoint.get('global_step', '?')}); new optimizer, step 0"
 
 
+def loader_state(checkpoint: dict) -> Optional[dict]:
+    """The training loader's state in a Lightning checkpoint (ShardLoader.state_dict), if it holds one."""
+    loaders = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader")
+    return loaders[0] if isinstance(loaders, list) and loaders and isinstance(loaders[0], dict) else None
+
+
 def expected_world_size(cfg) -> int:
     """Processes the run will have (devices x nodes, as the launch filled them in); 1 where Lightning decides
     later ("auto"): the checks that depend on it then also run again at set-up."""
@@ -306,6 +312,9 @@ def _train(cfg, run, command: Optional[str]) -> dict:
     dm.preflight(expected_world_size(cfg))
     run.clean(cfg)
     resume = run.resume_from(cfg)
+    if resume:  # the checkpoint's training order continues on this world size, or the run stops here
+        dm.continue_order(loader_state(resume[1]))
+        dm.preflight(expected_world_size(cfg))
     run.save_config(cfg)
     resume_said = run.roll_back_to(resume)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # model init; per-batch noise: StepSeed
@@ -328,6 +337,7 @@ def _train(cfg, run, command: Optional[str]) -> dict:
     signals = next(c for c in callbacks if isinstance(c, DeferredSignals))
     signals.arm()  # a Ctrl-C in Lightning's set-up stops at once with status 130, not Lightning's 1
     defaults = apply_device_defaults(cfg, trainer)
+    dm.preflight(trainer.world_size)  # the batch for the world size Lightning found (devices=auto)
     if rank_zero:
         print("\n".join(summary_lines(cfg, dm, module, trainer, wandb_mode, resume_said, defaults)), flush=True)
     started = time.time()

@@ -159,8 +159,9 @@ class VAE(nn.Module):
             return mean.reshape(*lead, *mean.shape[1:]), logvar.reshape(*lead, *logvar.shape[1:])
         return out.reshape(*lead, *out.shape[1:])
 
-    def forward(self, x: torch.Tensor):
-        """x: [B, C, H, W] in [0, 1] -> (params, mu [B, D], logvar [B, D], z [B, D]), z ~ q(z|x)."""
+    def forward(self, x: torch.Tensor, noise_rows: tuple[int, int] | None = None):
+        """x: [B, C, H, W] in [0, 1] -> (params, mu [B, D], logvar [B, D], z [B, D]), z ~ q(z|x); noise_rows:
+        see objectives.reparameterize."""
         mu, logvar = self.encode(x)
-        z = objectives.reparameterize(mu, logvar)
+        z = objectives.reparameterize(mu, logvar, noise_rows)
         return self.decode(z), mu, logvar, z

@@ -41,12 +41,22 @@ def _upcast(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
+def reparameterize(mu: Tensor, logvar: Tensor, rows: tuple[int, int] | None = None) -> Tensor:
     """z = mu + exp(logvar / 2) * eps, eps ~ N(0, I) from the global torch RNG. [..., D] -> [..., D].
     eps and z are at least fp32 (bf16 / fp16 mu and logvar are widened first): the same draws as
-    randn_like(mu) for fp32 and fp64."""
+    randn_like(mu) for fp32 and fp64. `rows` = (offset, total): eps is drawn for `total` rows and rows
+    offset .. offset + B-1 are used (a rank's share of the global batch's noise)."""
     mu, logvar = _upcast(mu), _upcast(logvar)
-    return mu + torch.exp(0.5 * _guard(logvar)) * torch.randn(mu.shape, dtype=mu.dtype, device=mu.device)
+    return mu + torch.exp(0.5 * _guard(logvar)) * noise_rows(torch.randn, mu, rows)
+
+
+def noise_rows(draw: Callable, like: Tensor, rows: tuple[int, int] | None) -> Tensor:
+    """`draw(shape)` (torch.randn, torch.rand) shaped like `like`, or rows offset .. offset + B-1 of a draw
+    for `total` rows: the same numbers a single process drawing for the whole global batch gets."""
+    if rows is None or rows == (0, like.shape[0]):
+        return draw(like.shape, dtype=like.dtype, device=like.device)
+    offset, total = rows
+    return draw((total, *like.shape[1:]), dtype=like.dtype, device=like.device)[offset:offset + like.shape[0]]
 
 
 def kl_per_dim(mu: Tensor, logvar: Tensor) -> Tensor:

@@ -51,11 +51,14 @@ def data_cfg(root: Path, **kw) -> DataConfig:
     return DataConfig(**base)
 
 
-def module_for(cfg: DataConfig, world_size: int = 1, rank: int = 0, stage: str = "fit"):
+def module_for(cfg: DataConfig, world_size: int = 1, rank: int = 0, stage: str = "fit", resumed: dict | None = None):
+    """A datamodule set up as rank `rank` of `world_size`; `resumed`: the loader state of the checkpoint it
+    continues (what pipeline.train hands it before set-up)."""
     from pipeline.data.datamodule import ShardDataModule
 
     dm = ShardDataModule(cfg)
     dm.world_size, dm.rank = world_size, rank
+    dm.continue_order(resumed)
     dm.setup(stage)
     return dm
 
