@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,36 @@ def test_a_changed_shard_is_indexed_again_alone(plain, capsys):
     assert len(bars) == 1 and " 1/1 " in bars[0]  # the changed shard only
 
 
+def test_processes_starting_together_scan_once(plain, tmp_path, monkeypatch):
+    """Two processes (as srun's ranks) ask for the same index at once: one scans, the other waits for it."""
+    import multiprocessing
+
+    from pipeline.data import autoindex, index
+
+    source = module_for(data_cfg(plain, train=patterns(plain)["train"], steps_per_epoch=1)).source("train")
+    scans = tmp_path / "scans"
+    scan_shards = index.scan_shards
+
+    def slow_scan(*args, **kw):  # long enough that the other process asks while this one scans
+        with open(scans, "a") as f:
+            f.write("scan\n")
+        time.sleep(1.0)
+        return scan_shards(*args, **kw)
+
+    monkeypatch.setattr(index, "scan_shards", slow_scan)
+    monkeypatch.setenv(autoindex.CACHE_ENV, str(tmp_path / "cache"))
+    def rank(r: int) -> None:
+        (tmp_path / f"rank{r}").write_text(repr(autoindex.indexed(source, ("png",)).counts))
+
+    ranks = [multiprocessing.get_context("fork").Process(target=rank, args=(r,)) for r in range(2)]
+    for proc in ranks:
+        proc.start()
+    for proc in ranks:
+        proc.join(60)
+    assert [proc.exitcode for proc in ranks] == [0, 0]
+    assert scans.read_text() == "scan\n" and {(tmp_path / f"rank{r}").read_text() for r in range(2)} == {repr(TRAIN)}
+
+
 def test_steps_per_epoch_streams_without_a_scan(plain, index_cache):
     before = set(index_cache.iterdir())
     dm = module_for(data_cfg(plain, train=patterns(plain)["train"], batch_size=8, steps_per_epoch=3))
@@ -119,23 +150,26 @@ def test_an_unreadable_image_stops_at_start_under_raise(tmp_path):
         "train").counts == (20,)  # the same cached index
 
 
-def test_a_pipe_source_without_counts_is_one_line_before_anything_starts(plain, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = run_train(TINY + [f"data.train=pipe:cat {patterns(plain)['train']}", f"run.dir={run_dir}"], check=False)
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert len(errors) == 1 and "set data.steps_per_epoch" in errors[0]
-    assert "sample counts unknown (no manifest.json, and pipe: / http(s) shards are not indexed at start)" in errors[0]
-    assert sorted(p.name for p in run_dir.iterdir()) == ["run.lock"]  # no config, no checkpoint, no W&B run
+def test_a_pipe_source_without_counts_is_one_line_at_set_up(plain, index_cache):
+    """pipe: (and http(s)) shards are not scanned at start: without data.steps_per_epoch, one line says what to
+    set, at set-up (the training entry point's preflight: before any run file, as test_hostile_run checks)."""
+    before = set(index_cache.iterdir())
+    with pytest.raises(DataSetupError) as e:
+        module_for(data_cfg(plain, train=f"pipe:cat {patterns(plain)['train']}", batch_size=8))
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("pipe:cat ") and "set data.steps_per_epoch" in message
+    assert "sample counts unknown (no manifest.json, and pipe: / http(s) shards are not indexed at start)" in message
+    assert set(index_cache.iterdir()) == before
 
 
 @pytest.mark.slow
 def test_two_ddp_ranks_train_on_a_plain_directory_with_exact_resume(plain, tmp_path):
-    """`data.train=<directory>` and nothing else about the data: 2 DDP ranks (gloo) x 2 loader workers,
+    """`data.train=<directory>` and nothing else about the data (data.cache=none: the training split through
+    the loader workers, not held in RAM): 2 DDP ranks (gloo) x 2 loader workers,
     validation on the directory's val shards; the index is built by the first start only; a run cut
     mid-epoch and resumed equals the uninterrupted one."""
-    base = TINY + EXACT + ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=16",
-                           f"data.train={plain}", "trainer.max_steps=12", "trainer.val_check_interval=4"]
+    base = TINY + EXACT + ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=16", "data.cache=none",
+                           f"data.train={plain}", "trainer.max_steps=8", "trainer.val_check_interval=4"]
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     ref = run_train(base + [f"run.dir={ref_dir}"])
     assert len(index_bars(ref.stderr)) == 2, ref.stderr[-3000:]  # train and val, by one rank
@@ -143,9 +177,9 @@ def test_two_ddp_ranks_train_on_a_plain_directory_with_exact_resume(plain, tmp_p
     assert re.fullmatch(r"# counts    train: indexed at start \(cached \S+\.json\); "
                         r"val: indexed at start \(cached \S+\.json\)", counts), counts
     cached = {p: p.stat().st_mtime_ns for p in Path(os.environ[CACHE_ENV]).glob("*.json")}
-    cut = run_train(base + [f"run.dir={cut_dir}", "trainer.max_steps=7"])  # mid-epoch: 4 steps per epoch
+    cut = run_train(base + [f"run.dir={cut_dir}", "trainer.max_steps=5"])  # mid-epoch: 4 steps per epoch
     resumed = run_train(base + [f"run.dir={cut_dir}"])
-    assert "(step 7)" in resumed.stdout
+    assert "(step 5)" in resumed.stdout
     assert index_bars(cut.stderr + resumed.stderr) == []
     assert {p: p.stat().st_mtime_ns for p in cached} == cached
-    assert_same_run(ref_dir, cut_dir, first_step=7, last_step=12)
+    assert_same_run(ref_dir, cut_dir, first_step=5, last_step=8)

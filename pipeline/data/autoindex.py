@@ -62,7 +62,7 @@ def indexed(source: SplitSource, image_keys: Sequence[str], on_error: str = "rai
         with open(path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
             entries = _fresh_entries(path, paths, image_keys, source.origin)
-    except OSError as e:
+    except OSError as e:  # the cache's directory, lock or file (a shard's errors are DataSetupErrors)
         raise DataSetupError(f"{path.parent}: cannot write the index of {source.origin} there "
                              f"({e.strerror or e}): set {CACHE_ENV} to a writable directory, or "
                              "data.steps_per_epoch to stream the shards without counts") from None
@@ -71,7 +71,10 @@ def indexed(source: SplitSource, image_keys: Sequence[str], on_error: str = "rai
 
 
 def _stamp(path: str) -> dict:
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:  # gone since the source was listed: not the cache's fault
+        raise DataSetupError(f"{path}: cannot read: {e.strerror or e}") from None
     return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
