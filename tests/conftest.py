@@ -8,6 +8,18 @@ import pytest
 from tests.helpers.run import TINY, run_train
 
 
+@pytest.fixture(scope="session", autouse=True)
+def index_cache(tmp_path_factory) -> Path:
+    """Indexes of manifest-less local shards (pipeline.data.autoindex) go to a session directory, never to the
+    user's ~/.cache; the runs a test starts inherit it through the environment."""
+    from pipeline.data.autoindex import CACHE_ENV
+
+    path = tmp_path_factory.mktemp("index-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_ENV, str(path))
+        yield path
+
+
 @pytest.fixture(scope="module")
 def one_intra_op_thread():
     """Tiny tensors: on 2 cores shared with other jobs, intra-op threads spin-wait for each other and

@@ -11,6 +11,7 @@ stays light (no torch, no Lightning).
     reader      tar bytes -> raw samples for one worker, with the data.on_error policy; Reader
     decode      raw sample -> image, label, factors (ImageSpec); a block of bytes -> Columns (the fast path)
     index       `prepare index`: manifests for shards written by other tools
+    autoindex   local shards without a manifest indexed at start (as `prepare index`), cached per shard list
     stream      ShardStream(source, StreamSpec): the IterableDataset of the stages plan -> read -> decode ->
                 fill -> collate
     loader      ShardLoader (DataLoader with state_dict / load_state_dict), worker_init

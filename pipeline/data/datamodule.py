@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from pipeline.data import layout, shards
+from pipeline.data import autoindex, layout, shards
 from pipeline.data.decode import ImageSpec, SampleError
 from pipeline.data.loader import ShardLoader
 from pipeline.data.sources import (
@@ -89,10 +89,18 @@ class ShardDataModule(pl.LightningDataModule):
             if not root_manifest.is_file():
                 raise DataSetupError(f"data.{split} is not set and {root_manifest} does not exist: set "
                                      f"data.{split} or prepare data.root")
+        return self._located(spec, split)
+
+    def _located(self, spec: str | None, split: str) -> SplitSource | None:
+        """resolve_source; local shards without a manifest are indexed (cached: pipeline.data.autoindex)
+        unless data.steps_per_epoch is set, which streams them as before, with no scan."""
         try:
-            return resolve_source(spec, split, self.cfg.root)
+            src = resolve_source(spec, split, self.cfg.root)
         except shards.ShardFormatError as e:
             raise DataSetupError(str(e)) from None
+        if self.cfg.steps_per_epoch is None and autoindex.can_index(src):
+            src = autoindex.indexed(src, self.spec.image_keys, self.cfg.on_error)
+        return src
 
     def _sibling_split(self, split: str) -> SplitSource | None:
         """data.train given, data.<split> not: the same source's split (its manifest's, or `<split>-*.tar`
@@ -104,10 +112,7 @@ class ShardDataModule(pl.LightningDataModule):
                      or (directory.is_dir() and any(directory.glob(f"{split}-*.tar"))))
         source = None
         if has_split:
-            try:
-                source = resolve_source(train, split, self.cfg.root)
-            except shards.ShardFormatError as e:
-                raise DataSetupError(str(e)) from None
+            source = self._located(train, split)
         if source is None:
             log.info("data.%s not set and %s has no %s split: no %s split", split, train, split, split)
         return source
@@ -236,9 +241,10 @@ class ShardDataModule(pl.LightningDataModule):
         if src.counts is None:
             if self.cfg.steps_per_epoch is None:
                 raise DataSetupError(
-                    f"{src.origin}: sample counts unknown (no manifest.json next to the shards), so the "
-                    "equal per-rank batch count cannot be computed: set data.steps_per_epoch (batches per "
-                    "rank per epoch) or put the manifest written by `python -m pipeline.prepare` next to them")
+                    f"{src.origin}: sample counts unknown (no manifest.json, and pipe: / http(s) shards are not "
+                    "indexed at start), so the equal per-rank batch count cannot be computed: set "
+                    "data.steps_per_epoch (batches per rank per epoch), or for http(s) shards write their "
+                    "manifest once with `python -m pipeline.prepare index` and train on it")
             if len(src.urls) < R * self._lanes():
                 log.info("%s: %d shards for %d ranks x %d workers: reading with a sample-level split "
                          "(every worker reads every shard); reshard into >= %d shards for less I/O",

@@ -84,29 +84,16 @@ def _name(url: str, out: Path) -> str:
         return str(path)
 
 
-def index_shards(urls: Sequence[str], out: Path, *, split: str = "train", source: str = "",
-                 image_keys: Sequence[str] = ImageSpec.image_keys, workers: int = 1, on_error: str = "raise",
-                 progress: bool = True, log=print) -> dict:
-    """Scan `urls` and write (or update: other splits are kept) OUT/manifest.json; returns the manifest."""
+def scan_shards(urls: Sequence[str], image_keys: Sequence[str], *, workers: int = 1, on_error: str = "raise",
+                progress: bool = True, desc: str = "indexing") -> List[dict]:
+    """`scan_shard` of every URL, in order, in up to `workers` processes, with a progress bar of shards."""
     import multiprocessing
 
     from pipeline.progress import progress_bar
 
-    out = Path(out)
-    path = out / shards.MANIFEST
-    piped = next((u for u in urls if url_scheme(u) == "pipe"), None)
-    if piped is not None:  # the loader refuses them: a downloaded manifest must not run commands
-        raise IndexingError(f"{piped[:80]}: a manifest may not hold pipe: commands (training refuses them); "
-                            "index local copies or http(s) URLs, or train on data.train='pipe:...' directly "
-                            "with data.steps_per_epoch")
-    manifest = {"format": INDEX_FORMAT, "splits": {}}
-    if path.is_file():  # another split indexed before: keep it
-        manifest = shards.load_manifest(path)
-        if manifest.get("format") != INDEX_FORMAT:
-            raise IndexingError(f"{path} belongs to a prepared dataset, not an index; choose another --out")
     scan = partial(scan_shard, image_keys=list(image_keys), on_error=on_error)
     workers = max(1, min(workers, len(urls)))
-    bar = progress_bar(total=len(urls), unit="shard", desc=f"indexing {source or split}", disable=not progress)
+    bar = progress_bar(total=len(urls), unit="shard", desc=desc, disable=not progress)
     entries: List[dict] = []
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     try:
@@ -119,11 +106,38 @@ def index_shards(urls: Sequence[str], out: Path, *, split: str = "train", source
         if pool is not None:
             pool.terminate()
             pool.join()
+    return entries
+
+
+def merged(entries: Sequence[dict]) -> tuple[Counter, Counter]:
+    """The member suffixes and the image shapes ("CxHxW") of several shards' entries, with their counts."""
     members: Counter = Counter()
     shapes: Counter = Counter()
     for e in entries:
         members.update(e["members"])
         shapes.update(e["shapes"])
+    return members, shapes
+
+
+def index_shards(urls: Sequence[str], out: Path, *, split: str = "train", source: str = "",
+                 image_keys: Sequence[str] = ImageSpec.image_keys, workers: int = 1, on_error: str = "raise",
+                 progress: bool = True, log=print) -> dict:
+    """Scan `urls` and write (or update: other splits are kept) OUT/manifest.json; returns the manifest."""
+    out = Path(out)
+    path = out / shards.MANIFEST
+    piped = next((u for u in urls if url_scheme(u) == "pipe"), None)
+    if piped is not None:  # the loader refuses them: a downloaded manifest must not run commands
+        raise IndexingError(f"{piped[:80]}: a manifest may not hold pipe: commands (training refuses them); "
+                            "index local copies or http(s) URLs, or train on data.train='pipe:...' directly "
+                            "with data.steps_per_epoch")
+    manifest = {"format": INDEX_FORMAT, "splits": {}}
+    if path.is_file():  # another split indexed before: keep it
+        manifest = shards.load_manifest(path)
+        if manifest.get("format") != INDEX_FORMAT:
+            raise IndexingError(f"{path} belongs to a prepared dataset, not an index; choose another --out")
+    entries = scan_shards(urls, image_keys, workers=workers, on_error=on_error, progress=progress,
+                          desc=f"indexing {source or split}")
+    members, shapes = merged(entries)
     unreadable = sum(e["unreadable"] for e in entries)
     for b in [b for e in entries for b in e["bad"]][:10]:
         log(f"warning: {b}")

@@ -123,10 +123,18 @@ class SplitSource:
     digests: tuple[str | None, ...] | None = None  # sha256 per shard from the manifest, checked while reading
     shapes: tuple[tuple[int, int, int], ...] | None = None  # every stored image shape an index saw
     members: tuple[str, ...] | None = None  # every member suffix an index saw
+    indexed: str | None = None  # the cache file of the index built at start (pipeline.data.autoindex)
 
     @property
     def total(self) -> int | None:
         return None if self.counts is None else sum(self.counts)
+
+    @property
+    def mode(self) -> str:
+        """Where the counts come from, as the start-up summary says it."""
+        if self.counts is None:
+            return "streaming (counts unknown)"
+        return f"indexed at start (cached {self.indexed})" if self.indexed else "manifest"
 
 
 def _from_manifest(path: Path, split: str, origin: str) -> SplitSource | None:

@@ -215,6 +215,7 @@ def summary_lines(cfg, dm, module, trainer, wandb_mode: str, resume: Optional[st
         f"# run       {cfg.run.dir}  (full config: {cfg.run.dir}/config.yaml)",
         f"# data      {data}: {_size(counts['train'])} train / {_size(counts['val'])} val / {_size(counts['test'])} "
         f"test images of {shape}, {dm.batch_text()}",
+        "# counts    " + "; ".join(f"{s}: {dm.source(s).mode}" for s in counts if dm.source(s) is not None),
         f"# loader    {loader}",
         f"# model     {m.arch} VAE, latent {m.latent_dim}, {m.likelihood} likelihood, {params:,} parameters; "
         f"beta {cfg.objective.beta:g} ({cfg.objective.kl_schedule} KL schedule)",
@@ -227,7 +228,7 @@ def summary_lines(cfg, dm, module, trainer, wandb_mode: str, resume: Optional[st
         "# changed   " + ("  ".join(f"{k}={v}" for k, v in changed.items()) if changed else "nothing (all defaults)"),
     ]
     if str(t.devices) in ("auto", "-1") and trainer.num_devices > 1:  # not SLURM's: launch.py fills those in
-        lines.insert(6, f"# NOTE      trainer.devices={t.devices} took all {trainer.num_devices} {accelerator} devices "
+        lines.insert(7, f"# NOTE      trainer.devices={t.devices} took all {trainer.num_devices} {accelerator} devices "
                         f"on this node: global batch {cfg.data.batch_size * trainer.num_devices * trainer.num_nodes}; "
                         "trainer.devices=1 trains on one")
     return lines
