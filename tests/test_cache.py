@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 import tracemalloc
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -161,13 +162,15 @@ def test_a_gpu_without_room_streams_the_split_with_one_line(uneven, monkeypatch,
     asked = []
     monkeypatch.setattr(D, "free_device_bytes", lambda device: asked.append(device) or (2 << 30) - 1)
     dm = module_for(data_cfg(uneven, cache="device"))
-    monkeypatch.setattr(dm, "cache_device", lambda: torch.device("cuda", 3))  # no CUDA is touched: nothing fills
+    # a trainer on cuda:3, seen by the datamodule only: no CUDA is touched, as nothing fills
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 3)), current_epoch=0)
+    assert dm.cache_device() is None  # what the start-up summary asks first: it says the split is streamed
     loader = dm.train_dataloader()
     assert asked == [torch.device("cuda", 3)] and loader.dataset.cache is None and loader.num_workers == 2
     [line] = [r.getMessage() for r in caplog.records if "data.cache" in r.getMessage()]
     assert re.fullmatch(r"warning: data\.cache=device: \S+ needs 0\.00 GiB of cuda:3 memory and 2\.00 GiB is "
                         r"free \(2 GiB kept for training\): streaming it instead", line), line
     assert batches(loader) == batches(module_for(data_cfg(uneven)).train_dataloader())
+    dm.trainer.strategy.root_device = torch.device("cpu")  # a CPU run's device cache asks no GPU
     asked.clear()
-    module_for(data_cfg(uneven, cache="host")).train_dataloader()
-    assert asked == []  # a host cache asks no GPU
+    assert dm.cache_device() == torch.device("cpu") and asked == []

@@ -89,6 +89,7 @@ class ShardDataModule(pl.LightningDataModule):
             raise DataSetupError(str(e)) from None
         self._shapes: dict[str, tuple[int, int, int]] = {}
         self._cache: SplitCache | None = None  # data.cache: the decoded training split, filled once
+        self._room: bool | None = None  # data.cache=device: whether the GPU had room for it, asked once
         self._prepared = False  # prepare_data ran (data.root holds its manifest)
 
     # ---- sources
@@ -262,8 +263,17 @@ class ShardDataModule(pl.LightningDataModule):
             return None
         trainer = getattr(self, "trainer", None)
         if mode == "device" and trainer is not None:
-            return trainer.strategy.root_device
+            return self._with_room(trainer.strategy.root_device)
         return torch.device("cpu")
+
+    def _with_room(self, device: torch.device) -> torch.device | None:
+        """`device`, or None (streamed) where a GPU has no room for the split. Asked once, before the fill takes
+        that memory, and first by the start-up summary, which then says the split is streamed."""
+        if device.type != "cuda":
+            return device
+        if self._room is None:
+            self._room = room_on_device(device, self.train_image_bytes(), self.source("train").origin)
+        return device if self._room else None
 
     def _training_cache(self, stream: ShardStream, src: SplitSource) -> SplitCache | None:
         """data.cache for the training split, filled once (a large fill is announced with its time), or None:
@@ -277,8 +287,6 @@ class ShardDataModule(pl.LightningDataModule):
             return None
         if self._cache is None:
             size = self.train_image_bytes()
-            if device.type == "cuda" and not room_on_device(device, size, src.origin):
-                return None
             announce = self.rank == 0 and size >= ANNOUNCE_FILL_BYTES
             if announce:
                 print(f"# cache     reading the training split into {device} memory ({src.total:,} images, "
