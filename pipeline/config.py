@@ -156,7 +156,9 @@ class OptimConfig:
 class TrainerConfig:
     max_steps: int = setting(3000, "optimizer steps; raise it and re-run to extend a finished run", gt=0)
     accelerator: str = setting("auto", "auto | cpu | gpu | ...")
-    devices: Any = setting("auto", 'int, list or "auto"; under SLURM taken from the allocation')  # checked by _check_devices
+    # null, not "auto": Lightning's auto takes every GPU of the node, which silently multiplies the global batch
+    devices: Any = setting(None, 'null: one device (under SLURM or torchrun: the allocation); "auto" or -1: every '
+                           'device of the node; a count or a list of device ids')  # checked by _check_devices
     num_nodes: int = setting(1, "under SLURM taken from the allocation", gt=0)
     strategy: str = setting("auto", 'auto | ddp | ...; "auto" picks ddp for >1 device')
     precision: Precision = setting("32-true", "Lightning precision")
@@ -471,11 +473,11 @@ def check_bounds(cfg: DictConfig) -> None:
 
 
 def _check_devices(devices: Any) -> None:
-    """trainer.devices: "auto" (or -1, Lightning's "all"), a count >= 1, or a non-empty list of device indices
-    (0 and -2 reached Lightning as a traceback)."""
-    bad = (f"bad value for 'trainer.devices': {devices!r}; must be auto (or -1: all), a number of devices >= 1 or a "
-           "list of device indices")
-    if devices == -1 and not isinstance(devices, bool):
+    """trainer.devices: null (one, or the launch's), "auto" (or -1, Lightning's "all"), a count >= 1, or a non-empty
+    list of device indices (0 and -2 reached Lightning as a traceback)."""
+    bad = (f"bad value for 'trainer.devices': {devices!r}; must be null (one), auto (or -1: all), a number of devices "
+           ">= 1 or a list of device indices")
+    if devices is None or (devices == -1 and not isinstance(devices, bool)):
         return
     if isinstance(devices, str):
         text = devices.strip()

@@ -26,7 +26,7 @@ def cfg(*overrides):
 
 def test_outside_slurm_nothing_changes():
     c = apply_cluster_env(cfg(), env={})
-    assert (c.trainer.devices, c.trainer.num_nodes, c.run.name, c.run.dir) == ("auto", 1, "default", "runs/default")
+    assert (c.trainer.devices, c.trainer.num_nodes, c.run.name, c.run.dir) == (None, 1, "default", "runs/default")
     assert not in_slurm_allocation({})
 
 
@@ -35,7 +35,7 @@ def test_allocation_sets_devices_and_nodes():
     assert (c.trainer.devices, c.trainer.num_nodes) == (4, 2)
 
 
-@pytest.mark.parametrize("devices", ["2", "auto", "-1"])
+@pytest.mark.parametrize("devices", ["2", "auto", "-1", "null"])
 def test_consistent_or_default_devices_accepted(devices):
     c = apply_cluster_env(cfg(f"trainer.devices={devices}"), env=srun_env(ntasks_per_node=2))
     assert c.trainer.devices == 2
@@ -230,3 +230,44 @@ def test_peer_lost_is_found_behind_a_later_error():
     except RuntimeError as e:
         assert _peer_lost(e)
     assert not _peer_lost(RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated."))
+
+
+@pytest.mark.parametrize("override, env, chosen, why", [
+    ((), {}, 1, "default; trainer.devices=auto for all 8"),
+    (("trainer.devices=auto",), {}, 8, "trainer.devices=auto: all of this node"),
+    (("trainer.devices=-1",), {}, 8, "trainer.devices=auto: all of this node"),
+    (("trainer.devices=2",), {}, 2, "trainer.devices=2"),
+    (("trainer.devices=[0,3,5]",), {}, 3, "trainer.devices=[0, 3, 5]"),
+    ((), srun_env(ntasks_per_node=4, nnodes=2), 4, "SLURM allocation, --ntasks-per-node"),
+    ((), TORCHRUN_ENV, 2, "torchrun --nproc-per-node"),
+], ids=["default", "auto", "minus-one", "count", "list", "slurm", "torchrun"])
+def test_devices_default_to_one_unless_asked_or_allocated(override, env, chosen, why):
+    # a node reporting 8 devices: only an explicit auto / -1 (or the launch's allocation) takes more than one
+    from pipeline.launch.cluster import choose_devices, trainer_devices
+
+    c = apply_cluster_env(cfg(*override), env=env)
+    assert choose_devices(c.trainer.devices, available=8, env=env) == (chosen, why)
+    if not env:
+        assert trainer_devices(c.trainer.devices) == (1 if not override else c.trainer.devices)
+    assert choose_devices(None, available=1, env={}) == (1, "default")  # one device: nothing to say
+
+
+@pytest.mark.parametrize("override, chosen", [((), 1), (("trainer.devices=auto",), 8)])
+def test_lightning_takes_one_of_eight_gpus_by_default(override, chosen, monkeypatch):
+    # CUDA faked at the count Lightning asks: the Trainer is built, nothing runs on it
+    import lightning.pytorch as pl
+    import torch
+
+    from pipeline.launch.cluster import trainer_devices
+    from pipeline.training.console import devices_why
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for k in [k for k in os.environ if k.startswith(("SLURM_", "LOCAL_WORLD_SIZE", "GROUP_RANK"))]:
+        monkeypatch.delenv(k)
+    c = apply_cluster_env(cfg(*override), env={})
+    trainer = pl.Trainer(accelerator=c.trainer.accelerator, devices=trainer_devices(c.trainer.devices), logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False)
+    assert (type(trainer.accelerator).__name__, trainer.num_devices) == ("CUDAAccelerator", chosen)
+    assert devices_why(c.trainer.devices, trainer) == ("default; trainer.devices=auto for all 8" if chosen == 1 else
+                                                       "trainer.devices=auto: all of this node")

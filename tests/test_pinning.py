@@ -59,7 +59,7 @@ def test_host_cache_builds_pinned_batches_when_asked(monkeypatch):
         return torch.empty(shape, dtype=dtype)
     monkeypatch.setattr(S, "pinned_empty", fake_pinned_empty)
     image = np.random.default_rng(0).integers(0, 256, (10, 1, 4, 4), dtype=np.uint8)
-    cache = S.SplitCache(Columns([f"{i}" for i in range(10)], image, np.arange(10, dtype=np.int64)), [6, 4])
+    cache = S.SplitCache([6, 4], columns=Columns([f"{i}" for i in range(10)], image, np.arange(10, dtype=np.int64)))
     rows = np.array([7, 2, 5])
     plain = cache.batch(rows)
     assert made == []  # not pinned unless asked

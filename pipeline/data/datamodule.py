@@ -33,6 +33,9 @@ from pipeline.training.lightning_compat import shutdown_loader_workers
 log = logging.getLogger(__name__)
 AUTO_CACHE_BYTES = 512 << 20  # data.cache=auto holds decoded training splits up to this size (uint8 images)
 ANNOUNCE_FILL_BYTES = 128 << 20  # a fill this large takes seconds (~115 MB/s measured, npy shards): say so
+# Left free beside a device cache: the model, its optimizer state, activations and the allocator's slack (a VAE
+# of this size takes far less; labels and factors, 8 + 4F bytes per row next to the images, fit in it too).
+DEVICE_CACHE_HEADROOM = 2 << 30
 
 
 def pin_batches(pin_memory: bool, device: torch.device | None) -> bool:
@@ -40,6 +43,28 @@ def pin_batches(pin_memory: bool, device: torch.device | None) -> bool:
     device the run trains on, not from torch.cuda.is_available(): a CPU run on a GPU machine would otherwise
     open a CUDA context on GPU 0 in every rank (pinning needs one)."""
     return bool(pin_memory) and device is not None and torch.device(device).type == "cuda"
+
+
+def device_cache_fits(needed: int, free: int, headroom: int = DEVICE_CACHE_HEADROOM) -> bool:
+    """Whether a device cache of `needed` bytes leaves `headroom` of the device's `free` bytes to training."""
+    return needed + headroom <= free
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Free memory of a CUDA device, as the driver counts it (opens the context the run uses anyway)."""
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def room_on_device(device: torch.device, needed: int, origin: str) -> bool:
+    """Whether this rank's GPU has room for a cache of `needed` bytes, asked before the fill; if not, one line
+    saying why, on every rank that streams (GPUs may differ; a streaming rank serves the same batches)."""
+    free = free_device_bytes(device)
+    if device_cache_fits(needed, free):
+        return True
+    log.warning("warning: data.cache=device: %s needs %.2f GiB of %s memory and %.2f GiB is free (%.0f GiB kept "
+                "for training): streaming it instead", origin, needed / 2**30, device, free / 2**30,
+                DEVICE_CACHE_HEADROOM / 2**30)
+    return False
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -68,6 +93,7 @@ class ShardDataModule(pl.LightningDataModule):
             raise DataSetupError(str(e)) from None
         self._shapes: dict[str, tuple[int, int, int]] = {}
         self._cache: SplitCache | None = None  # data.cache: the decoded training split, filled once
+        self._room: bool | None = None  # data.cache=device: whether the GPU had room for it, asked once
         self._prepared = False  # prepare_data ran (data.root holds its manifest)
 
     # ---- sources
@@ -292,8 +318,17 @@ class ShardDataModule(pl.LightningDataModule):
             return None
         trainer = getattr(self, "trainer", None)
         if mode == "device" and trainer is not None:
-            return trainer.strategy.root_device
+            return self._with_room(trainer.strategy.root_device)
         return torch.device("cpu")
+
+    def _with_room(self, device: torch.device) -> torch.device | None:
+        """`device`, or None (streamed) where a GPU has no room for the split. Asked once, before the fill takes
+        that memory, and first by the start-up summary, which then says the split is streamed."""
+        if device.type != "cuda":
+            return device
+        if self._room is None:
+            self._room = room_on_device(device, self.train_image_bytes(), self.source("train").origin)
+        return device if self._room else None
 
     def _training_cache(self, stream: ShardStream, src: SplitSource) -> SplitCache | None:
         """data.cache for the training split, filled once (a large fill is announced with its time), or None:

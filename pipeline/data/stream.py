@@ -281,23 +281,70 @@ def for_transfer(batch: dict) -> dict:
     return Batch(batch)
 
 
+def column_arrays(columns: Columns) -> dict[str, np.ndarray]:
+    """The arrays of Columns by batch name (contiguous: torch.from_numpy takes no negative strides)."""
+    return {name: np.ascontiguousarray(value) for name, value in
+            (("image", columns.image), ("label", columns.label), ("factors", columns.factors)) if value is not None}
+
+
+def torch_dtype(a: np.ndarray) -> torch.dtype:
+    return torch.from_numpy(a[:0]).dtype
+
+
+def rows_fit(tensors: dict[str, torch.Tensor], arrays: dict[str, np.ndarray]) -> bool:
+    """Whether a shard's arrays are rows of the cache's tensors: the same names, per-row shapes and dtypes
+    (copy_ would cast a dtype silently)."""
+    return tensors.keys() == arrays.keys() and all(
+        tuple(tensors[k].shape[1:]) == a.shape[1:] and tensors[k].dtype == torch_dtype(a) for k, a in arrays.items())
+
+
 class SplitCache:
     """A split's decoded samples in canonical order (shard 0's positions, then shard 1's, ...) held by the
     training process, in its RAM or on the accelerator (data.cache). Filled by `ShardStream.fill_cache`,
     which reads every shard through the same reader and decoder as the loader workers (with the same
     checks); batches are then rows of it, chosen by the same layout, so they are the stream's batches.
     `pin`: a host cache builds each batch in page-locked memory (set for CUDA runs with data.pin_memory), so
-    the copy to the GPU is asynchronous; pageable memory makes `non_blocking=True` wait for the copy."""
+    the copy to the GPU is asynchronous; pageable memory makes `non_blocking=True` wait for the copy. The
+    cache itself stays pageable: page-locking a whole split takes that much RAM from the OS for nothing."""
 
     pin = False
 
-    def __init__(self, columns: Columns, counts, device: torch.device | str | None = None):
-        self.offsets = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))[:-1]])
+    def __init__(self, counts, device: torch.device | str | None = None, columns: Columns | None = None):
+        """An empty cache of sum(counts) rows on `device` that `put` fills shard by shard (`columns`: all rows at
+        once). Its tensors are allocated once, at the first put, where they stay: host memory holds one
+        shard's decoded arrays besides them (concatenating the shards first held the split twice in host
+        RAM, and a device cache went through both copies)."""
+        counts = np.asarray(counts, dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
         self.device = torch.device(device or "cpu")
-        self.keys = np.array(columns.keys, dtype=object)
-        self.tensors = {name: torch.from_numpy(np.ascontiguousarray(value)).to(self.device)
-                        for name, value in (("image", columns.image), ("label", columns.label),
-                                            ("factors", columns.factors)) if value is not None}
+        self.total, self.filled = int(counts.sum()), 0
+        self.keys = np.empty(self.total, dtype=object)
+        self.tensors: dict[str, torch.Tensor] = {}
+        if columns is not None and not self.put(columns):
+            raise ValueError(f"{len(columns)} rows do not fit a cache of {self.total}")
+
+    def put(self, columns: Columns | None) -> bool:
+        """Copy the next shard's rows in after the ones before; False when they do not fit those (other
+        members, per-row shapes or dtypes; more rows than the counts) or are None (samples not alike): the
+        stream serves such a split."""
+        if columns is None:
+            return False
+        arrays = column_arrays(columns)
+        if not self.tensors:
+            self.tensors = {name: torch.empty((self.total, *a.shape[1:]), dtype=torch_dtype(a), device=self.device)
+                            for name, a in arrays.items()}
+        lo, hi = self.filled, self.filled + len(columns)
+        if hi > self.total or not rows_fit(self.tensors, arrays):
+            return False
+        for name, a in arrays.items():  # blocking: the shard's arrays are freed right after
+            self.tensors[name][lo:hi].copy_(torch.from_numpy(a))
+        self.keys[lo:hi] = columns.keys
+        self.filled = hi
+        return True
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.tensors) and self.filled == self.total
 
     def rows(self, segments) -> np.ndarray:
         """Cache rows of (shard, first, stop) segments, in order."""
@@ -387,26 +434,26 @@ class ShardStream(IterableDataset):
     # ---- the in-memory cache (data.cache)
     def fill_cache(self, device: torch.device | str | None = None) -> SplitCache | None:
         """Read and decode every sample of the split, shard by shard, through the loader's reader (sha256 and
-        count checks included) into a SplitCache on `device`; None where the stream must serve the batches
-        instead: unknown counts (streaming), or samples that could not be read or decoded alike."""
+        count checks included) into a SplitCache on `device`, one shard's arrays in host memory at a time;
+        None where the stream must serve the batches instead: unknown counts (streaming), or samples that could
+        not be read or decoded alike."""
         if self.source.counts is None:
             return None
+        cache = SplitCache(self.source.counts, device)
         reader = self._reader()
-        parts: list[Columns] = []
         try:
             for shard, count in enumerate(self.source.counts):
-                if count == 0:
-                    continue
-                read = self.decoder.read(reader, shard, 0, count)
-                reader.finish()
-                read = read if isinstance(read, Columns) else columns_of(read)
-                if read is None:
+                if count and not cache.put(self._shard_columns(reader, shard, count)):
                     return None
-                parts.append(read)
         finally:
             reader.close()
-        columns = Columns.concat(parts) if parts else None
-        return None if columns is None else SplitCache(columns, self.source.counts, device)
+        return cache if cache.complete else None
+
+    def _shard_columns(self, reader: Reader, shard: int, count: int) -> Columns | None:
+        """A whole shard, read and decoded, as Columns; None when its samples are not alike (or some are lost)."""
+        read = self.decoder.read(reader, shard, 0, count)
+        reader.finish()
+        return read if isinstance(read, Columns) else columns_of(read)
 
     def _cached_batches(self) -> Iterator[dict]:
         """The epoch's batches from `start`, from the cache: the rows the layout gives each step, the same

@@ -4,7 +4,7 @@
 
 - under an sbatch/srun allocation `trainer.devices` = tasks per node and `trainer.num_nodes` =
   nodes: Lightning trusts both and a mismatch with the allocation hangs or silently under-uses
-  it. An explicit contradicting value (anything but the defaults "auto"/-1 and 1) stops with a
+  it. An explicit contradicting value (anything but null, "auto"/-1 and 1) stops with a
   ValueError that names the key;
 - under torchrun (`torchrun --nnodes=N --nproc-per-node=P ... -m pipeline.train`, Kubernetes and cloud VMs
   without SLURM) the same from its LOCAL_WORLD_SIZE and WORLD_SIZE: P devices, N nodes;
@@ -12,6 +12,9 @@
   `<job name>-<array job id>_<task id>` for an array task, or `sweep-<sweep id>-<run id>` under a
   W&B sweep agent, or `torchrun-<rdzv id>` under torchrun with `--rdzv-id`. The same run directory means a
   requeued job (or a group torchrun restarts) finds its checkpoint and W&B run.
+
+Outside both, `trainer.devices` left at null trains on one device (`trainer_devices`): Lightning's "auto" takes
+every GPU of the node and so changes the global batch with the machine; "auto" or -1, given, still means all.
 
 Preview what a job would run with (slurm/train.sh prints it in the batch step before `srun`):
 
@@ -28,7 +31,7 @@ from pipeline.launch.naming import DEFAULT_RUN_NAME, name_run
 # Job names Lightning treats as "not a SLURM launch" (SLURMEnvironment.detect()): an interactive
 # `srun --pty bash` or `salloc` shell where processes are started by hand.
 INTERACTIVE_JOB_NAMES = ("bash", "interactive")
-DEFAULT_DEVICES = ("auto", -1, "-1")  # "as many as there are": filled in from the allocation
+DEFAULT_DEVICES = (None, "auto", -1, "-1")  # not a count: filled in from the allocation (null alone: 1 outside one)
 DEFAULT_NUM_NODES = 1
 
 
@@ -128,6 +131,27 @@ def device_count(devices) -> Optional[int]:
     return len(list(devices))  # a list of device ids
 
 
+def trainer_devices(devices):
+    """What Lightning gets for trainer.devices: null (the default, where no SLURM or torchrun filled it in) is one
+    device; anything else as given ("auto": every device of the node)."""
+    return 1 if devices is None else devices
+
+
+def choose_devices(devices, available: int, env: Mapping[str, str] = os.environ) -> Tuple[int, str]:
+    """(devices per node, why) for a trainer.devices value on a node with `available` devices of the run's
+    accelerator: the allocation under SLURM or torchrun, one for null, all for "auto"/-1, else as given."""
+    if in_slurm_allocation(env):
+        return slurm_layout(env)[0], "SLURM allocation, --ntasks-per-node"
+    if in_torchrun(env):
+        return torchrun_layout(env)[0], "torchrun --nproc-per-node"
+    if devices is None:
+        return 1, f"default; trainer.devices=auto for all {available}" if available > 1 else "default"
+    asked = device_count(devices)
+    if asked is None:
+        return available, f"trainer.devices={devices}: all of this node"
+    return asked, f"trainer.devices={devices}"
+
+
 def apply_cluster_env(cfg, env: Mapping[str, str] = os.environ, require_srun: bool = True):
     """Fill in `trainer.devices`, `trainer.num_nodes` and the run name from the launch; returns cfg.
 
@@ -176,7 +200,8 @@ def _fill_layout(cfg, per_node: int, nnodes: int):
 
 def describe(cfg, env: Mapping[str, str] = os.environ) -> str:
     where = "SLURM allocation" if in_slurm_allocation(env) else "torchrun" if in_torchrun(env) else "local"
-    return (f"run.name={cfg.run.name} run.dir={cfg.run.dir} trainer.devices={cfg.trainer.devices} "
+    devices = "null (one)" if cfg.trainer.devices is None else cfg.trainer.devices
+    return (f"run.name={cfg.run.name} run.dir={cfg.run.dir} trainer.devices={devices} "
             f"trainer.num_nodes={cfg.trainer.num_nodes} ({where})")
 
 

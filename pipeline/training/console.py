@@ -186,6 +186,14 @@ def optim_line(o) -> str:
     return f"# optim     AdamW lr {o.lr:g} ({o.lr_schedule}), {clip}, {skip}; {weights}"
 
 
+def devices_why(devices, trainer) -> str:
+    """Why the run has the devices it has (pipeline.launch.cluster.choose_devices). The node's count comes from
+    the chosen accelerator's class: a CPU run never asks CUDA (that would open a context)."""
+    from pipeline.launch.cluster import choose_devices
+
+    return choose_devices(devices, int(trainer.accelerator.auto_device_count()))[1]
+
+
 def summary_lines(cfg, dm, module, trainer, wandb_mode: str, resume: Optional[str],
                   defaults: Optional[str] = None) -> List[str]:
     """The start-up summary: where the run writes, what it trains on and with, and what differs from
@@ -208,7 +216,8 @@ def summary_lines(cfg, dm, module, trainer, wandb_mode: str, resume: Optional[st
         mib = dm.train_image_bytes() / 2**20
         loader = (f"train split held in {place} (data.cache={cfg.data.cache}, {mib:,.1f} MiB per process, no workers); "
                   f"val/test streamed by {workers}")
-    devices = f"{accelerator} x {trainer.num_devices}{nodes} ({strategy}, precision {trainer.precision})"
+    devices = (f"{accelerator} x {trainer.num_devices}{nodes} ({devices_why(t.devices, trainer)}; {strategy}, "
+               f"precision {trainer.precision})")
     if defaults:
         devices += f"; {defaults}"
     lines = [

@@ -32,7 +32,7 @@ import torch
 
 from pipeline import config as C
 from pipeline.launch.cli import config_from_argv
-from pipeline.launch.cluster import describe
+from pipeline.launch.cluster import describe, trainer_devices
 
 log = logging.getLogger("pipeline.train")
 INTERRUPTED_EXIT = 130  # Ctrl-C: 128 + SIGINT, what a shell reports for a program ended by it
@@ -139,7 +139,7 @@ def build_trainer(cfg, run_dir: Path, loggers, callbacks, checkpoint_io=None):
     return pl.Trainer(
         default_root_dir=str(run_dir),
         max_steps=t.max_steps, max_epochs=-1,
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=_strategy(t.strategy),
+        accelerator=t.accelerator, devices=trainer_devices(t.devices), num_nodes=t.num_nodes, strategy=_strategy(t.strategy),
         precision=t.precision,
         val_check_interval=t.val_check_interval, check_val_every_n_epoch=None, num_sanity_val_steps=0,
         limit_val_batches=t.limit_val_batches,  # None: all (1.0 would print a notice on every run)
