@@ -123,3 +123,28 @@ def test_filters_match_only_the_known_notices():
     finally:
         logger.removeHandler(handler)
     assert [r.getMessage() for r in records] == ["LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES: [0]"]
+
+
+def test_per_rank_start_up_lines_are_kept_on_rank_zero_only(monkeypatch):
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from pipeline.training.console import PER_RANK_INFO
+
+    quiet_known_noise()
+    name = "lightning.fabric.utilities.distributed"
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        for rank in (0, 1, 3):
+            monkeypatch.setattr(rank_zero_only, "rank", rank)
+            logger.warning("Initializing distributed: GLOBAL_RANK: %d, MEMBER: %d/4", rank, rank + 1)
+            logger.warning("something else from rank %d", rank)
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == [
+        "Initializing distributed: GLOBAL_RANK: 0, MEMBER: 1/4", "something else from rank 0",
+        "something else from rank 1", "something else from rank 3"]
+    assert "lightning.pytorch.trainer.connectors.signal_connector" in PER_RANK_INFO

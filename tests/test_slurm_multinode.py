@@ -49,6 +49,9 @@ def test_two_nodes_by_two_ranks_train_and_split_the_data_exactly(two_nodes, pyth
     log = job.log_text()
     assert job.state() == "COMPLETED", explain(job)
     assert "trainer.devices=2 trainer.num_nodes=2" in log and " x 2 nodes" in log, explain(job)
+    # Lightning's per-rank start-up lines and warnings: once per job, not once per rank
+    assert log.count("Initializing distributed") == 1 and log.count("SLURM auto-requeueing enabled") <= 1, explain(job)
+    assert "sync_dist" not in log, explain(job)
     run_dir = tmp_path / "runs" / f"nodes-{job.id}"
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == steps
     trained = train_steps(read_metrics(run_dir))
@@ -108,3 +111,57 @@ def test_two_node_preemption_requeues_resumes_and_logs_no_traceback(two_nodes, p
     assert len(parts) == 2 and all(p.name.endswith(f"-{run_id}") for p in parts), (parts, explain(job))
     for noise in ("Traceback", "is killed by signal", "Exception ignored", "Connection closed by peer"):
         assert noise not in log, f"{noise!r} in the log of a routine requeue:{explain(job)}"
+
+
+def _task_pids(job_id: str, node: str) -> list[int]:
+    """The job's training processes (ranks and their loader workers) on one node, found by their environment."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            env = set((proc / "environ").read_bytes().split(b"\0"))
+            cmd = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if (f"SLURM_JOB_ID={job_id}".encode() in env and f"SLURMD_NODENAME={node}".encode() in env
+                and b"pipeline.train" in cmd):
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slurm
+def test_a_lost_node_ends_the_job_within_seconds_and_a_resubmission_resumes(two_nodes, python_bin, digits_root,  # noqa: F811
+                                                                            tmp_path):
+    """Every process of node n2 SIGKILLed mid-run (a node lost): the ranks on n1 do not wait for their time limit;
+    the job ends within seconds, and the same command submitted again resumes from the last checkpoint."""
+    import signal
+    import time
+
+    steps = 300
+    env = dict(script_env(two_nodes.env, python_bin), SLURM_CONF=two_nodes.env["SLURM_CONF"],
+               MASTER_PORT=str(free_port()))
+    args = ["--nodes=2", *CPU_DDP, str(TRAIN_SH), *TINY, f"data.root={digits_root}", "run.name=lost",
+            f"trainer.max_steps={steps}", "checkpoint.every_n_steps=20", "trainer.val_check_interval=1000",
+            "logger.wandb.mode=disabled"]
+    job = two_nodes.sbatch(args, name="lost", cwd=tmp_path, env=env, wait=False)
+    run_dir = tmp_path / "runs" / "lost"
+    try:
+        two_nodes.wait_for(lambda: (run_dir / "checkpoints" / "last.ckpt").is_file(), 240, "the first checkpoint",
+                           interval=0.1)
+        victims = _task_pids(job.id, "n2")
+        assert victims, explain(job)
+        killed = time.monotonic()
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        two_nodes.wait_gone(job.id, 120)
+        ended_in = time.monotonic() - killed
+    except (TimeoutError, ClusterError) as e:
+        pytest.fail(f"{e}{explain(job)}")
+    assert job.state() != "COMPLETED" and ended_in < 30, (ended_in, explain(job))
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 0 < saved < steps
+    again = two_nodes.sbatch(args, name="lost", cwd=tmp_path, env=dict(env, MASTER_PORT=str(free_port())),
+                             timeout=400)
+    log = again.log_text()
+    assert again.state() == "COMPLETED", explain(again)
+    assert f"(step {saved})" in log, explain(again)
+    assert sorted(train_steps(read_metrics(run_dir))) == list(range(steps)), explain(again)

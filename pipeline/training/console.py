@@ -50,11 +50,30 @@ KNOWN_INFO = (
     r"Restor(ing|ed all) states from the checkpoint",  # the summary's `start` line names the checkpoint
 )
 LIGHTNING_INFO_LOGGER = "lightning.pytorch.utilities.rank_zero"  # where rank_zero_info writes
+# Lightning's start-up lines that every rank prints (4 copies of each on 2 nodes x 2): rank zero's alone, one per job.
+PER_RANK_INFO = {
+    "lightning.fabric.utilities.distributed": r"Initializing distributed: ",
+    "lightning.pytorch.trainer.connectors.signal_connector": r"SLURM auto-requeueing enabled",
+}
 
 
 class _DropKnownInfo(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(re.match(pattern, record.getMessage().lstrip()) for pattern in KNOWN_INFO)
+
+
+class _RankZeroCopy(logging.Filter):
+    """Drops `pattern` lines on every rank but global rank zero (read when the line is logged: Lightning sets
+    it before it initializes the process group)."""
+
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = pattern
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        return getattr(rank_zero_only, "rank", 0) == 0 or not re.match(self.pattern, record.getMessage())
 
 
 def quiet_known_noise() -> None:
@@ -64,6 +83,10 @@ def quiet_known_noise() -> None:
     logger = logging.getLogger(LIGHTNING_INFO_LOGGER)
     if not any(isinstance(f, _DropKnownInfo) for f in logger.filters):
         logger.addFilter(_DropKnownInfo())
+    for name, pattern in PER_RANK_INFO.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _RankZeroCopy) for f in logger.filters):
+            logger.addFilter(_RankZeroCopy(pattern))
 
 
 def progress_every(max_steps: int, log_every_n_steps: int) -> int:
