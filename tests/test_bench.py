@@ -67,3 +67,12 @@ def test_step_timer_synchronises_only_at_the_window_ends_like_the_bare_loop(monk
         assert len(syncs) == (0 if step < 3 else 1 if step < 10 else 2), step
     r = timer.result()
     assert r["images"] == 7 * 4 * 2 and r["seconds"] > 0
+
+
+def test_jpeg_draft_decodes_smaller_and_close_to_a_full_decode():
+    """Draft mode does change the decode (pixels differ from full decoding) and stays close to it."""
+    from pipeline.analysis.bench import jpeg_draft
+
+    r = jpeg_draft(samples=16, stored=256, size=64)
+    assert 0 < r["mean_abs_diff"] < 4 and r["max_abs_diff"] < 96
+    assert r["draft_samples_per_s"] > 0 and r["full_samples_per_s"] > 0

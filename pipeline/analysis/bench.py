@@ -449,6 +449,39 @@ def image_loader_vs_pil(work: Path, samples: int = 4096, size: int = 64, batch_s
             "loader_vs_pil": loader["samples_per_s"] / pil, "formats": formats}
 
 
+def jpeg_draft(samples: int = 512, stored: int = 256, size: int = 64) -> dict[str, Any]:
+    """JPEGs stored at `stored` x `stored` (quality 95, crops of scikit-learn's two bundled photos) read at
+    data.image_size=`size`: samples/s of the loader's decode (decode.load_pil, libjpeg's draft mode: DCT
+    scaling to the smallest 1/2, 1/4 or 1/8 that covers `size`) against a full decode and the same resize, in
+    this one process, and how far the pixels of the two differ (uint8 levels)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from pipeline.data import decode, shards
+
+    rng = np.random.default_rng(0)
+    photos = load_sample_images().images
+    blobs = []
+    for _ in range(samples):
+        p, s = photos[rng.integers(2)], int(rng.integers(stored, 427))
+        y, x = int(rng.integers(0, p.shape[0] - s + 1)), int(rng.integers(0, p.shape[1] - s + 1))
+        im = Image.fromarray(p[y:y + s, x:x + s]).resize((stored, stored), Image.BICUBIC)
+        blobs.append(shards.encode_image(np.asarray(im).transpose(2, 0, 1), "jpg", 95))
+    out, arrays = {}, {}
+    for name, draft in (("full", False), ("draft", True)):
+        start = time.perf_counter()
+        arrays[name] = [decode.load_pil(io.BytesIO(b), 3, size, "center_crop", draft=draft) for b in blobs]
+        out[f"{name}_samples_per_s"] = samples / (time.perf_counter() - start)
+    diff = np.abs(np.stack(arrays["draft"]).astype(np.int16) - np.stack(arrays["full"]).astype(np.int16))
+    return {"samples": samples, "stored": stored, "size": size, "load_average_1min": os.getloadavg()[0],
+            **out, "draft_speedup": out["draft_samples_per_s"] / out["full_samples_per_s"],
+            "mean_abs_diff": float(diff.mean()), "p99_abs_diff": float(np.percentile(diff, 99)),
+            "max_abs_diff": int(diff.max())}
+
+
 def measure_ddp(preset: str, root: Path, devices: int, steps: int, warmup: int, work: Path) -> dict[str, float]:
     """Pipeline images/s (all ranks) with `devices` CPU ranks (ddp, gloo), in a fresh process tree."""
     out = work / f"ddp{devices}.json"
@@ -679,6 +712,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         a = q.parse_args(argv[1:])
         with tempfile.TemporaryDirectory(prefix="vae-bench-images-") as work:
             print(json.dumps(image_loader_vs_pil(Path(work), samples=a.samples, workers=a.workers), indent=2))
+        return 0
+    if argv[:1] == ["jpeg-draft"]:  # python -m pipeline.bench jpeg-draft [--stored 256] [--size 64]
+        q = argparse.ArgumentParser(prog="python -m pipeline.bench jpeg-draft", description=jpeg_draft.__doc__)
+        q.add_argument("--samples", type=int, default=512)
+        q.add_argument("--stored", type=int, default=256, help="stored JPEG side")
+        q.add_argument("--size", type=int, default=64, help="data.image_size")
+        a = q.parse_args(argv[1:])
+        print(json.dumps(jpeg_draft(a.samples, a.stored, a.size), indent=2))
         return 0
     p = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)

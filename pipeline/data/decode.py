@@ -73,13 +73,14 @@ def pil_to_chw(im) -> np.ndarray:
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
-def load_pil(fp, channels: Optional[int], size: Optional[int], resize: str) -> np.ndarray:
+def load_pil(fp, channels: Optional[int], size: Optional[int], resize: str, draft: bool = True) -> np.ndarray:
     """An encoded image (file object or path) -> uint8 [C, H, W], converted and resized. JPEGs are decoded
-    at the smallest 1/2, 1/4 or 1/8 scale that still covers size x size (libjpeg's draft mode)."""
+    at the smallest 1/2, 1/4 or 1/8 scale that still covers size x size (libjpeg's draft mode; `draft=False`
+    decodes in full, for the bench's comparison: `python -m pipeline.bench images`)."""
     from PIL import Image
 
     with Image.open(fp) as im:
-        if size is not None:
+        if size is not None and draft:
             im.draft("L" if channels == 1 else None, (size, size))
         mode = "L" if (channels or channels_of_mode(im.mode)) == 1 else "RGB"
         if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):  # 16-bit grey -> 8 bits
