@@ -146,6 +146,21 @@ def test_a_gradient_spike_is_skipped_counted_logged_and_training_goes_on():
     assert t.lr_scheduler_configs[0].scheduler.last_epoch == 6
 
 
+def test_a_skipped_step_leaves_the_ema_as_it_was():
+    """The average follows the closed form over the steps taken; the skipped step's update is left out."""
+    decay = 0.7
+    ema = EMAWeights(decay)
+    m, snaps, t = spiked({"grad_skip_norm": 1e3}, callbacks=[ema])
+    assert m.skipped_steps == 1
+    w = snaps.weights
+    expected = [x.clone() for x in w[0]]
+    for k in range(1, len(w)):
+        if k != Spike.spike_step:
+            expected = [decay * e + (1 - decay) * x for e, x in zip(expected, w[k])]
+    for got, want in zip(ema.averaged_parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, atol=1e-6, rtol=1e-5)
+
+
 def test_without_skipping_the_spike_moves_the_weights():
     _, snaps, _ = spiked({})
     before, after = Spike.spike_step - 1, Spike.spike_step

@@ -270,11 +270,15 @@ class EMAWeights(EMAWeightAveraging):
         ema = [p.detach() for p in averaged.module.parameters()]
         live = [p.detach() for p in pl_module.parameters()]
         live = [w if w.dtype == e.dtype and w.device == e.device else w.to(e) for w, e in zip(live, ema)]
+        skipped = getattr(pl_module, "step_skipped", None)  # optim.grad_skip_norm: a device bool, no host read
         if first:
             for e, w in zip(ema, live):
                 e.copy_(w)
-        else:
+        elif skipped is None:
             self._lerp(ema, live, None)  # torch's own EMA step: one foreach lerp
+        else:  # a skipped step leaves the average as it is (as VDVAE's, which updates it only after a taken step)
+            weight = (1.0 - self.decay) * (~skipped).to(ema[0].dtype)
+            torch._foreach_lerp_(ema, live, [weight] * len(ema))
         averaged.n_averaged.add_(1)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

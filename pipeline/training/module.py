@@ -80,6 +80,7 @@ class VAEModule(pl.LightningModule):
         # optim.grad_skip_norm: optimizer steps skipped so far (a device int64 scalar once training; the
         # checkpoint's `skipped_steps`), and this step's total gradient norm (for clipping and logging)
         self._skipped: Any = 0
+        self.step_skipped: Optional[torch.Tensor] = None  # this step's skip decision (device bool), when skipping
         self._grad_norm: Optional[torch.Tensor] = None
 
     HPARAMS = ("model", "objective", "optim", "input_shape", "max_steps")  # what a training checkpoint carries
@@ -274,6 +275,7 @@ class VAEModule(pl.LightningModule):
         if cfg.grad_skip_norm is not None:
             skip = ~(norm <= cfg.grad_skip_norm)  # NaN and inf norms are skipped too
             optimizer.found_inf = skip.to(torch.float32)
+            self.step_skipped = skip  # the EMA (EMAWeights) leaves a skipped step out as well
             if not torch.is_tensor(self._skipped) or self._skipped.device != norm.device:
                 self._skipped = torch.full((), int(self._skipped), dtype=torch.int64, device=norm.device)
             self._skipped.add_(skip)
