@@ -23,3 +23,16 @@ def test_small_images_are_upscaled_nearest_neighbour_to_at_least_64_px():
 def test_large_images_keep_their_size():
     grid = image_grid(torch.rand(3, 3, 64, 64), nrow=3)
     assert grid.shape == (66, 3 * 65 + 1, 3)
+
+
+def test_step_seeding_seeds_the_current_cuda_device_only(monkeypatch):
+    """On a GPU run each step reseeds the rank's own device, not every device of the node (checked on CPU with
+    CUDA reported initialised and its seeding functions recorded)."""
+    from pipeline.training import callbacks
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda s: calls.append(("current", s)))
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: calls.append(("all", s)))
+    callbacks._seed_torch(42)
+    assert calls == [("current", 42)] and torch.initial_seed() == 42
