@@ -87,7 +87,8 @@ def training_data(cfg) -> tuple[str, str]:
 
 def load_run(run_dir: str | Path) -> dict[str, object]:
     """One row of the comparison: beta, rate (KL), distortion (recon), ELBO, IWAE in nats per example, and the
-    disentanglement scores of SCORE_COLUMNS (unitless, None without eval.json or factors). eval.json values win over the last validation metrics; `source` says which was used."""
+    disentanglement scores of SCORE_COLUMNS (unitless, None without eval.json or factors).
+    eval.json values win over the last validation metrics; `source` says which was used."""
     from pipeline.config import load_config
 
     run_dir = Path(run_dir)
