@@ -32,7 +32,8 @@ def two_runs(tmp_path):
         {"step": 10, "val/elbo": -70.0, "val/kl": 5.0, "val/recon": 65.0},
         {"step": 19, "train/loss": 75.0},  # a later train-only row must not hide the last val values
     ], eval_json={"elbo": -69.0, "iwae": -66.5, "recon": 64.0, "kl": 5.0, "mig": 0.31, "split": "test",
-                  "dci_disentanglement": 0.42, "factor_vae_score": 0.75, "sap": 0.12,
+                  "dci_disentanglement": 0.42, "dci_completeness": 0.38, "dci_informativeness": 0.91,
+                  "factor_vae_score": 0.75, "sap": 0.12,
                   "num_examples": 180})
     b = fake_run(tmp_path, "beta1", 1.0, [
         {"step": 10, "val/elbo": -60.0, "val/kl": 12.0, "val/recon": 48.0},
@@ -51,11 +52,21 @@ def test_report_writes_figures_and_table(two_runs, tmp_path):
     md = (out / "report.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| beta")]
     assert len(table) == 2 and table[0].startswith("| beta1 | 1.00 ")  # sorted by beta
-    assert "| beta1 | 1.00 | 14.000 | 41.000 | -55.000 | - | - | - | - | - | metrics.csv (val, step 20) |" in md
-    assert ("| beta4 | 4.00 | 5.000 | 64.000 | -69.000 | -66.500 | 0.310 | 0.420 | 0.750 | 0.120 | "
+    assert "| beta1 | 1.00 | 14.000 | 41.000 | -55.000 | - | - | - | - | - | - | - | metrics.csv (val, step 20) |" in md
+    assert ("| beta4 | 4.00 | 5.000 | 64.000 | -69.000 | -66.500 | 0.310 | 0.420 | 0.380 | 0.910 | 0.750 | 0.120 | "
             "eval.json (test, n=180) |") in md
     assert "No traversal grids" in md  # fake runs have no checkpoint: said, not crashed
     assert result["wandb"] == "disabled"
+
+
+def test_table_header_names_every_column_of_its_rows(two_runs, tmp_path):
+    """All four disentanglement metrics (DCI as its three numbers) get a header cell, and the header has as
+    many cells as each row: a header shorter than the rows renders the extra cells unnamed, or not at all."""
+    table = report([str(d) for d in two_runs], out=tmp_path / "report", wandb_log=False)["table"].splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+    assert cells[0] == ["run", "beta", "rate KL (nats)", "distortion NLL (nats)", "ELBO (nats)", "IWAE (nats)",
+                        "MIG", "DCI dis.", "DCI compl.", "DCI info.", "FactorVAE", "SAP", "source"]
+    assert all(len(row) == len(cells[0]) for row in cells[1:])
 
 
 def test_runs_on_different_data_are_refused_naming_both(two_runs, tmp_path, capsys):

@@ -9,8 +9,9 @@ For each RUN_DIR it reads config.yaml (beta = objective.beta), eval.json (writte
 serves offline sweeps too. Writes to --out (default: report/ next to the first run):
   rate_distortion.png   rate (KL, nats per example) against distortion (reconstruction NLL, nats per
                         example), one point per run, labelled by beta (Alemi et al. 2018)
-  vs_beta.png           ELBO, IWAE bound and MIG against beta
-  report.md             the table (run, beta, rate, distortion, ELBO, IWAE, MIG, source)
+  vs_beta.png           ELBO and IWAE bound, and the disentanglement scores (MIG, DCI disentanglement /
+                        completeness / informativeness, FactorVAE score, SAP), against beta
+  report.md             the table (run, beta, rate, distortion, ELBO, IWAE, the six scores, source)
   traversals.png, reconstructions.png, samples.png   for the --traverse run (default: highest MIG,
                         else the first run), when its checkpoint and data are present
 When W&B is enabled in the first run's config (pipeline.run.tracking.resolve_wandb_mode) the figures and
@@ -27,9 +28,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 METRIC_COLUMNS = {"elbo": "val/elbo", "iwae": "val/iwae", "recon": "val/recon", "kl": "val/kl"}
-TABLE_COLUMNS = ("run", "beta", "rate", "distortion", "elbo", "iwae", "mig", "dci", "factorvae", "sap", "source")
-# disentanglement scores of eval.json (pipeline.evaluate) shown in the table and plotted against beta
-SCORE_COLUMNS = {"mig": "mig", "dci": "dci_disentanglement", "factorvae": "factor_vae_score", "sap": "sap"}
+# disentanglement scores of eval.json (pipeline.evaluate), under the same names in a row, shown in the table and
+# plotted against beta: {key: label}
+SCORE_COLUMNS = {"mig": "MIG", "dci_disentanglement": "DCI dis.", "dci_completeness": "DCI compl.",
+                 "dci_informativeness": "DCI info.", "factor_vae_score": "FactorVAE", "sap": "SAP"}
+# the table's columns and their headers (one dict, so the header always matches the rows)
+TABLE_HEADERS = {"run": "run", "beta": "beta", "rate": "rate KL (nats)", "distortion": "distortion NLL (nats)",
+                 "elbo": "ELBO (nats)", "iwae": "IWAE (nats)", **SCORE_COLUMNS, "source": "source"}
+TABLE_COLUMNS = tuple(TABLE_HEADERS)
 
 
 def find_eval_json(run_dir: Path) -> Path | None:
@@ -80,8 +86,9 @@ def training_data(cfg) -> tuple[str, str]:
 
 
 def load_run(run_dir: str | Path) -> dict[str, object]:
-    """One row of the comparison: beta, rate (KL), distortion (recon), ELBO, IWAE, MIG in nats per example
-    (MIG unitless). eval.json values win over the last validation metrics; `source` says which was used."""
+    """One row of the comparison: beta, rate (KL), distortion (recon), ELBO, IWAE in nats per example, and the
+    disentanglement scores of SCORE_COLUMNS (unitless, None without eval.json or factors).
+    eval.json values win over the last validation metrics; `source` says which was used."""
     from pipeline.config import load_config
 
     run_dir = Path(run_dir)
@@ -96,7 +103,7 @@ def load_run(run_dir: str | Path) -> dict[str, object]:
     if ev is not None:
         e = json.loads(ev.read_text())
         row.update(rate=e.get("kl"), distortion=e.get("recon"), elbo=e.get("elbo"), iwae=e.get("iwae"),
-                   **{col: e.get(key) for col, key in SCORE_COLUMNS.items()},
+                   **{key: e.get(key) for key in SCORE_COLUMNS},
                    source=f"eval.json ({e.get('split', '?')}, n={e.get('num_examples', '?')})")
     else:
         m = last_logged(run_dir / "metrics.csv")
@@ -116,8 +123,8 @@ def _fmt(v: object, digits: int = 3) -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, object]]) -> str:
-    """The comparison as a GitHub markdown table, rows sorted by beta; nats per example, MIG in [0, 1]."""
-    header = ["run", "beta", "rate KL (nats)", "distortion NLL (nats)", "ELBO (nats)", "IWAE (nats)", "MIG", "source"]
+    """The comparison as a GitHub markdown table, rows sorted by beta; nats per example, scores in [0, 1]."""
+    header = [TABLE_HEADERS[c] for c in TABLE_COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in sorted(rows, key=lambda r: r["beta"]):
         lines.append("| " + " | ".join(_fmt(r.get(c), 2 if c == "beta" else 3) for c in TABLE_COLUMNS) + " |")
@@ -164,8 +171,8 @@ def plot_rate_distortion(rows: Sequence[dict[str, object]], path: Path) -> Path:
 
 
 def plot_vs_beta(rows: Sequence[dict[str, object]], path: Path) -> Path:
-    """ELBO and IWAE (nats per example), and the disentanglement scores (MIG, DCI disentanglement, FactorVAE
-    score, SAP), against beta (log x axis when all betas are positive)."""
+    """ELBO and IWAE (nats per example), and the disentanglement scores (MIG, DCI disentanglement, completeness
+    and informativeness, FactorVAE score, SAP), against beta (log x axis when all betas are positive)."""
     plt = _pyplot()
     pts = sorted(rows, key=lambda r: r["beta"])
     betas = [r["beta"] for r in pts]
@@ -178,10 +185,10 @@ def plot_vs_beta(rows: Sequence[dict[str, object]], path: Path) -> Path:
     ax1.set_ylabel("nats / example")
     ax1.legend()
     top = 0.0
-    for col in SCORE_COLUMNS:
+    for col, label in SCORE_COLUMNS.items():
         xy = [(r["beta"], r[col]) for r in pts if r.get(col) is not None]
         if xy:
-            ax2.plot(*zip(*xy), "-o", label=col)
+            ax2.plot(*zip(*xy), "-o", label=label)
             top = max(top, max(m for _, m in xy))
     if top > 0:
         ax2.set_ylim(0.0, min(1.05, max(0.1, 1.15 * top)))  # from 0: small scores stay small
@@ -280,7 +287,8 @@ def report(run_dirs: Sequence[str | Path], out: Path | None = None, traverse: st
         else:
             notes.append(f"No traversal grids: no checkpoint at `{tdir / 'checkpoints' / 'last.ckpt'}`.")
     md = ["# Run comparison", "", ("Nats per example (summed over pixels and latent dims); rate = KL, distortion = "
-                                   "reconstruction NLL; MIG from ground-truth factors (pipeline/vae/disentangle.py)."),
+                                   "reconstruction NLL; MIG, DCI, FactorVAE and SAP from the mean codes against the "
+                                   "ground-truth factors (pipeline/vae/disentangle.py, pipeline/vae/scores.py)."),
           "", table]
     md += ["![rate-distortion](rate_distortion.png)", "", "![vs beta](vs_beta.png)", ""]
     if "traversals" in files:
