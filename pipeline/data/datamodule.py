@@ -278,9 +278,10 @@ class ShardDataModule(pl.LightningDataModule):
             return int(self.cfg.steps_per_epoch)
         total = src.total
         if B * R > total:
-            raise DataSetupError(
-                f"batch {B} x world size {R} = {B * R} ({self.batch_origin}) exceeds the {total} training samples "
-                f"in {src.origin}: lower data.batch_size to at most {max(1, total // R)} or use fewer devices")
+            what = (f"data.batch_size {B} x world size {R} = {B * R}" if self.batch_origin.startswith("data.batch_size")
+                    else f"the global batch {B * R} ({self.batch_origin})")
+            raise DataSetupError(f"{what} exceeds the {total} training samples in {src.origin}: lower data.batch_size "
+                                 f"to at most {max(1, total // R)} or use fewer devices")
         full = total // (B * R)
         if self.cfg.steps_per_epoch is not None and self.cfg.steps_per_epoch > full:
             log.warning("data.steps_per_epoch %d > %d = floor(%d / (%d x %d)): samples repeat within an epoch",

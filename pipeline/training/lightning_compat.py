@@ -291,3 +291,10 @@ class EMAWeights(EMAWeightAveraging):
     def averaged_parameters(self) -> list:
         """The average's parameters (tensors on the training device), in pl_module.parameters() order."""
         return [p.detach() for p in self._average_model.module.parameters()]
+
+
+def saved_loader_state(checkpoint: dict) -> dict | None:
+    """The training loader's state in a Lightning checkpoint (ShardLoader.state_dict, saved by the fit loop's
+    combined loader), if it holds one."""
+    loaders = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader")
+    return loaders[0] if isinstance(loaders, list) and loaders and isinstance(loaders[0], dict) else None

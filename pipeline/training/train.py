@@ -279,12 +279,6 @@ def warm_start(module, path: str) -> str:
     return f"model weights from {path} (step {checkpoint.get('global_step', '?')}); new optimizer, step 0"
 
 
-def loader_state(checkpoint: dict) -> Optional[dict]:
-    """The training loader's state in a Lightning checkpoint (ShardLoader.state_dict), if it holds one."""
-    loaders = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader")
-    return loaders[0] if isinstance(loaders, list) and loaders and isinstance(loaders[0], dict) else None
-
-
 def expected_world_size(cfg) -> int:
     """Processes the run will have (devices x nodes, as the launch filled them in); 1 where Lightning decides
     later ("auto"): the checks that depend on it then also run again at set-up."""
@@ -302,7 +296,7 @@ def _train(cfg, run, command: Optional[str]) -> dict:
     from pipeline.run.checkpointing import AtomicCheckpointIO, CheckpointError
     from pipeline.training.callbacks import DeferredSignals, LossBoundExceeded, RunInterrupted
     from pipeline.training.console import summary_lines
-    from pipeline.training.lightning_compat import launched_by_rank_zero
+    from pipeline.training.lightning_compat import launched_by_rank_zero, saved_loader_state
     from pipeline.training.module import VAEModule
 
     run_dir, rank_zero, ckpt_dir = run.path, run.rank_zero, run.checkpoints
@@ -313,7 +307,7 @@ def _train(cfg, run, command: Optional[str]) -> dict:
     run.clean(cfg)
     resume = run.resume_from(cfg)
     if resume:  # the checkpoint's training order continues on this world size, or the run stops here
-        dm.continue_order(loader_state(resume[1]))
+        dm.continue_order(saved_loader_state(resume[1]))
         dm.preflight(expected_world_size(cfg))
     run.save_config(cfg)
     resume_said = run.roll_back_to(resume)
