@@ -36,3 +36,31 @@ def test_step_seeding_seeds_the_current_cuda_device_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: calls.append(("all", s)))
     callbacks._seed_torch(42)
     assert calls == [("current", 42)] and torch.initial_seed() == 42
+
+
+def test_usr1_and_term_are_deferred_while_the_training_data_loads(tmp_path):
+    """From Lightning's signal registration on (before the training data loads: a long data.cache fill, DDP's
+    first collectives) USR1 and TERM reach DeferredSignals, which records them for the next batch end; before,
+    Lightning's handlers were live until on_train_start."""
+    import signal
+
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from pipeline.training.callbacks import DeferredSignals
+    from pipeline.training.module import VAEModule
+
+    seen = {}
+
+    class Recording(pl.LightningDataModule):
+        def train_dataloader(self):
+            seen["term"], seen["usr1"] = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+            return DataLoader([{"image": torch.zeros(1, 4, 4, dtype=torch.uint8)}] * 4, batch_size=2)
+
+    deferred = DeferredSignals(tmp_path / "last.ckpt")
+    before = signal.getsignal(signal.SIGTERM)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[deferred])
+    trainer.fit(VAEModule({"hidden_dims": [8], "latent_dim": 2}, {}, {}, (1, 4, 4), max_steps=1), datamodule=Recording())
+    assert seen["term"] == deferred._on_signal and seen["usr1"] == deferred._on_signal
+    assert signal.getsignal(signal.SIGTERM) == before  # given back after fit

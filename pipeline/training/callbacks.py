@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from pipeline.training.lightning_compat import (  # noqa: F401  EMAWeights: a Lightning callback subclassed there
     EMAWeights,
+    after_signal_registration,
     align_log_step,
     batches_trained,
     hpc_save_path,
@@ -214,14 +215,19 @@ class DeferredSignals(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.arm()
+        if stage == "fit":  # USR1 and TERM ours from Lightning's registration on: a signal during the cache fill waits
+            after_signal_registration(trainer, self._take_usr1_and_term)
 
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _take_usr1_and_term(self) -> None:
         # Lightning registered its SLURM handler when fit began; keep it and put ours in front.
         current = signal.getsignal(signal.SIGUSR1)
         if callable(current) and current != self._on_signal:
             self._lightning_usr1 = current
         self._install(signal.SIGUSR1)
         self._install(signal.SIGTERM)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._take_usr1_and_term()  # again, in case the registration hook did not run (a Lightning change)
         if trainer.world_size > 1:
             skip_per_step_sigterm_broadcast(trainer)
         self._training, self._rank_zero = True, trainer.is_global_zero

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -70,6 +71,21 @@ def skip_per_step_sigterm_broadcast(trainer) -> bool:
         return False
     loop._broadcast_sigterm_tensor = lambda: None  # shadows the method on this instance only
     return True
+
+
+def after_signal_registration(trainer, install: Callable[[], None]) -> None:
+    """Run `install` right after Lightning registers its signal handlers for this trainer's run. Trainer._run
+    registers them after the callbacks' setup and before the training data is loaded (a long data.cache fill,
+    DDP's first collectives); the first hook after that is on_train_start, so without this Lightning's USR1
+    handler (a checkpoint and requeue from inside the handler) and its SIGTERM handler were live until then."""
+    connector = trainer._signal_connector
+    register = connector.register_signal_handlers
+
+    def register_then_install() -> None:
+        register()
+        install()
+
+    connector.register_signal_handlers = register_then_install  # this instance only
 
 
 def hpc_save_path(trainer) -> str:
