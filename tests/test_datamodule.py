@@ -365,3 +365,11 @@ def test_train_alone_never_validates_on_data_root(digits_root, tmp_path):
     # A manifest given as data.train: its own val split.
     dm = ShardDataModule(DataConfig(root=str(tmp_path / "elsewhere"), train=str(digits_root / shards.MANIFEST)))
     assert dm.source("val").total == shards.load_manifest(digits_root / shards.MANIFEST)["splits"]["val"]["total"]
+
+
+def test_the_summary_says_the_batch_per_device_and_per_step(uneven):
+    assert module_for(data_cfg(uneven)).batch_text() == "batch 16 per device"
+    assert module_for(data_cfg(uneven), 2, 0).batch_text() == "batch 16 per device, 32 per step (data.batch_size x 2 ranks)"
+    state = module_for(data_cfg(uneven), 4, 0).train_dataloader().state_dict()
+    assert module_for(data_cfg(uneven), 1, 0, resumed=state).batch_text() == (
+        "batch 64 per device, 64 per step (kept from the checkpoint (4 ranks x 16))")

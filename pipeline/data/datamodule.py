@@ -84,7 +84,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.steps_per_epoch: int | None = None
         # the training batch: per rank, over all ranks, the canonical partitions (layout.Canon), and why
         self.batch_size, self.global_batch, self.parts = cfg.batch_size, None, None
-        self.batch_origin = "data.batch_size x 1 rank"
+        self.batch_origin = "data.batch_size x 1 ranks"
         self.resumed: dict | None = None  # the checkpoint's loader state (continue_order)
         self.seed = 0 if cfg.seed is None else int(cfg.seed)
         try:
@@ -254,7 +254,7 @@ class ShardDataModule(pl.LightningDataModule):
 
     def batch_text(self) -> str:
         """The training batch as the start-up summary says it."""
-        if self.global_batch is None or self.batch_origin == "data.batch_size x 1 rank":
+        if self.global_batch in (None, self.batch_size) and self.batch_origin.startswith("data.batch_size"):
             return f"batch {self.batch_size} per device"
         return f"batch {self.batch_size} per device, {self.global_batch} per step ({self.batch_origin})"
 
