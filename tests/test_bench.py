@@ -91,7 +91,25 @@ def test_fashion_like_data_has_fashion_mnist_shape_and_split(tmp_path):
 def test_compare_elbo_states_the_tolerance():
     from pipeline.analysis.bench import compare_elbo
 
-    e = compare_elbo([-250.0, -251.0, -249.0], [-251.0, -252.0], tolerance=0.01)
+    e = compare_elbo([-250.0, -251.0, -249.0], [-251.0, -252.0], tolerance=0.01, nats=0.5)
     assert e["pipeline"] == -250.0 and e["peer_loop"] == -251.5 and e["difference"] == 1.5
     assert e["tolerance"] == 2.515 and e["equal"]
-    assert not compare_elbo([-240.0], [-251.5], tolerance=0.01)["equal"]
+    assert not compare_elbo([-240.0], [-251.5], tolerance=0.01, nats=0.5)["equal"]
+    small = compare_elbo([-25.4], [-25.0], tolerance=0.01, nats=0.5)  # 1% of 25 nats is under the 0.5 nats floor
+    assert small["tolerance"] == 0.5 and small["equal"]
+
+
+def test_profile_rows_add_up_to_the_step(tmp_path, capsys):
+    """`python -m pipeline.bench profile`: every row of the table, Lightning's loop included, sums to the step."""
+    from pipeline.analysis import step_profile
+
+    out = tmp_path / "profile.json"
+    assert step_profile.main(["--presets", "digits", "--steps", "12", "--warmup", "2", "--out", str(out),
+                              "--data-dir", str(tmp_path / "data")]) == 0
+    r = json.loads(out.read_text())["digits"]
+    rows = r["rows_ms_per_step"]
+    assert set(rows) == {name for name, _ in step_profile.CATEGORIES}
+    assert sum(rows.values()) == pytest.approx(r["ms_per_step"])
+    assert all(v > 0 for k, v in rows.items() if not k.startswith("logging"))  # 12 steps: no log row written
+    assert r["actions_ms_per_step"]["[optimizer]step"] > 0 and r["unprofiled_ms_per_step"] > 0
+    assert "| backward |" in capsys.readouterr().out
