@@ -286,7 +286,9 @@ class VAEModule(pl.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """optim.grad_clip_norm (Lightning's gradient_clip_val, norm algorithm) with the norm taken above: the same
         clip as torch.nn.utils.clip_grad_norm_, without computing the norm a second time."""
-        if gradient_clip_val and self._grad_norm is not None and gradient_clip_algorithm in (None, "norm"):
+        if not gradient_clip_val:  # Lightning passes trainer.gradient_clip_val: no clipping, as its own path ends
+            return
+        if self._grad_norm is not None and gradient_clip_algorithm in (None, "norm"):
             params = [p for p in self.parameters() if p.grad is not None]
             torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm)
             return
