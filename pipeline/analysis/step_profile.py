@@ -134,8 +134,7 @@ def format_table(preset: str, r: dict[str, Any]) -> str:
     lines = [f"{preset}: {r['ms_per_step']:.2f} ms per profiled step ({r['unprofiled_ms_per_step']:.2f} unprofiled), "
              f"{r['steps']} steps, {r['clock']} clock, load average {r['load_average_before']:.1f}", "",
              "| | ms per step |", "| --- | --- |"]
-    order = [name for name, _ in CATEGORIES] + [LOOP]
-    for name in sorted(order, key=lambda n: -r["rows_ms_per_step"].get(n, 0.0)):
+    for name in sorted(dict(CATEGORIES), key=lambda n: -r["rows_ms_per_step"].get(n, 0.0)):
         lines.append(f"| {name} | {r['rows_ms_per_step'].get(name, 0.0):.2f} |")
     return "\n".join(lines)
 
