@@ -270,6 +270,7 @@ def measure_bare(cfg, images, warmup: int, steps: int, device: str, precision: s
     by a fresh permutation each epoch, moved to the device and scaled there."""
     import torch
 
+    from pipeline.training.module import set_grads_to_none
     from pipeline.vae import objectives, schedules
     from pipeline.vae.model import VAE
 
@@ -293,7 +294,7 @@ def measure_bare(cfg, images, warmup: int, steps: int, device: str, precision: s
             terms = objectives.elbo_terms(x, params, mu, logvar, cfg.model.likelihood, cfg.model.gaussian_sigma)
             weight = schedules.kl_weight(step, cfg.objective, cfg.trainer.max_steps)
             loss = terms["recon"].mean() + objectives.kl_penalty(terms["kl_per_dim"], weight)
-        opt.zero_grad(set_to_none=True)
+        set_grads_to_none(opt)  # as the pipeline's step does
         loss.backward()
         opt.step()
         if step == warmup - 1:

@@ -37,6 +37,13 @@ STAGES = ("val", "test")
 IWAE_CHUNK_ELEMENTS = 2**24  # decoded values per IWAE chunk (chunk * B * C*H*W): ~64 MB of float32 output
 
 
+def set_grads_to_none(optimizer) -> None:
+    """optimizer.zero_grad(set_to_none=True): every parameter's .grad dropped."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+
+
 class VAEModule(pl.LightningModule):
     """VAE training / evaluation. model, objective, optim: the config sections as their dataclasses
     (`config.to_object(cfg.model)`); a plain dict or DictConfig is read against the schema first (a
@@ -293,6 +300,11 @@ class VAEModule(pl.LightningModule):
             torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer) -> None:
+        """What Lightning's default does, optimizer.zero_grad(set_to_none=True), without torch's profiler range and
+        dynamo guard around it (~40 us of a ~2.5 ms digits step on CPU)."""
+        set_grads_to_none(optimizer)
 
     @property
     def skipped_steps(self) -> int:
