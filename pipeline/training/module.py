@@ -134,7 +134,11 @@ class VAEModule(pl.LightningModule):
         """uint8 [B, C, H, W] -> float in [0, 1] (binarized per `binarize`), on the image's device: fp32, or
         fp64 when the weights are (64-true). bf16 / fp16 weights (bf16-true) keep fp32 data: the model casts
         its input, and the likelihood compares with the exact pixel values."""
-        x = image.to(torch.promote_types(self.vae.to_mu_logvar.weight.dtype, torch.float32)) / 255.0
+        dtype = torch.promote_types(self.vae.to_mu_logvar.weight.dtype, torch.float32)
+        if image.dtype == torch.uint8 and dtype == torch.get_default_dtype():
+            x = image / 255.0  # one kernel, computed in dtype: the same values as converting first
+        else:
+            x = image.to(dtype) / 255.0
         if self.binarize == "dynamic":
             x = (objectives.noise_rows(torch.rand, x, self._noise_rows(x.shape[0])) < x).to(x.dtype)
         elif self.binarize == "threshold":
