@@ -18,10 +18,14 @@ def test_bench_smoke_writes_ratios(tmp_path, capsys):
     assert rc == 0
     r = json.loads(out.read_text())
     assert set(r["ratios"]) == {"digits/pipeline_vs_bare", "digits/lightning_floor_vs_bare", "digits/loader_vs_raw",
-                                "digits/loader_vs_bytes", "digits/cached_loader_vs_raw", "digits/ddp_2_vs_1"}
+                                "digits/loader_vs_bytes", "digits/cached_loader_vs_raw", "digits/ddp_2_vs_1",
+                                "digits/pipeline_vs_peer_loop"}
     assert all(math.isfinite(v) and v > 0 for v in r["ratios"].values())
     d = r["presets"]["digits"]
-    for key in ("pipeline", "bare", "lightning_floor"):
+    # the val ELBO of both after the same steps, compared with the stated tolerance (4 steps: barely trained)
+    e = d["val_elbo"]
+    assert e["pipeline"] < 0 and e["peer_loop"] < 0 and e["tolerance"] > 0 and isinstance(e["equal"], bool)
+    for key in ("pipeline", "bare", "lightning_floor", "peer_loop"):
         assert d[key]["images_per_s"] > 0
     assert d["loader"]["samples_per_s"] > 0 and d["raw_read"]["samples_per_s"] > 0
     # loader_vs_raw streams through the workers; the configured default holds digits in memory
@@ -76,3 +80,46 @@ def test_jpeg_draft_decodes_smaller_and_close_to_a_full_decode():
     r = jpeg_draft(samples=16, stored=256, size=64)
     assert 0 < r["mean_abs_diff"] < 4 and r["max_abs_diff"] < 96
     assert r["draft_samples_per_s"] > 0 and r["full_samples_per_s"] > 0
+
+
+def test_fashion_like_data_has_fashion_mnist_shape_and_split(tmp_path):
+    """The fashion preset's generated images: 1x28x28 uint8 and, after prepare's split, 53,000 training images."""
+    import numpy as np
+
+    from pipeline.analysis import bench as B
+    from pipeline.data.prepare import split_indices
+
+    path = B.generate_fashion_like(tmp_path / "f.npz", n=500)
+    with np.load(path) as f:
+        images, labels = f["images"], f["labels"]
+    assert images.shape == (500, 1, 28, 28) and images.dtype == np.uint8 and labels.shape == (500,)
+    assert images.std() > 20  # structure to learn, not a constant
+    assert len(split_indices(B.FASHION_SAMPLES, 0.1, None, 0)["train"]) == 53_000
+
+
+def test_compare_elbo_states_the_tolerance():
+    from pipeline.analysis.bench import compare_elbo
+
+    e = compare_elbo([-250.0, -251.0, -249.0], [-251.0, -252.0], tolerance=0.01, nats=0.5)
+    assert e["pipeline"] == -250.0 and e["peer_loop"] == -251.5 and e["difference"] == 1.5
+    assert e["tolerance"] == 2.515 and e["equal"]
+    assert not compare_elbo([-240.0], [-251.5], tolerance=0.01, nats=0.5)["equal"]
+    small = compare_elbo([-25.4], [-25.0], tolerance=0.01, nats=0.5)  # 1% of 25 nats is under the 0.5 nats floor
+    assert small["tolerance"] == 0.5 and small["equal"]
+
+
+def test_profile_rows_add_up_to_the_step(tmp_path, capsys):
+    """`python -m pipeline.bench profile`: every row of the table, Lightning's loop included, sums to the step."""
+    from pipeline.analysis import step_profile
+
+    out = tmp_path / "profile.json"
+    assert step_profile.main(["--presets", "digits", "--steps", "12", "--warmup", "2", "--out", str(out),
+                              "--data-dir", str(tmp_path / "data")]) == 0
+    r = json.loads(out.read_text())["digits"]
+    rows = r["rows_ms_per_step"]
+    assert set(rows) == {name for name, _ in step_profile.CATEGORIES}
+    assert sum(rows.values()) == pytest.approx(r["ms_per_step"])
+    assert all(v > 0 for k, v in rows.items() if not k.startswith("logging"))  # 12 steps: no log row written
+    assert r["actions_ms_per_step"]["[optimizer]step"] > 0 and r["unprofiled_ms_per_step"] > 0
+    table = capsys.readouterr().out
+    assert "| backward |" in table and table.count("| Lightning's loop") == 1

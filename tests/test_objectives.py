@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.distributions import Bernoulli, MultivariateNormal, Normal, kl_divergence
 
 from pipeline.vae import objectives as O
@@ -355,3 +356,21 @@ def test_a_ranks_noise_rows_are_its_rows_of_the_global_draw():
     mu = torch.zeros(4, 3)
     z = O.reparameterize(mu, torch.zeros(4, 3), (4, 12))
     assert torch.equal(z, whole[4:8])
+
+
+def test_training_loss_trims_give_the_same_values_and_gradients():
+    """#23: the Bernoulli recon negated after the sum, kl_penalty without its x 1.0, and uint8 / 255 in one kernel
+    give bit-identical values and gradients to the per-pixel negation, the multiplication and the cast first."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (8, 1, 5, 5), dtype=torch.uint8)
+    assert torch.equal(x / 255.0, x.float() / 255.0)
+    xf = x.float() / 255.0
+    logits = torch.randn(8, 1, 5, 5, requires_grad=True)
+    recon = O.elbo_terms(xf, logits, torch.zeros(8, 2), torch.zeros(8, 2), "bernoulli")["recon"]
+    before = -(-F.binary_cross_entropy_with_logits(logits, xf, reduction="none")).sum(dim=(-3, -2, -1))
+    assert torch.equal(recon, before)
+    g1, = torch.autograd.grad(recon.sum(), logits)
+    g2, = torch.autograd.grad(before.sum(), logits)
+    assert torch.equal(g1, g2)
+    kl = torch.rand(8, 3, requires_grad=True)
+    assert torch.equal(O.kl_penalty(kl, 1.0), 1.0 * kl.mean(0).sum())

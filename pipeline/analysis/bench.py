@@ -1,18 +1,25 @@
 """Throughput of the training pipeline as ratios against baselines measured in the same run.
 
-    python -m pipeline.bench                                  # CPU: digits MLP and dSprites conv, ~3 min on 2 cores
+    python -m pipeline.bench                                  # CPU: digits MLP, dSprites conv, Fashion-MNIST MLP
     python -m pipeline.bench --device cuda --out bench.json   # adds bf16-mixed (and --compile) on a GPU
     python -m pipeline.bench --presets digits --steps 50 --no-ddp   # a quick look
     python -m pipeline.bench --ablations                      # where the pipeline's time goes (see below)
+    python -m pipeline.bench profile                          # ms per step: loop, callbacks, logging, optimizer, data
     python -m pipeline.bench loader --root data/dsprites --batches 300   # the training loader alone, samples/s
     python -m pipeline.bench images                           # loader on 64x64 JPEG shards vs PIL alone; formats
 
-Per preset (the repo's configs/digits.yaml and configs/dsprites_beta.yaml as they are: model, batch
-size, optimizer, loader settings), every figure is a ratio of two measurements taken here, now:
+Per preset (the repo's configs/digits.yaml, configs/dsprites_beta.yaml and configs/fashion_mnist.yaml as they are:
+model, batch size, optimizer, loader settings; fashion on generated images of Fashion-MNIST's shape), every
+figure is a ratio of two measurements taken here, now:
   pipeline_vs_bare   images/s of the full pipeline (pipeline.training.train's Trainer, callbacks and CSV logger,
                      ShardDataModule over the WebDataset shards) against a bare PyTorch loop over the
                      same training images held in memory as one uint8 tensor: same model, batch size,
                      optimizer (AdamW), loss and device; the loop slices a random permutation per epoch.
+  pipeline_vs_peer_loop  images/s of the same pipeline run against the loop the popular VAE libraries' trainers
+                     write (measure_peer_loop: DataLoader(shuffle=True) over a float tensor, torch's default
+                     AdamW, their per-batch loss), same model, initial weights and steps; digits and fashion
+                     (the plain ELBO). Both runs' val ELBO after those steps is compared (val_elbo: equal within
+                     1% or 0.5 nats, ELBO_TOLERANCE).
   lightning_floor_vs_bare  a minimal LightningModule doing the bare loop's work (no callbacks, logger,
                      checkpointing or progress bar) against the bare loop: Lightning's own per-step cost,
                      the ceiling for pipeline_vs_bare (fp32 only).
@@ -67,8 +74,26 @@ PRESETS: dict[str, dict[str, Any]] = {
     "digits": {"config": "configs/digits.yaml", "dataset": "digits", "limit": None, "steps": 300, "warmup": 10},
     "dsprites": {"config": "configs/dsprites_beta.yaml", "dataset": "dsprites", "limit": 6000, "steps": 40,
                  "warmup": 5},
+    # Fashion-MNIST's shape and split (1x28x28, 53,000 training images) and configs/fashion_mnist.yaml's MLP,
+    # on generated images (generate_fashion_like): the real files are not needed to time it (~5 ms per step)
+    "fashion": {"config": "configs/fashion_mnist.yaml", "dataset": "npz", "limit": None, "steps": 300,
+                "warmup": 10, "generate": "fashion"},
 }
+PEER_PRESETS = ("digits", "fashion")  # the plain ELBO with a Bernoulli decoder: the peer-style loop's loss
+# Equal val ELBO at equal steps: within 1% of the peer's or 0.5 nats, whichever is larger (both start from the
+# same weights; data order and noise differ, which moves a 310-step ELBO by less than this)
+ELBO_TOLERANCE, ELBO_TOLERANCE_NATS = 0.01, 0.5
+FASHION_SAMPLES = 66_250  # 53,000 train after prepare's 10% val and 10% test
 REPO = Path(__file__).resolve().parents[2]
+# --clock: what the training loops' timing windows read. cpu: this process's CPU seconds, which other processes
+# on a shared machine inflate far less than wall time (use one intra-op thread, OMP_NUM_THREADS=1: spinning
+# OpenMP threads burn CPU while they wait)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_CLOCK = {"now": CLOCKS["wall"]}
+
+
+def clock() -> float:
+    return _CLOCK["now"]()
 FAR = 10**9  # a step interval that never fires inside the timed window
 
 
@@ -81,8 +106,36 @@ def prepare_data(preset: str, data_dir: Path) -> Path:
     p = PRESETS[preset]
     root = data_dir / preset
     if not (root / MANIFEST).is_file():
-        prepare(p["dataset"], root, limit=p["limit"], progress=False)
+        source = generate_fashion_like(data_dir / "fashion-like.npz") if p.get("generate") else None
+        prepare(p["dataset"], root, source=None if source is None else str(source), limit=p["limit"],
+                progress=False)
     return root
+
+
+def generate_fashion_like(path: Path, n: int = FASHION_SAMPLES, seed: int = 0) -> Path:
+    """An .npz of n uint8 1x28x28 images with labels, Fashion-MNIST's shape: ten smooth random templates
+    (one per class), each image one of them shifted, scaled in brightness and with pixel noise, so a VAE has
+    structure to learn and a val ELBO that moves with training. Written once."""
+    import numpy as np
+
+    if path.is_file():
+        return path
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((10, 7, 7))
+    templates = np.clip(coarse.repeat(4, 1).repeat(4, 2) * 1.6 - 0.4, 0, 1)  # blocky garments on black
+    labels = rng.integers(0, 10, n)
+    shift = rng.integers(-2, 3, (n, 2))
+    images = np.empty((n, 1, 28, 28), np.uint8)
+    for c in range(10):  # vectorised per class: rolls by one of 25 shifts
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                i = np.flatnonzero((labels == c) & (shift[:, 0] == dy) & (shift[:, 1] == dx))
+                base = np.roll(templates[c], (dy, dx), (0, 1))
+                pix = base[None] * rng.uniform(0.6, 1.0, (len(i), 1, 1)) + rng.normal(0, 0.08, (len(i), 28, 28))
+                images[i, 0] = np.rint(np.clip(pix, 0, 1) * 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, images=images, labels=labels.astype(np.int64))
+    return path
 
 
 def bench_config(preset: str, root: Path, run_dir: Path, device: str, steps: int, warmup: int,
@@ -124,7 +177,7 @@ def make_timer(warmup: int, device: str):
             step = trainer.global_step
             if (self.start is None and step >= warmup) or (self.start is not None and step >= trainer.max_steps):
                 _sync(device)
-                now = time.perf_counter()
+                now = clock()
                 if self.start is None:
                     self.start = now
                 else:
@@ -139,12 +192,10 @@ def make_timer(warmup: int, device: str):
     return StepTimer()
 
 
-def measure_pipeline(cfg, warmup: int, device: str, compile_model: bool = False,
-                     torch_threads: int | None = None) -> dict[str, float]:
-    """Images/s of pipeline.training.train's Trainer (its callbacks and CSV logger) over the ShardDataModule.
-    torch_threads: intra-op threads of this process for the run (an ablation); None leaves them."""
+def build_pipeline(cfg, extra_callbacks: Sequence = ()):
+    """(trainer, module, datamodule) as pipeline.training.train builds them (its callbacks and CSV logger, the
+    ShardDataModule), with `extra_callbacks` after its own."""
     import lightning.pytorch as pl
-    import torch
 
     from pipeline import config as C
     from pipeline.data.datamodule import ShardDataModule
@@ -158,11 +209,22 @@ def measure_pipeline(cfg, warmup: int, device: str, compile_model: bool = False,
     dm = ShardDataModule(cfg.data)
     module = VAEModule(C.to_object(cfg.model), C.to_object(cfg.objective), C.to_object(cfg.optim),
                        input_shape=tuple(dm.input_shape), max_steps=cfg.trainer.max_steps, binarize=cfg.data.binarize)
+    loggers, _ = build_loggers(cfg, RunDir(run_dir))
+    trainer = build_trainer(cfg, run_dir, loggers, build_callbacks(cfg, run_dir) + list(extra_callbacks))
+    return trainer, module, dm
+
+
+def measure_pipeline(cfg, warmup: int, device: str, compile_model: bool = False,
+                     torch_threads: int | None = None, val_images=None) -> dict[str, float]:
+    """Images/s of pipeline.training.train's Trainer (its callbacks and CSV logger) over the ShardDataModule
+    (and with val_images, the val ELBO after the run: val_elbo). torch_threads: intra-op threads of this process
+    for the run (an ablation); None leaves them."""
+    import torch
+
+    timer = make_timer(warmup, device)
+    trainer, module, dm = build_pipeline(cfg, [timer])
     if compile_model:
         module.vae.compile()
-    timer = make_timer(warmup, device)
-    loggers, _ = build_loggers(cfg, RunDir(run_dir))
-    trainer = build_trainer(cfg, run_dir, loggers, build_callbacks(cfg, run_dir) + [timer])
     threads = torch.get_num_threads()
     if torch_threads:
         torch.set_num_threads(torch_threads)
@@ -170,11 +232,11 @@ def measure_pipeline(cfg, warmup: int, device: str, compile_model: bool = False,
         trainer.fit(module, datamodule=dm)
     finally:
         torch.set_num_threads(threads)
-    return timer.result()
+    return _with_val_elbo(timer.result(), module.vae, val_images, cfg)
 
 
-def load_train_images(root: Path):
-    """Every training image of a prepared dataset as one uint8 tensor [N, C, H, W] (raw shard read)."""
+def load_train_images(root: Path, split: str = "train"):
+    """Every image of a prepared dataset's split as one uint8 tensor [N, C, H, W] (raw shard read)."""
     import numpy as np
     import torch
 
@@ -182,19 +244,33 @@ def load_train_images(root: Path):
 
     manifest = shards.load_manifest(root / shards.MANIFEST)
     images = []
-    for s in manifest["splits"]["train"]["shards"]:
+    for s in manifest["splits"][split]["shards"]:
         with open(root / s["name"], "rb") as f:
             images += [shards.decode_sample(raw)[0] for raw in shards.iter_tar_samples(f, s["name"])]
     return torch.from_numpy(np.stack(images))
 
 
+def pipeline_adamw(cfg, params, device_type: str, precision: str):
+    """AdamW as the pipeline makes it for this device (fused where accel.fused_adamw says so): the bare loop and
+    the minimal LightningModule use the same optimizer, so their ratios measure the loop, not the optimizer."""
+    import torch
+
+    from pipeline.training import accel
+
+    o = cfg.optim
+    fused = accel.fused_adamw({device_type}, precision, cfg.optim.grad_clip_norm, o.grad_skip_norm is not None)
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=fused or None)
+
+
 def measure_bare(cfg, images, warmup: int, steps: int, device: str, precision: str = "32-true",
                  compile_model: bool = False) -> dict[str, float]:
-    """Images/s of a plain PyTorch loop: the same VAE, AdamW, batch size and loss (recon mean + KL weight
+    """Images/s of a plain PyTorch loop: the same VAE, AdamW (fused as the pipeline's: pipeline_adamw), batch size
+    and loss (recon mean + KL weight
     x KL from pipeline.vae.objectives / schedules), batches sliced from an in-memory uint8 tensor [N, C, H, W]
     by a fresh permutation each epoch, moved to the device and scaled there."""
     import torch
 
+    from pipeline.training.module import set_grads_to_none
     from pipeline.vae import objectives, schedules
     from pipeline.vae.model import VAE
 
@@ -203,8 +279,7 @@ def measure_bare(cfg, images, warmup: int, steps: int, device: str, precision: s
     vae = VAE(cfg.model, tuple(images.shape[1:])).to(dev)
     if compile_model:
         vae.compile()
-    o = cfg.optim
-    opt = torch.optim.AdamW(vae.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    opt = pipeline_adamw(cfg, vae.parameters(), dev.type, precision)
     B, n = cfg.data.batch_size, len(images)
     per_epoch = n // B
     amp = precision.startswith("bf16")
@@ -213,21 +288,89 @@ def measure_bare(cfg, images, warmup: int, steps: int, device: str, precision: s
         if step % per_epoch == 0:
             perm = torch.randperm(n)
         idx = perm[(step % per_epoch) * B:(step % per_epoch + 1) * B]
-        x = images[idx].to(dev, non_blocking=True).float() / 255.0
+        x = images[idx].to(dev, non_blocking=True) / 255.0  # float32, one kernel, as the pipeline's to_float
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             params, mu, logvar, _ = vae(x)
             terms = objectives.elbo_terms(x, params, mu, logvar, cfg.model.likelihood, cfg.model.gaussian_sigma)
             weight = schedules.kl_weight(step, cfg.objective, cfg.trainer.max_steps)
             loss = terms["recon"].mean() + objectives.kl_penalty(terms["kl_per_dim"], weight)
-        opt.zero_grad(set_to_none=True)
+        set_grads_to_none(opt)  # as the pipeline's step does
         loss.backward()
         opt.step()
         if step == warmup - 1:
             _sync(device)
-            start = time.perf_counter()
+            start = clock()
     _sync(device)
-    seconds = time.perf_counter() - start
+    seconds = clock() - start
     return {"images": steps * B, "seconds": seconds, "images_per_s": steps * B / seconds}
+
+
+def measure_peer_loop(cfg, images, warmup: int, steps: int, device: str, val_images=None) -> dict[str, float]:
+    """Images/s (and with val_images, the val ELBO after the run: val_elbo) of the loop the popular VAE libraries'
+    trainers write: a DataLoader with shuffle=True over the training images as one float tensor in [0, 1], torch's
+    default AdamW (not fused),
+    zero_grad / backward / step, and their loss: BCE with logits summed per image plus the analytic KL, the
+    mean over the batch. The same VAE (pipeline.vae.model, same initial weights: seeded alike), batch size and
+    learning rate; the Bernoulli likelihood and plain ELBO of the PEER_PRESETS."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.vae.model import VAE
+
+    torch.manual_seed(cfg.seed)
+    dev = torch.device(device)
+    vae = VAE(cfg.model, tuple(images.shape[1:])).to(dev)
+    o = cfg.optim
+    opt = torch.optim.AdamW(vae.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    data = torch.utils.data.TensorDataset(images.float() / 255.0)
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.data.batch_size, shuffle=True)
+    step, seen, start = 0, 0, None
+    while step < warmup + steps:
+        for (x,) in loader:
+            x = x.to(dev, non_blocking=True)
+            logits, mu, logvar, _ = vae(x)
+            recon = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+            kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
+            loss = (recon + kl).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if step == warmup:
+                _sync(device)
+                start = clock()
+            elif step > warmup:
+                seen += x.shape[0]
+            if step == warmup + steps:
+                break
+    _sync(device)
+    seconds = clock() - start
+    return _with_val_elbo({"images": seen, "seconds": seconds, "images_per_s": seen / seconds}, vae, val_images, cfg)
+
+
+def val_elbo(vae, images, cfg, draws: int = 8, batch: int = 1000) -> float:
+    """Mean single-sample ELBO (nats per image) of `vae` on uint8 images [N, C, H, W], averaged over `draws` noise
+    draws per image (a small val split's single draw varies by ~1%), with torch's RNG seeded from cfg.seed first:
+    two VAEs compared on the same images draw the same noise."""
+    import torch
+
+    from pipeline.vae import objectives
+
+    torch.manual_seed(cfg.seed)
+    dev = next(vae.parameters()).device
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            x = images[i:i + batch].to(dev).float() / 255.0
+            for _ in range(draws):
+                params, mu, logvar, _ = vae(x)
+                terms = objectives.elbo_terms(x, params, mu, logvar, cfg.model.likelihood, cfg.model.gaussian_sigma)
+                total += float(terms["elbo"].sum())
+    return total / (len(images) * draws)
+
+
+def _with_val_elbo(result: dict[str, float], vae, val_images, cfg) -> dict[str, float]:
+    return result if val_images is None else {**result, "val_elbo": val_elbo(vae, val_images, cfg)}
 
 
 def measure_lightning_floor(cfg, images, warmup: int, steps: int, device: str) -> dict[str, float]:
@@ -263,8 +406,7 @@ def measure_lightning_floor(cfg, images, warmup: int, steps: int, device: str) -
             return terms["recon"].mean() + objectives.kl_penalty(terms["kl_per_dim"], weight)
 
         def configure_optimizers(self):
-            o = cfg.optim
-            return torch.optim.AdamW(self.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+            return pipeline_adamw(cfg, self.parameters(), self.device.type, "32-true")
 
     torch.manual_seed(cfg.seed)
     timer = make_timer(warmup, device)
@@ -516,6 +658,17 @@ def _median(runs: list[dict[str, float]], key: str) -> dict[str, Any]:
     return {key: statistics.median(vals), "runs": [round(v, 1) for v in vals]}
 
 
+def compare_elbo(pipeline: list[float], peer: list[float], tolerance: float = ELBO_TOLERANCE,
+                 nats: float = ELBO_TOLERANCE_NATS) -> dict[str, Any]:
+    """The val ELBO after equal steps, pipeline against the peer-style loop (medians of the repeats): equal when
+    they differ by at most `tolerance` of the peer's |ELBO| or `nats`, whichever is larger."""
+    a, b = statistics.median(pipeline), statistics.median(peer)
+    allowed = max(tolerance * abs(b), nats)
+    return {"pipeline": round(a, 3), "peer_loop": round(b, 3), "difference": round(a - b, 3),
+            "tolerance": round(allowed, 3), "equal": abs(a - b) <= allowed,
+            "runs": {"pipeline": [round(v, 3) for v in pipeline], "peer_loop": [round(v, 3) for v in peer]}}
+
+
 def _ratio(a: float, b: float) -> float:
     return round(a / b, 4) if b else math.nan
 
@@ -529,6 +682,8 @@ def bench_preset(preset: str, args, work: Path, log) -> dict[str, Any]:
     warmup = args.warmup or PRESETS[preset]["warmup"]
     cfg = bench_config(preset, root, work / f"run-{preset}", args.device, steps, warmup)
     images = load_train_images(root)
+    peer = preset in PEER_PRESETS
+    val_images = load_train_images(root, "val") if peer else None
     res: dict[str, Any] = {"config": PRESETS[preset]["config"], "batch_size": cfg.data.batch_size,
                            "arch": cfg.model.arch, "input_shape": list(images.shape[1:]),
                            "train_images": len(images), "num_workers": cfg.data.num_workers,
@@ -542,24 +697,32 @@ def bench_preset(preset: str, args, work: Path, log) -> dict[str, Any]:
     if args.compile:
         variants.append(("compile_", "bf16-mixed" if bf16 else "32-true", True))
     for prefix, precision, comp in variants:
-        pipe, bare, floor = [], [], []
+        pipe, bare, floor, peers = [], [], [], []
         for r in range(args.repeats):
             c = bench_config(preset, root, work / f"run-{preset}-{prefix}{r}", args.device, steps, warmup,
                              [f"trainer.precision={precision}"])
             log(f"[{preset}] {prefix or 'fp32_'}pipeline run {r + 1}/{args.repeats} ...")
-            pipe.append(measure_pipeline(c, warmup, args.device, compile_model=comp))
+            pipe.append(measure_pipeline(c, warmup, args.device, compile_model=comp,
+                                         val_images=None if prefix else val_images))
             log(f"[{preset}] {prefix or 'fp32_'}pipeline {pipe[-1]['images_per_s']:.0f} img/s; bare loop ...")
             bare.append(measure_bare(c, images, warmup, steps, args.device, precision, comp))
             log(f"[{preset}] {prefix or 'fp32_'}bare {bare[-1]['images_per_s']:.0f} img/s")
             if not prefix:  # fp32 only: where Lightning itself leaves the bare loop
                 floor.append(measure_lightning_floor(c, images, warmup, steps, args.device))
                 log(f"[{preset}] minimal LightningModule {floor[-1]['images_per_s']:.0f} img/s")
+            if not prefix and peer:  # fp32, the loop as the peers write it
+                peers.append(measure_peer_loop(c, images, warmup, steps, args.device, val_images))
+                log(f"[{preset}] peer-style loop {peers[-1]['images_per_s']:.0f} img/s")
         p, b = _median(pipe, "images_per_s"), _median(bare, "images_per_s")
         res[f"{prefix}pipeline"], res[f"{prefix}bare"] = p, b
         ratios[f"{prefix}pipeline_vs_bare"] = _ratio(p["images_per_s"], b["images_per_s"])
         if floor:
             res["lightning_floor"] = f = _median(floor, "images_per_s")
             ratios["lightning_floor_vs_bare"] = _ratio(f["images_per_s"], b["images_per_s"])
+        if peers:
+            res["peer_loop"] = q = _median(peers, "images_per_s")
+            ratios["pipeline_vs_peer_loop"] = _ratio(p["images_per_s"], q["images_per_s"])
+            res["val_elbo"] = compare_elbo([r["val_elbo"] for r in pipe], [r["val_elbo"] for r in peers])
 
     log(f"[{preset}] loader alone vs raw shard bytes ...")
     loader = measure_loader(cfg, batches=max(steps, 50), warmup=warmup)
@@ -622,6 +785,7 @@ def run(args) -> dict[str, Any]:
                         else platform.processor() or platform.machine()),
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "lightning": lightning.__version__,
         "python": platform.python_version(), "repeats": args.repeats, "seconds": round(time.time() - started, 1),
+        "clock": getattr(args, "clock", "wall"),
         "load_average_1min": os.getloadavg()[0],
         # how idle OpenMP threads wait (GNU OpenMP: spin, then sleep; PASSIVE: sleep at once) decides how much
         # other processes on the machine slow both sides: recorded with every result
@@ -634,7 +798,7 @@ def run(args) -> dict[str, Any]:
 
 def format_summary(result: dict[str, Any]) -> str:
     lines = [(f"# bench on {result['device']} ({result['cpu_count']} cpus, torch {result['torch']}), "
-              f"{result['seconds']} s, load avg {result['load_average_1min']:.1f}, "
+              f"{result['seconds']} s, {result.get('clock', 'wall')} clock, load avg {result['load_average_1min']:.1f}, "
               f"OMP_WAIT_POLICY {result.get('omp_wait_policy', '?')}")]
     for name, r in result["presets"].items():
         lines.append(f"{name} ({r['arch']}, batch {r['batch_size']}, {r['num_workers']} workers, "
@@ -647,6 +811,12 @@ def format_summary(result: dict[str, Any]) -> str:
                 p, b = r[f"{prefix}pipeline"]["images_per_s"], r[f"{prefix}bare"]["images_per_s"]
                 lines.append(f"  {prefix}pipeline {p:9.0f} img/s  vs bare loop {b:9.0f} img/s  ratio "
                              f"{r['ratios'][prefix + 'pipeline_vs_bare']:.3f}")
+        if "peer_loop" in r:
+            e = r["val_elbo"]
+            lines.append(f"  pipeline {r['pipeline']['images_per_s']:9.0f} img/s  vs peer-style loop "
+                         f"{r['peer_loop']['images_per_s']:9.0f} img/s  ratio {r['ratios']['pipeline_vs_peer_loop']:.3f}"
+                         f"; val ELBO {e['pipeline']:.2f} vs {e['peer_loop']:.2f} nats "
+                         f"({'equal' if e['equal'] else 'NOT equal'} within {e['tolerance']:.2f})")
         if "lightning_floor" in r:
             lines.append(f"  minimal LightningModule {r['lightning_floor']['images_per_s']:9.0f} img/s  vs bare loop  "
                          f"ratio {r['ratios']['lightning_floor_vs_bare']:.3f} (Lightning's own cost: the ceiling)")
@@ -734,6 +904,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="also torch.compile of the VAE (with bf16 when that runs)")
     p.add_argument("--ablations", action="store_true", help="re-measure with one setting changed at a time")
     p.add_argument("--data-dir", default="data/bench", help="prepared bench datasets (reused)")
+    p.add_argument("--clock", default="wall", choices=list(CLOCKS), help="time the training loops by wall time, or "
+                   "by this process's CPU time (a shared machine; with OMP_NUM_THREADS=1; DDP stays wall time)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     p.add_argument("--_devices", type=int, default=1, help=argparse.SUPPRESS)
@@ -743,6 +915,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--steps must be >= 2, --warmup and --repeats >= 1")
     if args._worker:
         return _worker(args)
+    _CLOCK["now"] = CLOCKS[args.clock]
     result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, result)

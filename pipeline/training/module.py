@@ -37,6 +37,13 @@ STAGES = ("val", "test")
 IWAE_CHUNK_ELEMENTS = 2**24  # decoded values per IWAE chunk (chunk * B * C*H*W): ~64 MB of float32 output
 
 
+def set_grads_to_none(optimizer) -> None:
+    """optimizer.zero_grad(set_to_none=True): every parameter's .grad dropped."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+
+
 class VAEModule(pl.LightningModule):
     """VAE training / evaluation. model, objective, optim: the config sections as their dataclasses
     (`config.to_object(cfg.model)`); a plain dict or DictConfig is read against the schema first (a
@@ -128,7 +135,11 @@ class VAEModule(pl.LightningModule):
         """uint8 [B, C, H, W] -> float in [0, 1] (binarized per `binarize`), on the image's device: fp32, or
         fp64 when the weights are (64-true). bf16 / fp16 weights (bf16-true) keep fp32 data: the model casts
         its input, and the likelihood compares with the exact pixel values."""
-        x = image.to(torch.promote_types(self.vae.to_mu_logvar.weight.dtype, torch.float32)) / 255.0
+        dtype = torch.promote_types(self.vae.to_mu_logvar.weight.dtype, torch.float32)
+        if image.dtype == torch.uint8 and dtype == torch.get_default_dtype():
+            x = image / 255.0  # one kernel, computed in dtype: the same values as converting first
+        else:
+            x = image.to(dtype) / 255.0
         if self.binarize == "dynamic":
             x = (objectives.noise_rows(torch.rand, x, self._noise_rows(x.shape[0])) < x).to(x.dtype)
         elif self.binarize == "threshold":
@@ -288,11 +299,18 @@ class VAEModule(pl.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """optim.grad_clip_norm (Lightning's gradient_clip_val, norm algorithm) with the norm taken above: the same
         clip as torch.nn.utils.clip_grad_norm_, without computing the norm a second time."""
-        if gradient_clip_val and self._grad_norm is not None and gradient_clip_algorithm in (None, "norm"):
+        if not gradient_clip_val:  # Lightning passes trainer.gradient_clip_val: no clipping, as its own path ends
+            return
+        if self._grad_norm is not None and gradient_clip_algorithm in (None, "norm"):
             params = [p for p in self.parameters() if p.grad is not None]
             torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer) -> None:
+        """What Lightning's default does, optimizer.zero_grad(set_to_none=True), without torch's profiler range and
+        dynamo guard around it (~40 us of a ~2.5 ms digits step on CPU)."""
+        set_grads_to_none(optimizer)
 
     @property
     def skipped_steps(self) -> int:
