@@ -337,7 +337,14 @@ def _train(cfg, run, command: Optional[str]) -> dict:
     started = time.time()
     try:
         # every checkpoint is read by AtomicCheckpointIO: weights-only unpickling, then the checksum
-        trainer.fit(module, datamodule=dm, ckpt_path=resume[0] if resume else None, weights_only=True)
+        try:
+            trainer.fit(module, datamodule=dm, ckpt_path=resume[0] if resume else None, weights_only=True)
+        except Exception as e:
+            # A Ctrl-C raised inside library code that turned it into its own error (omegaconf, building
+            # the logged hyperparameters: a ConfigKeyError) is still the Ctrl-C: exit 130, below.
+            if signals.stopped_at_once:
+                raise SystemExit(1) from e
+            raise
     except (FloatingPointError, LossBoundExceeded) as e:
         raise SystemExit(f"error: {e}. The last good checkpoint is kept in {ckpt_dir}.") from None
     except CheckpointError:
