@@ -140,6 +140,7 @@ def global_steps(cfg, world, resumed=None, epochs_=1):
     return out
 
 
+@pytest.mark.slow  # 15 loaders with workers (~10 s)
 @pytest.mark.parametrize("cache", ["none", "host"])
 def test_elastic_resume_keeps_every_global_step(uneven, cache):
     """A run started on 4 ranks (global batch 4 x 16), stopped mid-epoch and resumed on 2, 1 or 8 ranks (and

@@ -261,6 +261,7 @@ def test_sample_without_image_names_shard_key_members_and_setting(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow  # ~10 s of loader passes
 def test_undecodable_image_raise_names_it_warn_skips_and_counts(tmp_path, capsys):
     samples = [sample(i) for i in range(40)]
     samples[13]["png"] = samples[13]["png"][:20]  # not even a header: `prepare index` names it
