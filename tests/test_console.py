@@ -2,6 +2,7 @@
 of the library notices every run used to print, while real warnings still show."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -112,18 +113,25 @@ def test_filters_match_only_the_known_notices():
         ("The number of training batches (11) is smaller than the logging interval", UserWarning),
         ("a real problem", PossibleUserWarning)]
 
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger(LIGHTNING_INFO_LOGGER)
-    logger.addHandler(handler)
-    try:
+    with recorded(LIGHTNING_INFO_LOGGER) as (logger, records):
         logger.warning("GPU available: True (cuda), used: True")
         logger.warning("Restored all states from the checkpoint at x.ckpt")
         logger.warning("LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES: [0]")
+    assert [r.getMessage() for r in records] == ["LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES: [0]"]
+
+
+@contextlib.contextmanager
+def recorded(name: str):
+    """(the logger `name`, the records it passes on to its handlers, after its filters) while inside."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield logger, records
     finally:
         logger.removeHandler(handler)
-    assert [r.getMessage() for r in records] == ["LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES: [0]"]
 
 
 def test_per_rank_start_up_lines_are_kept_on_rank_zero_only(monkeypatch):
@@ -132,19 +140,11 @@ def test_per_rank_start_up_lines_are_kept_on_rank_zero_only(monkeypatch):
     from pipeline.training.console import PER_RANK_INFO
 
     quiet_known_noise()
-    name = "lightning.fabric.utilities.distributed"
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger(name)
-    logger.addHandler(handler)
-    try:
+    with recorded("lightning.fabric.utilities.distributed") as (logger, records):
         for rank in (0, 1, 3):
             monkeypatch.setattr(rank_zero_only, "rank", rank)
             logger.warning("Initializing distributed: GLOBAL_RANK: %d, MEMBER: %d/4", rank, rank + 1)
             logger.warning("something else from rank %d", rank)
-    finally:
-        logger.removeHandler(handler)
     assert [r.getMessage() for r in records] == [
         "Initializing distributed: GLOBAL_RANK: 0, MEMBER: 1/4", "something else from rank 0",
         "something else from rank 1", "something else from rank 3"]

@@ -20,7 +20,7 @@ import torch
 
 from pipeline.data import autoindex, layout, shards
 from pipeline.data.decode import ImageSpec, SampleError
-from pipeline.data.loader import ShardLoader
+from pipeline.data.loader import ShardLoader, with_order_keys
 from pipeline.data.sources import (
     DataSetupError,
     SplitSource,
@@ -218,7 +218,7 @@ class ShardDataModule(pl.LightningDataModule):
     def continue_order(self, state: dict | None) -> None:
         """A resumed run: the loader state its checkpoint holds (ShardLoader.state_dict), whose global batch
         and canonical partitions this run keeps whatever its world size (elastic resume)."""
-        self.resumed = dict(state) if state else None
+        self.resumed = with_order_keys(state) if state else None
 
     def _choose_batch(self, src: SplitSource) -> None:
         """The global batch G and canonical partitions P of the training order, and this rank's batch G / R.
@@ -228,10 +228,7 @@ class ShardDataModule(pl.LightningDataModule):
         checkpoint's when it continues that order, else the world size. A world size that cannot read the
         order (R must divide G, and divide or be divided by P) is refused naming the sizes that work."""
         R, cfg, old = self.world_size, self.cfg, self.resumed
-        old_G = old_P = None
-        if old:
-            old_G = old.get("global_batch") or old.get("batch_size", 0) * old.get("world_size", 0) or None
-            old_P = old.get("parts") or old.get("world_size")
+        old_G, old_P = (old.get("global_batch"), old.get("parts")) if old else (None, None)
         if cfg.global_batch_size is not None:
             G, origin = int(cfg.global_batch_size), "data.global_batch_size"
         elif old_G and old.get("world_size") != R:

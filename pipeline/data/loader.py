@@ -56,6 +56,14 @@ ORDER_KEYS = ("seed", "global_batch", "num_batches", "parts")
 STREAM_ORDER_KEYS = ("world_size", "num_workers", "seed", "batch_size", "num_batches")
 
 
+def with_order_keys(state: dict) -> dict:
+    """A loader state with its global batch and canonical partitions, filled in for checkpoints written before
+    elastic resume (the global batch was batch_size x world_size, one partition per rank)."""
+    if "batch_size" not in state or "world_size" not in state:
+        return dict(state)
+    return {"global_batch": state["batch_size"] * state["world_size"], "parts": state["world_size"], **state}
+
+
 class ShardLoader(DataLoader):
     """DataLoader over a ShardStream that knows its epoch and how many batches it handed out.
 
@@ -134,8 +142,7 @@ class ShardLoader(DataLoader):
         epoch, done = int(state["epoch"]), int(state["batches_done"])
         self.skipped_samples = int(state.get("skipped_samples", 0))
         mine = self._settings()
-        state = {"global_batch": state.get("batch_size", 0) * state.get("world_size", 0),
-                 "parts": state.get("world_size"), **state}  # checkpoints from before elastic resume
+        state = with_order_keys(state)
         keys = ORDER_KEYS if self.dataset.source.counts is not None else STREAM_ORDER_KEYS
         changed = [f"{k} {state[k]} -> {mine[k]}" for k in keys if k in state and state[k] != mine[k]]
         if done >= int(state.get("num_batches") or mine["num_batches"] or 0):
