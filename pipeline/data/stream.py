@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -431,6 +431,20 @@ class ShardStream(IterableDataset):
     def _slices(self, plan: TrainPlan) -> list[tuple[int, int, int]]:
         return layout.rank_parts(self.spec.rank, self.spec.world_size, plan.canon.parts, plan.canon.part_batch)
 
+    def _step_blocks(self, plan: TrainPlan, steps: Sequence[int],
+                     load: Callable[[int, int, int, int, int], Any]) -> Iterator[tuple[int, list]]:
+        """Each step with [(its block of the partition, a, z) for each (partition, a, z) this rank takes]: a
+        block is load(slice index, partition, block, a, z), called once, when the steps first reach it (one
+        held per partition; the streamed reads and the cache's rows share this walk)."""
+        slices, held = self._slices(plan), {}
+        for i in steps:
+            k, pieces = plan.canon.step_block(i), []
+            for slot, (part, a, z) in enumerate(slices):
+                if part not in held or held[part][0] != k:
+                    held[part] = (k, load(slot, part, k, a, z))
+                pieces.append((held[part][1], a, z))
+            yield i, pieces
+
     # ---- the in-memory cache (data.cache)
     def fill_cache(self, device: torch.device | str | None = None) -> SplitCache | None:
         """Read and decode every sample of the split, shard by shard, through the loader's reader (sha256 and
@@ -461,19 +475,17 @@ class ShardStream(IterableDataset):
         if not self.spec.train:
             raise RuntimeError("the cache serves training batches only")
         plan = self._train_plan()
-        canon, slices = plan.canon, self._slices(plan)
-        held: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # partition -> (block, its rows, its order)
-        for i in range(self.start, canon.num_steps):
-            k, rows = canon.step_block(i), []
-            for part, a, z in slices:
-                if part not in held or held[part][0] != k:
-                    lo, hi = canon.block_range(k)
-                    base = part * canon.part_length
-                    block_rows = self.cache.rows(layout.segments(plan.counts, plan.order, base + lo, base + hi))
-                    held[part] = (k, block_rows, canon.block_order(self.spec.seed, self.epoch, part, k) - lo)
-                _, block_rows, order = held[part]
-                rows.append(block_rows[order[canon.step_slice(i)][a:z]])
-            yield self.cache.batch(np.concatenate(rows))
+        canon = plan.canon
+
+        def block_rows(slot: int, part: int, k: int, a: int, z: int) -> tuple[np.ndarray, np.ndarray]:
+            lo, hi = canon.block_range(k)
+            base = part * canon.part_length
+            rows = self.cache.rows(layout.segments(plan.counts, plan.order, base + lo, base + hi))
+            return rows, canon.block_order(self.spec.seed, self.epoch, part, k) - lo
+
+        for i, pieces in self._step_blocks(plan, range(self.start, canon.num_steps), block_rows):
+            where = canon.step_slice(i)
+            yield self.cache.batch(np.concatenate([rows[order[where][a:z]] for (rows, order), a, z in pieces]))
 
     # ---- sample counts known
     def _emit(self, read: Read, blk: layout.Block, donors: Callable[[], list[Item]]) -> Iterator[dict]:
@@ -525,19 +537,16 @@ class ShardStream(IterableDataset):
         steps = layout.lane_steps(self.start, lane, s.lanes, canon.num_steps)
         if not steps:
             return
-        slices = self._slices(plan)
         # a reader per partition: each reads its own range of positions in order
-        readers = [reader] + [self._reader() for _ in slices[1:]]
-        held: dict[int, tuple[int, BlockRead]] = {}
+        readers = [reader] + [self._reader() for _ in self._slices(plan)[1:]]
         last_block = canon.step_block(steps[-1])
+
+        def read(slot: int, part: int, k: int, a: int, z: int) -> BlockRead:
+            return self._read_block(readers[slot], plan, part, k, lane, a, z, k == last_block)
+
         try:
-            for i in steps:
-                k, pieces = canon.step_block(i), []
-                for (part, a, z), part_reader in zip(slices, readers):
-                    if part not in held or held[part][0] != k:
-                        held[part] = (k, self._read_block(part_reader, plan, part, k, lane, a, z, k == last_block))
-                    pieces.append(held[part][1].batch(canon.step_slice(i), a, z))
-                yield concat_batches(pieces)
+            for i, pieces in self._step_blocks(plan, steps, read):
+                yield concat_batches([block.batch(canon.step_slice(i), a, z) for block, a, z in pieces])
         finally:
             for extra in readers[1:]:
                 extra.close()
