@@ -91,7 +91,9 @@ def job_env(slurm_cluster, python_bin):
 def explain(job) -> str:
     info = job.info()
     return (f"\n--- job {job.id}: {info.get('JobState')} exit {info.get('ExitCode')} "
-            f"restarts {info.get('Restarts')} ---\n{job.log_text()[-12000:]}")
+            f"restarts {info.get('Restarts')} ---\n{job.log_text()[-12000:]}"
+            + (f"\n--- daemon log lines of job {job.id} ---\n{job.daemon_lines()}"
+               if info.get("JobState") != "COMPLETED" else ""))
 
 
 def read_metrics(run_dir: Path):

@@ -118,6 +118,14 @@ class Job:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else f"<no log at {self.log}>"
 
+    def daemon_lines(self, limit: int = 80) -> str:
+        """The slurmctld / slurmd log lines that name this job (why a task was killed), the last `limit`."""
+        pattern = re.compile(rf"(JobId=|StepId=|\[|job[_ ]?){self.id}(?!\d)", re.IGNORECASE)
+        lines = []
+        for f in sorted((self.cluster.root / "daemon-logs").glob("*.log")):
+            lines += [f"{f.name}: {line}" for line in _tail(f, 400_000).splitlines() if pattern.search(line)]
+        return "\n".join(lines[-limit:])
+
 
 @dataclass
 class SlurmCluster:
