@@ -67,7 +67,7 @@ def test_sap(data):
 @pytest.mark.slow  # 3 x 5 gradient-boosted classifiers (~20 s)
 def test_dci(data):
     factors, good, mixed, missing = data
-    n = 1500
+    n = 800  # measured margins at 800 as at 1500: D, C ~1.0 vs 0.11 rotated; lost factor 0.10, the rest 1.0
     best = dci(good[:n], factors[:n])
     assert best["disentanglement"] > 0.9 and best["completeness"] > 0.9 and best["informativeness"] > 0.95
     worse = dci(mixed[:n], factors[:n])

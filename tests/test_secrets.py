@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, load_config, refuse_secret_values
-from tests.helpers.run import run_train
+from tests.helpers.run import read_metrics, run_train
+from tests.helpers.wandb_records import check_history
 
 FAKE_KEY = "fake0123456789abcdef0123456789abcdef0123"  # 40 characters, as a W&B key
 
@@ -58,12 +59,28 @@ def test_key_through_config_file_override_or_netrc_stops_the_run(tiny_overrides,
 @pytest.mark.slow
 def test_a_run_with_the_key_in_its_environment_writes_it_nowhere(tiny_overrides, tmp_path):
     """Offline W&B, a checkpoint, a resume: grep config.yaml, metrics.csv, checkpoints, images, wandb/ (the
-    .wandb records, debug logs: what `wandb sync` uploads), and the console."""
+    .wandb records, debug logs: what `wandb sync` uploads), and the console. The same two runs (20 steps, then
+    the finished run extended to 40) show that a resumed run keeps its W&B run and continues one W&B history
+    (were tests/test_train.py::test_resumed_run_keeps_its_wandb_run and
+    tests/test_wandb_history.py::test_extended_run_continues_one_history, which trained such runs again)."""
+    run_dir = tmp_path / "run"
     args = offline(tiny_overrides) + ["trainer.max_steps=20"]
-    out = [run_train(args, {"WANDB_API_KEY": FAKE_KEY}),
-           run_train(args[:-1] + ["trainer.max_steps=30"], {"WANDB_API_KEY": FAKE_KEY})]
+    out = [run_train(args, {"WANDB_API_KEY": FAKE_KEY})]
+    first_id = (run_dir / "wandb_run_id.txt").read_text().split()[0]
+    out.append(run_train(args[:-1] + ["trainer.max_steps=40"], {"WANDB_API_KEY": FAKE_KEY}))
     for proc in out:
         assert FAKE_KEY not in proc.stdout + proc.stderr
+
+    assert "resuming from" in out[1].stdout and "(step 20)" in out[1].stdout
+    assert (run_dir / "wandb_run_id.txt").read_text().split()[0] == first_id
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(first_id) for r in runs)  # one W&B run, two parts
+    steps = [int(r["step"]) for r in read_metrics(run_dir) if r.get("train/loss")]
+    # every 5th step once: none lost, none twice, each under its own step (the last, 39, is the 40th step)
+    assert steps == list(range(4, 40, 5))
+    segs = check_history(run_dir, n_segments=2)  # W&B's own records: one history across both parts
+    assert not any(s["artifacts"] for s in segs)  # logger.wandb.log_checkpoints is off by default
+
     files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert any(p.suffix == ".wandb" for p in files) and any(p.suffix == ".ckpt" for p in files), files
     leaked = [str(p) for p in files if FAKE_KEY.encode() in p.read_bytes()]

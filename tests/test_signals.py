@@ -59,7 +59,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("launch", ["local", "slurm"])
 def test_usr1_to_loader_workers_neither_kills_them_nor_stops_the_run(launch, tiny_overrides, tmp_path):
     """`kill -USR1 <worker>` (what SLURM does to every process of the step): the run goes on to the end."""
-    steps = 300
+    steps = 100
     proc = start_train(tiny_overrides + [f"trainer.max_steps={steps}", "trainer.val_check_interval=100",
                                          "checkpoint.every_n_steps=100", *STREAMED],
                        SLURM_ONE_TASK if launch == "slurm" else None)
@@ -71,17 +71,19 @@ def test_usr1_to_loader_workers_neither_kills_them_nor_stops_the_run(launch, tin
             except ProcessLookupError:  # the signal killed it (the bug): the run's exit shows it
                 pass
         time.sleep(0.2)
+    running = proc.poll() is None  # the signals reached a run that was still under way (not after its end)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-6000:]
     assert f"# done: step {steps}" in out, out[-6000:]
     assert "killed by signal" not in out, out[-6000:]
+    assert running, f"the run ended before the signals were sent: nothing was tested\n{out[-6000:]}"
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == steps
     assert not list((tmp_path / "run").glob("hpc_ckpt_*.ckpt")), "a worker acted on the signal"
 
 
 def test_ctrl_c_checkpoints_at_the_batch_end_and_the_same_command_resumes_exactly(tiny_overrides, tmp_path):
-    steps = 200
+    steps = 80  # Ctrl-C right after the first checkpoint (step 20); validation at 50 in the resumed part
     args = tiny_overrides + EXACT + [f"trainer.max_steps={steps}", "trainer.val_check_interval=50",
                                      "checkpoint.every_n_steps=20"]
     run_dir = tmp_path / "run"
@@ -108,7 +110,7 @@ def test_ctrl_c_checkpoints_at_the_batch_end_and_the_same_command_resumes_exactl
 def test_sigterm_with_ema_and_skipping_checkpoints_at_a_batch_end_and_resumes_exactly(tiny_overrides, tmp_path):
     """The EMA is updated before DeferredSignals saves at that batch end: the checkpoint holds the step's EMA,
     trained weights and skip count, and the resumed run continues them as if never stopped."""
-    steps = 120
+    steps = 80
     args = tiny_overrides + EXACT + EMA_CLIP_SKIP + [f"trainer.max_steps={steps}", "trainer.val_check_interval=50",
                                                      "checkpoint.every_n_steps=20"]
     run_dir = tmp_path / "run"

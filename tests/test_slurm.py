@@ -161,7 +161,7 @@ def test_train_sh_trains_with_two_ddp_ranks(slurm_cluster, job_env, digits_root,
 @pytest.mark.slurm
 def test_preempted_job_requeues_and_resumes(slurm_cluster, job_env, digits_root, tmp_path):
     """USR1 mid-run: checkpoint, requeue, resume in the same run dir and W&B run, no step twice."""
-    steps = 600  # a few seconds of training: the signal lands mid-run
+    steps = 200  # the signal follows the first checkpoint (step 20): it lands mid-run
     # streamed through the default 2 loader workers per rank (data.cache=none, as any split too large to hold
     # is): scancel -s USR1 signals them too, the case that once crashed or hung a preempted job
     job = slurm_cluster.sbatch([*CPU_DDP, str(TRAIN_SH), *TINY, f"data.root={digits_root}", "data.cache=none",

@@ -81,7 +81,7 @@ def test_two_node_preemption_requeues_resumes_and_logs_no_traceback(two_nodes, p
     """scancel -s USR1 on a 2 x 2 job streaming through the default loader workers: every rank stops at the
     same batch, one checkpoint, requeue, resume, COMPLETED, each step once; and a routine requeue reads as
     healthy: no traceback and no worker-killed error anywhere in the job's log."""
-    steps = 300
+    steps = 100  # the signal follows the first checkpoint (step 20); the requeued part trains the rest
     env = dict(script_env(two_nodes.env, python_bin), SLURM_CONF=two_nodes.env["SLURM_CONF"],
                MASTER_PORT=str(free_port()))
     job = two_nodes.sbatch(["--nodes=2", *CPU_DDP, str(TRAIN_SH), *TINY, f"data.root={digits_root}", "data.cache=none",
@@ -136,7 +136,7 @@ def test_a_lost_node_ends_the_job_within_seconds_and_a_resubmission_resumes(two_
     import signal
     import time
 
-    steps = 300
+    steps = 100  # the kill follows the first checkpoint (step 20); the resubmission trains the rest
     env = dict(script_env(two_nodes.env, python_bin), SLURM_CONF=two_nodes.env["SLURM_CONF"],
                MASTER_PORT=str(free_port()))
     args = ["--nodes=2", *CPU_DDP, str(TRAIN_SH), *TINY, f"data.root={digits_root}", "run.name=lost",

@@ -23,12 +23,8 @@ def offline(tiny_overrides):
     return [a for a in tiny_overrides if not a.startswith("logger.wandb.mode=")] + ["logger.wandb.mode=offline"]
 
 
-def test_extended_run_continues_one_history(offline, tmp_path):
-    """max_steps=20, then the same run extended to 40."""
-    run_train(offline + ["trainer.max_steps=20"])
-    run_train(offline + ["trainer.max_steps=40"])
-    segs = check_history(tmp_path / "run", n_segments=2)
-    assert not any(s["artifacts"] for s in segs)  # logger.wandb.log_checkpoints is off by default
+# The extended run (max_steps=20, then the same run extended to 40): tests/test_secrets.py::
+# test_a_run_with_the_key_in_its_environment_writes_it_nowhere checks its history on the runs it makes anyway.
 
 
 def test_checkpoints_as_artifacts_when_asked(offline, tmp_path):
