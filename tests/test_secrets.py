@@ -57,7 +57,7 @@ def test_key_through_config_file_override_or_netrc_stops_the_run(tiny_overrides,
 
 
 @pytest.mark.slow
-def test_a_run_with_the_key_in_its_environment_writes_it_nowhere(tiny_overrides, tmp_path):
+def test_a_resumed_offline_run_keeps_one_wandb_history_and_writes_the_key_nowhere(tiny_overrides, tmp_path):
     """Offline W&B, a checkpoint, a resume: grep config.yaml, metrics.csv, checkpoints, images, wandb/ (the
     .wandb records, debug logs: what `wandb sync` uploads), and the console. The same two runs (20 steps, then
     the finished run extended to 40) show that a resumed run keeps its W&B run and continues one W&B history

@@ -51,7 +51,7 @@ def test_default_run_writes_config_metrics_checkpoints_images_and_offline_wandb(
             assert secret.encode() not in f.read_bytes(), f"secret leaked into {f}"
 
 
-# A resumed run keeps its W&B run: tests/test_secrets.py::test_a_run_with_the_key_in_its_environment_writes_it_nowhere
+# A resumed run keeps its W&B run: tests/test_secrets.py::test_a_resumed_offline_run_keeps_one_wandb_history_and_writes_the_key_nowhere
 # (the same two offline runs, also grepped for the key).
 
 

@@ -24,7 +24,7 @@ def offline(tiny_overrides):
 
 
 # The extended run (max_steps=20, then the same run extended to 40): tests/test_secrets.py::
-# test_a_run_with_the_key_in_its_environment_writes_it_nowhere checks its history on the runs it makes anyway.
+# test_a_resumed_offline_run_keeps_one_wandb_history_and_writes_the_key_nowhere checks its history on the runs it makes anyway.
 
 
 def test_checkpoints_as_artifacts_when_asked(offline, tmp_path):
