@@ -36,26 +36,6 @@ from tests.helpers.run import EMA_CLIP_SKIP, EXACT, assert_same_run, run_train
 pytestmark = pytest.mark.slow
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 @pytest.mark.parametrize("launch", ["local", "slurm"])
 def test_usr1_to_loader_workers_neither_kills_them_nor_stops_the_run(launch, tiny_overrides, tmp_path):
     """`kill -USR1 <worker>` (what SLURM does to every process of the step): the run goes on to the end."""
@@ -161,10 +141,6 @@ def test_second_ctrl_c_stops_at_once(tiny_overrides, tmp_path):
     assert "# stopped at once (Ctrl-C); no checkpoint yet" in out, out[-6000:]
     assert "# continue with the same command: python -m pipeline.train" in out, out[-6000:]
     assert not (run_dir / "checkpoints" / "last.ckpt").exists()
-
-
-
-
 
 
 @pytest.mark.parametrize("rank", [0, 1])

@@ -14,10 +14,6 @@ from tests.helpers.run import EMA_CLIP_SKIP, EXACT, assert_same_run, read_metric
 pytestmark = pytest.mark.slow
 
 
-
-
-
-
 def test_default_run_writes_config_metrics_checkpoints_images_and_offline_wandb(tiny_overrides, tmp_path):
     run_dir = tmp_path / "run"
     secret = "sk-test-0123456789abcdef-not-a-real-key"
@@ -51,12 +47,9 @@ def test_default_run_writes_config_metrics_checkpoints_images_and_offline_wandb(
             assert secret.encode() not in f.read_bytes(), f"secret leaked into {f}"
 
 
-# A resumed run keeps its W&B run: tests/test_secrets.py::test_a_resumed_offline_run_keeps_one_wandb_history_and_writes_the_key_nowhere
-# (the same two offline runs, also grepped for the key).
-
-
-
-
+# A resumed run keeps its W&B run: tests/test_secrets.py::
+# test_a_resumed_offline_run_keeps_one_wandb_history_and_writes_the_key_nowhere (the same two offline runs, also
+# grepped for the key).
 
 
 def test_exact_resume_single_process(tiny_overrides, tmp_path):
