@@ -68,32 +68,22 @@ def uneven(tmp_path_factory) -> Path:
     return root
 
 
-# Module-scoped fixtures that train a run for several tests of their module: under pytest-xdist each worker
-# that runs one of those tests trains the run again (measured: test_integrity's reference twice, ~13 s each).
-SHARED_RUNS = ("reference", "finished_run", "beta4_run")
-
-
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads xdist_group into the node ids
 def pytest_collection_modifyitems(config, items):
     """A test on the real SLURM cluster is slow too (it installs and starts one): `-m "not slow"` skips it.
     Under pytest-xdist (`-n 2`, the default in pyproject.toml) the SLURM tests share one worker: one cluster
-    at a time on this host. The tests of a module that share one trained run (SHARED_RUNS) share a worker too:
-    the run is trained once."""
+    at a time on this host."""
     for item in items:
         if item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.slow)
             item.add_marker(pytest.mark.xdist_group("slurm"))
-            continue
-        shared = [name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())]
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{shared[0]}"))
 
 
 class XdistGroupIds:
     """pytest-xdist's --dist loadgroup sends the tests of one xdist_group to one worker by appending `@group` to
     their node ids, which it does by setting `item._nodeid`; pytest 9.2 (installed here) builds `nodeid` from
-    `item._id` instead, so the suffix was lost and every test was scheduled on its own (two SLURM clusters at once, a
-    shared run trained once per worker). After xdist's hook: the suffix where it is missing."""
+    `item._id` instead, so the suffix was lost and every test was scheduled on its own (two SLURM clusters at
+    once). After xdist's hook: the suffix where it is missing."""
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, config, items):
