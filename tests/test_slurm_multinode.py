@@ -13,6 +13,7 @@ import pytest
 import torch
 from test_slurm import CPU_DDP, TINY, TRAIN_SH, explain, python_bin, read_metrics, script_env, train_steps  # noqa: F401 (fixture)
 
+from tests.helpers.processes import pids_with_environment
 from tests.helpers.run import REPO
 from tests.helpers.slurm_cluster import ClusterError, SlurmCluster, free_port, install_packages, missing_binaries
 
@@ -116,15 +117,12 @@ def test_two_node_preemption_requeues_resumes_and_logs_no_traceback(two_nodes, p
 def _task_pids(job_id: str, node: str) -> list[int]:
     """The job's training processes (ranks and their loader workers) on one node, found by their environment."""
     pids = []
-    for proc in Path("/proc").iterdir():
+    for pid in pids_with_environment(f"SLURM_JOB_ID={job_id}", f"SLURMD_NODENAME={node}"):
         try:
-            env = set((proc / "environ").read_bytes().split(b"\0"))
-            cmd = (proc / "cmdline").read_bytes()
-        except (OSError, ValueError):
+            if b"pipeline.train" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:  # ended meanwhile
             continue
-        if (f"SLURM_JOB_ID={job_id}".encode() in env and f"SLURMD_NODENAME={node}".encode() in env
-                and b"pipeline.train" in cmd):
-            pids.append(int(proc.name))
     return pids
 
 

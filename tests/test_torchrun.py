@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.processes import pids_with_environment
 from tests.helpers.run import REPO, TINY
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -81,14 +82,13 @@ def test_two_torchrun_nodes_train_with_layout_and_name_from_torchrun(digits_root
 def rank_process(rank: int) -> int:
     """The pid of the training process torchrun started as global rank `rank`: its loader workers inherit
     RANK too, so the one whose parent is a torchrun agent."""
-    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+    for pid in pids_with_environment(f"RANK={rank}"):
         try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
             parent_cmd = Path(f"/proc/{parent}/cmdline").read_bytes()
         except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
             continue
-        if f"RANK={rank}".encode() in env and b"torch.distributed.run" in parent_cmd:
+        if b"torch.distributed.run" in parent_cmd:
             return pid
     raise AssertionError(f"no training process of rank {rank}")
 

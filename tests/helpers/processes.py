@@ -23,6 +23,23 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def pids_with_environment(*entries: str) -> list[int]:
+    """Every process whose environment holds all of `entries` ("NAME=value"), as /proc shows them now; processes
+    that end or cannot be read meanwhile are left out."""
+    wanted = [e.encode() for e in entries]
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = set((d / "environ").read_bytes().split(b"\0"))
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+        if all(w in env for w in wanted):
+            pids.append(int(d.name))
+    return pids
+
+
 # A one-task SLURM job as Lightning sees it: it installs its requeue handler for USR1, which forked
 # workers inherit (the hang on a real cluster: each worker checkpoints and waits in a barrier).
 SLURM_ONE_TASK = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_JOB_ID": "4242",

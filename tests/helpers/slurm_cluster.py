@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from tests.helpers.processes import pids_with_environment
+
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "munged"]
 # Binaries live in sbin, which a non-login PATH may lack.
@@ -289,18 +291,8 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
 
     def _stray_pids(self) -> List[int]:
         """Processes carrying this cluster's marker in their environment (slurmstepd, job tasks)."""
-        marker = f"PYTEST_SLURM_CLUSTER={self.root}".encode()
         mine = {os.getpid(), os.getppid()}
-        pids = []
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit() or int(d.name) in mine:
-                continue
-            try:
-                if marker in (d / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(d.name))
-            except OSError:
-                continue
-        return pids
+        return [pid for pid in pids_with_environment(f"PYTEST_SLURM_CLUSTER={self.root}") if pid not in mine]
 
     def __enter__(self) -> SlurmCluster:
         return self
