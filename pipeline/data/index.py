@@ -26,6 +26,7 @@ from pipeline.data import shards
 from pipeline.data.decode import ImageSpec, SampleError, header_shape
 from pipeline.data.shards import is_remote, url_scheme
 from pipeline.data.sources import HashingStream, open_shard
+from pipeline.data.workers import ProcessMap
 
 INDEX_FORMAT = shards.INDEX_FORMAT
 
@@ -87,7 +88,6 @@ def _name(url: str, out: Path) -> str:
 def scan_shards(urls: Sequence[str], image_keys: Sequence[str], *, workers: int = 1, on_error: str = "raise",
                 progress: bool = True, desc: str = "indexing") -> List[dict]:
     """`scan_shard` of every URL, in order, in up to `workers` processes, with a progress bar of shards."""
-    import multiprocessing
 
     from pipeline.progress import progress_bar
 
@@ -95,17 +95,14 @@ def scan_shards(urls: Sequence[str], image_keys: Sequence[str], *, workers: int 
     workers = max(1, min(workers, len(urls)))
     bar = progress_bar(total=len(urls), unit="shard", desc=desc, disable=not progress)
     entries: List[dict] = []
-    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     try:
-        for entry in (pool.imap(scan, urls) if pool else map(scan, urls)):
-            entries.append(entry)
-            bar.update(1)
-            bar.set_postfix(samples=sum(e["samples"] for e in entries), refresh=False)
+        with ProcessMap(workers) as pool:
+            for entry in pool.map(scan, urls, chunk=1):  # a shard is a long task
+                entries.append(entry)
+                bar.update(1)
+                bar.set_postfix(samples=sum(e["samples"] for e in entries), refresh=False)
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
     return entries
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from pipeline.config import DataConfig, ImageFormat, OnError, choices
 from pipeline.data import index, recipes, shards
+from pipeline.exit_codes import INTERRUPTED_EXIT
 
 DEFAULT_SHARD_SIZE = 10_000  # samples; dSprites shards are then ~60 MB
 AUTO_DSPRITES_LIMIT = 50_000  # subset `ensure_prepared` renders (~300 MB); prepare it yourself for more
@@ -204,6 +205,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as e:  # disk full, permissions: still one line, still nothing half-written
         print(f"vae-prepare: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the workers ignore Ctrl-C (workers.py): this is the one message
+        print(f"vae-prepare: interrupted; run the same command again to finish {args.out}", file=sys.stderr)
+        return INTERRUPTED_EXIT
     counts = ", ".join(f"{k} {v['total']} in {len(v['shards'])} shards" for k, v in manifest["splits"].items())
     print(f"{args.out / shards.MANIFEST}: {manifest['dataset']} {tuple(manifest['shape'])} uint8: {counts}")
     return 0

@@ -20,11 +20,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from pipeline.data.decode import channels_of_mode
+from pipeline.data.workers import ProcessMap
 
 RECIPES = ("digits", "dsprites", "mnist", "npz", "images")
 SELF_CONTAINED = ("digits", "dsprites")  # need no --source: safe to prepare automatically
@@ -340,28 +341,6 @@ def _load_image(path: Path, channels: int, size: Optional[int]) -> np.ndarray:
         raise RecipeError(f"{path}: not a readable image: {e}") from None
 
 
-class _Workers:
-    """An ordered map over `workers` forked processes (in-process for one): results arrive in input order,
-    so the output bytes do not depend on the worker count."""
-
-    def __init__(self, workers: int):
-        import multiprocessing
-
-        self.workers = max(1, workers)
-        self.pool = multiprocessing.get_context("fork").Pool(self.workers) if self.workers > 1 else None
-
-    def map(self, fn, items: List) -> Iterator:
-        if self.pool is None:
-            return map(fn, items)
-        return self.pool.imap(fn, items, chunksize=max(1, min(64, len(items) // (4 * self.workers))))
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()  # every result was consumed (or an error stops the run)
-            self.pool.join()
-            self.pool = None
-
-
 def images(source: Optional[str], size: Optional[int] = None, workers: int = 1, progress: bool = False) -> Recipe:
     """A folder of images in any format PIL reads (recursive). Labels come from first-level subfolders when
     every image sits in one (ImageFolder layout, at least two classes). Prints what it found, what it skipped
@@ -379,7 +358,7 @@ def images(source: Optional[str], size: Optional[int] = None, workers: int = 1, 
     if not files:
         raise RecipeError(f"{root}: empty folder: no image files found (searched recursively for every format PIL reads"
                           f"{'; skipped: ' + _counts(skipped) if skipped else ''})")
-    pool = _Workers(min(workers, len(files)))
+    pool = ProcessMap(min(workers, len(files)))
     try:
         headers = list(progress_bar(pool.map(_image_header, files), total=len(files), unit="img", leave=False,
                             desc=f"checking {root}", disable=not progress))

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from pipeline.exit_codes import INTERRUPTED_EXIT
 from pipeline.run.files import atomic_write
 
 log = logging.getLogger("pipeline.sync")
@@ -207,7 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return Watcher(args.sync_dir, retry_s=args.retry, max_retry_s=args.max_retry).watch(args.interval, args.once)
     except KeyboardInterrupt:
-        return 130
+        return INTERRUPTED_EXIT
     finally:
         lock.close()
 

@@ -31,13 +31,11 @@ from typing import Optional, Sequence
 import torch
 
 from pipeline import config as C
+from pipeline.exit_codes import INTERRUPTED_EXIT, TERMINATED_EXIT
 from pipeline.launch.cli import config_from_argv
 from pipeline.launch.cluster import describe, trainer_devices
 
 log = logging.getLogger("pipeline.train")
-INTERRUPTED_EXIT = 130  # Ctrl-C: 128 + SIGINT, what a shell reports for a program ended by it
-TERMINATED_EXIT = 143  # SIGTERM (kill, SLURM's time limit): 128 + SIGTERM, checkpointed first
-USR1_EXIT = 138  # USR1 outside SLURM: 128 + SIGUSR1, checkpointed, and nothing requeues the run
 
 
 def build_loggers(cfg, run):
