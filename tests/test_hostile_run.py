@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers.processes import ctrl_c, ended, rank_process, start_train, wait_for_file
+from tests.helpers.processes import ctrl_c, start_train, wait_for_file
 from tests.helpers.run import REPO, run_train
 
 CKPT = Path("checkpoints") / "last.ckpt"
@@ -181,51 +181,8 @@ def test_init_from_with_another_latent_dim_is_one_line(beta4_run, tiny_overrides
 
 
 # ------------------------------------------------------------------------------ signals
-@pytest.mark.slow
-def test_sigterm_on_one_device_checkpoints_at_the_batch_end_and_exits_143(tiny_overrides, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = start_train(tiny_overrides + LONG)
-    wait_for_file(proc, run_dir / CKPT)
-    proc.send_signal(signal.SIGTERM)
-    out = finish(proc)
-    assert proc.returncode == 143, out[-4000:]
-    assert "Traceback" not in out and "# done" not in out, out[-4000:]
-    stop = re.search(r"# SIGTERM at step (\d+): checkpoint saved to (\S+); stopped", out)
-    assert stop and Path(stop.group(2)) == run_dir / CKPT, out[-4000:]
-    assert step_of(run_dir / CKPT) == int(stop.group(1))
-
-
-@pytest.mark.slow
-def test_sigterm_under_ddp_checkpoints_every_rank_and_exits_143(tiny_overrides, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = start_train(tiny_overrides + DDP + LONG)
-    other = rank_process(proc, 1)
-    wait_for_file(proc, run_dir / CKPT)
-    first = step_of(run_dir / CKPT)
-    os.kill(other, signal.SIGTERM)  # `kill` of one rank: every rank stops at the same batch
-    out = finish(proc)
-    assert proc.returncode == 143, out[-4000:]
-    assert "Traceback" not in out and "# done" not in out, out[-4000:]
-    stop = re.search(r"# SIGTERM at step (\d+): checkpoint saved to", out)
-    assert stop, out[-4000:]
-    assert step_of(run_dir / CKPT) == int(stop.group(1)) >= first
-    assert ended(other)
-
-
-@pytest.mark.slow
-def test_usr1_outside_slurm_checkpoints_says_nothing_requeues_and_exits_138(tiny_overrides, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = start_train(tiny_overrides + LONG)
-    wait_for_file(proc, run_dir / CKPT)
-    proc.send_signal(signal.SIGUSR1)
-    out = finish(proc)
-    assert proc.returncode == 138, out[-4000:]
-    assert "requeue at the end" not in out and "# done" not in out and "Traceback" not in out, out[-4000:]
-    stop = re.search(r"# SIGUSR1 at step (\d+): checkpoint saved to (\S+); stopped \(outside SLURM nothing "
-                     r"requeues the run\)", out)
-    assert stop and step_of(Path(stop.group(2))) == int(stop.group(1)), out[-4000:]
-    resumed = run_train(tiny_overrides + LONG[1:] + [f"trainer.max_steps={int(stop.group(1)) + 2}"])
-    assert f"(step {stop.group(1)})" in resumed.stdout  # the same command continues from it
+# SIGTERM on one device and to one DDP rank: tests/test_signals.py (exit 143, the checkpoint at the step reported);
+# USR1 outside SLURM (exit 138, nothing requeues it) and its resume: tests/test_wandb_history.py.
 
 
 @pytest.mark.slow

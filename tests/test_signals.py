@@ -99,8 +99,9 @@ def test_sigterm_with_ema_and_skipping_checkpoints_at_a_batch_end_and_resumes_ex
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143, out[-6000:]
-    stop = re.search(r"# SIGTERM at step (\d+): checkpoint saved", out)
-    assert stop, out[-6000:]
+    assert "Traceback" not in out and "# done" not in out, out[-6000:]
+    stop = re.search(r"# SIGTERM at step (\d+): checkpoint saved to (\S+); stopped", out)
+    assert stop and Path(stop.group(2)) == run_dir / "checkpoints" / "last.ckpt", out[-6000:]
     step = int(stop.group(1))
     assert 20 <= step < steps, step
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
@@ -147,7 +148,7 @@ def test_second_ctrl_c_stops_at_once(tiny_overrides, tmp_path):
 def test_sigterm_to_one_ddp_rank_stops_every_rank(rank, tiny_overrides, tmp_path):
     """`kill <pid>` of one rank of a 2-rank DDP run: the ranks agree on it at their next agreement step
     (trainer.signal_every_n_steps; Lightning's own per-step SIGTERM broadcast is off) and stop there together,
-    with no hang and no step half-done."""
+    with no hang and no step half-done: one checkpoint at the step the run reports, exit 143."""
     never = "100000"
     run_dir = tmp_path / "run"
     proc = start_train(tiny_overrides + ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=32",
@@ -163,8 +164,10 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank(rank, tiny_overrides, tmp_path
             with contextlib.suppress(ProcessLookupError):
                 kill(pid, signal.SIGKILL)
         raise
+    assert proc.returncode == 143, out[-6000:]
     assert "received SIGTERM: stopping on every rank" in out, out[-6000:]
     assert "Traceback" not in out and "# done" not in out, out[-6000:]
     assert ended(other), "rank 1 still runs"
+    stop = re.search(r"# SIGTERM at step (\d+): checkpoint saved to", out)
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert 20 <= ckpt["global_step"] < int(never)
+    assert stop and 20 <= ckpt["global_step"] == int(stop.group(1)) < int(never), out[-6000:]

@@ -83,10 +83,11 @@ def test_exact_resume_with_ema_clipping_and_skipping(tiny_overrides, tmp_path):
     assert skipped == sorted(skipped) and skipped[-1] == last["skipped_steps"]
 
 
-@pytest.mark.parametrize("extra", [[], EMA_CLIP_SKIP], ids=["plain", "ema-clip-skip"])
-def test_exact_resume_two_ddp_ranks(extra, tiny_overrides, tmp_path):
+# With EMA, clipping and skipping (they add state to the exact resume); plain 2-rank exact resume, streamed
+# from a directory of shards: tests/test_autoindex.py
+def test_exact_resume_two_ddp_ranks_with_ema_clipping_and_skipping(tiny_overrides, tmp_path):
     ddp = ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=32"]
-    base = tiny_overrides + EXACT + ddp + extra
+    base = tiny_overrides + EXACT + ddp + EMA_CLIP_SKIP
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     run_train(base + [f"run.dir={ref_dir}"])
     run_train(base + [f"run.dir={cut_dir}", "trainer.max_steps=13"])

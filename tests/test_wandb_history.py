@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,29 +48,42 @@ LONG = ["trainer.max_steps=200", "trainer.val_check_interval=20", "logger.images
         "checkpoint.every_n_steps=20"]
 
 
-def stop_mid_run(args, run_dir, send) -> tuple:
+def step_of(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+
+
+def stop_mid_run(args, run_dir, send, after: int = 0) -> tuple:
+    """Start the run, wait for a periodic checkpoint past step `after` (under way), `send` it a signal."""
     proc = start_train(args)
-    wait_for_file(proc, run_dir / "checkpoints" / "last.ckpt")  # under way: the first periodic checkpoint
+    last = run_dir / "checkpoints" / "last.ckpt"
+    wait_for_file(proc, last)
+    deadline = time.monotonic() + 120
+    while step_of(last) <= after:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-6000:]
+        time.sleep(0.05)
     send(proc)
     out, _ = proc.communicate(timeout=180)
     return proc.returncode, out
 
 
-def test_ctrl_c_and_resume_continue_one_history(offline, tmp_path):
+def test_ctrl_c_then_a_stop_signal_each_resumed_continue_one_history(offline, tmp_path):
+    """Ctrl-C, resumed by the same command; then USR1 outside SLURM (a scheduler's stop signal: checkpointed at
+    the batch end, exit 138, nothing requeues it), resumed again: one W&B run, one history of three segments."""
     run_dir = tmp_path / "run"
     code, out = stop_mid_run(offline + LONG, run_dir, ctrl_c)
     assert code == 130, out[-6000:]
-    step = int(re.search(r"# interrupted at step (\d+)", out).group(1))
-    run_train(offline + LONG + [f"trainer.max_steps={step + 30}"])
-    check_history(run_dir, n_segments=2)
+    first = int(re.search(r"# interrupted at step (\d+)", out).group(1))
 
+    code, out = stop_mid_run(offline + LONG, run_dir, lambda p: os.kill(p.pid, signal.SIGUSR1), after=first)
+    assert code == 138, out[-6000:]
+    assert f"(step {first})" in out, out[-6000:]  # the same command continued the Ctrl-C'd run
+    assert "requeue at the end" not in out and "# done" not in out and "Traceback" not in out, out[-6000:]
+    stop = re.search(r"# SIGUSR1 at step (\d+): checkpoint saved to (\S+); stopped \(outside SLURM nothing "
+                     r"requeues the run\)", out)
+    assert stop and step_of(Path(stop.group(2))) == int(stop.group(1)), out[-6000:]
+    second = int(stop.group(1))
+    assert first < second < 200, out[-3000:]
 
-def test_stop_signal_and_resume_continue_one_history(offline, tmp_path):
-    """USR1 outside SLURM (a scheduler's stop signal): hpc_ckpt_1.ckpt at the batch end, then a resume."""
-    run_dir = tmp_path / "run"
-    code, out = stop_mid_run(offline + LONG, run_dir, lambda p: os.kill(p.pid, signal.SIGUSR1))
-    assert code == 138, out[-6000:]  # stopped, checkpointed, nothing requeues it outside SLURM
-    step = torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"]
-    assert 20 <= step < 200, out[-3000:]
-    run_train(offline + LONG + [f"trainer.max_steps={step + 30}"])
-    check_history(run_dir, n_segments=2)
+    resumed = run_train(offline + LONG + [f"trainer.max_steps={second + 30}"])
+    assert f"(step {second})" in resumed.stdout, resumed.stdout[-3000:]
+    check_history(run_dir, n_segments=3)
