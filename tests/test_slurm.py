@@ -179,7 +179,7 @@ def test_preempted_job_requeues_and_resumes(slurm_cluster, job_env, digits_root,
         # Lightning requeues the job (PENDING, held back ~2 min by SLURM): release it now.
         slurm_cluster.wait_for(lambda: job.info().get("Restarts") == "1" and job.state() == "PENDING", 60,
                                "the job to be requeued")
-        slurm_cluster.run(["scontrol", "update", f"jobid={job.id}", "StartTime=now"])
+        slurm_cluster.release_requeued(job.id)
         slurm_cluster.wait_gone(job.id, 240)
     except (TimeoutError, ClusterError) as e:
         pytest.fail(f"{e}{explain(job)}")

@@ -96,7 +96,7 @@ def test_two_node_preemption_requeues_resumes_and_logs_no_traceback(two_nodes, p
         two_nodes.run(["scancel", "-s", "USR1", job.id])
         two_nodes.wait_for(lambda: job.info().get("Restarts") == "1" and job.state() == "PENDING", 90,
                            "the job to be requeued")
-        two_nodes.run(["scontrol", "update", f"jobid={job.id}", "StartTime=now"])
+        two_nodes.release_requeued(job.id)
         two_nodes.wait_gone(job.id, 300)
     except (TimeoutError, ClusterError) as e:
         pytest.fail(f"{e}{explain(job)}")

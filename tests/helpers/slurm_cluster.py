@@ -336,6 +336,12 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
     def wait_gone(self, job_id: str, timeout_s: float = 300) -> None:
         self.wait_for(lambda: not self.queued(job_id), timeout_s, f"job {job_id} to finish", interval=0.25)
 
+    def release_requeued(self, job_id: str) -> None:
+        """Start a requeued job (SLURM holds it back ~2 min) soon, but not within the second its previous run was
+        killed: slurmd revokes that run's credential and compares times in whole seconds, so a relaunch in the same
+        second is refused ("Job credential revoked", the job FAILED: seen once under the suite's load)."""
+        self.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now+2"])
+
     def job_info(self, job_id: str) -> Dict[str, str]:
         """`scontrol show job` as a dict (first record for an array); {} once the record is gone."""
         r = self.run(["scontrol", "-o", "show", "job", str(job_id)], check=False)
