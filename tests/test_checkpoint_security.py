@@ -75,14 +75,10 @@ def test_plain_data_and_numpy_still_load(tmp_path):
     assert torch.equal(back["w"], state["w"]) and back["s"] == {"k": [1, "x"]}
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, digits_root) -> Path:
-    """A real 20-step run (last.ckpt and best-step0000020.ckpt)."""
-    from tests.helpers.run import TINY
-
-    run = tmp_path_factory.mktemp("sec") / "run"
-    run_train(TINY + [f"data.root={digits_root}", f"run.dir={run}", "trainer.max_steps=20"])
-    return run
+@pytest.fixture
+def finished_run(trained_run) -> Path:
+    """A real 20-step run (last.ckpt and best-step0000020.ckpt): the session's, read only (copied to change)."""
+    return trained_run
 
 
 @pytest.mark.slow  # two tiny trainings

@@ -73,6 +73,7 @@ def test_stopping_while_workers_send_results_never_hangs():
     assert r.returncode == 0 and r.stdout == "done\n", r.stderr[-3000:]
 
 
+@pytest.mark.slow  # two real prepare processes
 def test_ctrl_c_during_prepare_images_says_one_line_exits_130_and_the_same_command_finishes(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
